@@ -1,0 +1,59 @@
+//! Build script. Always writes `$OUT_DIR/aot.rs` (the table of embedded images).
+//! With the `aot` feature and nvcc on the machine (PATH, $CUDA_PATH/bin or
+//! $NVCC), every shipped specialisation is compiled to a cubin and embedded;
+//! otherwise the table is empty and kernels are JIT-compiled through NVRTC.
+//! Plain builds need no CUDA toolkit, no GPU and no libclang.
+
+use std::{env, fs, path::PathBuf, process::Command};
+
+fn find_nvcc() -> Option<PathBuf> {
+    if let Ok(p) = env::var("NVCC") {
+        return Some(PathBuf::from(p));
+    }
+    for var in ["CUDA_PATH", "CUDA_HOME"] {
+        if let Ok(p) = env::var(var) {
+            let c = PathBuf::from(p).join("bin/nvcc");
+            if c.is_file() {
+                return Some(c);
+            }
+        }
+    }
+    Command::new("nvcc").arg("--version").output().ok().filter(|o| o.status.success()).map(|_| PathBuf::from("nvcc"))
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=cuda");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let mut table = String::from("pub static IMAGES: &[(&str, &str, &[u8])] = &[\n");
+    if env::var_os("CARGO_FEATURE_AOT").is_some() {
+        match find_nvcc() {
+            None => println!("cargo:warning=natsl: feature `aot` is on but nvcc was not found; every kernel will be JIT-compiled"),
+            Some(nvcc) => {
+                for spec in natsl_codegen::catalog::shipped() {
+                    let unit = natsl_codegen::emit(&spec).expect("codegen");
+                    let cu = out.join(format!("{}.cu", unit.name));
+                    let cubin = out.join(format!("{}.cubin", unit.name));
+                    fs::write(&cu, &unit.source).unwrap();
+                    let arch = spec.arch.nvrtc_arch().trim_start_matches("sm_");
+                    let status = Command::new(&nvcc)
+                        .args(["-cubin", "-std=c++17", "-O3", "-DNATSL_NVRTC=0"])
+                        .arg(format!("-gencode=arch=compute_{arch},code=sm_{arch}"))
+                        .arg("-o")
+                        .arg(&cubin)
+                        .arg(&cu)
+                        .status();
+                    match status {
+                        Ok(s) if s.success() => {
+                            table.push_str(&format!("    ({:?}, {:?}, include_bytes!({:?})),\n", unit.name, spec.arch.nvrtc_arch(), cubin.display().to_string()));
+                        }
+                        _ => println!("cargo:warning=natsl: nvcc failed on {}; it will be JIT-compiled", unit.name),
+                    }
+                }
+            }
+        }
+    }
+    table.push_str("];\n");
+    fs::write(out.join("aot.rs"), table).unwrap();
+}

@@ -1,0 +1,40 @@
+/*
+ * natsl_params.h: the whole host/kernel ABI of natsl.
+ *
+ * Every kernel takes exactly one of these structs by value. The Rust side
+ * (src/params.rs) is generated from this header by bindgen and committed;
+ * tests/params_fresh.rs fails when the two drift apart.
+ *
+ * Rules: plain C, fixed-width fields only (int, long long, float, pointers),
+ * strides in elements (not bytes), every pointer a device pointer,
+ * nullable pointers say so. One family per file under params/.
+ */
+#ifndef NATSL_PARAMS_H
+#define NATSL_PARAMS_H
+
+/* Tokens per chunk: the unit of routing, of the GDN chunk scan and of KV pages. */
+#define NATSL_CHUNK 64
+
+/* Label values (u8 per chunk slot and routing head). */
+#define NATSL_LABEL_GDN 0
+#define NATSL_LABEL_ATTN 1
+#define NATSL_LABEL_PARTIAL 2 /* an incomplete last chunk: not labelled yet */
+
+/*
+ * A packed variable-length batch. Chunk c of sequence n lives at chunk slot
+ * cu_seqlens[n] / 64 + n + c, so per-chunk storage needs no prefix sum:
+ * num_slots = total_tokens / 64 + num_seqs bounds every slot.
+ */
+typedef struct NatslVarlen {
+    const int* cu_seqlens; /* [num_seqs + 1], rising, cu_seqlens[0] = 0 */
+    int num_seqs;          /* N */
+    int total_tokens;      /* T = cu_seqlens[N] */
+    int num_slots;         /* T / 64 + N */
+    int max_chunks;        /* max over sequences of ceil(len / 64) */
+} NatslVarlen;
+
+#include "params/router.h"
+#include "params/gdn.h"
+#include "params/sparse.h"
+
+#endif /* NATSL_PARAMS_H */

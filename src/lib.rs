@@ -1,0 +1,24 @@
+//! natsl: hand-written CUDA kernels for NAtS-L hybrid attention.
+//!
+//! The data path of every call: validate the tensors ([`tensor`]), pick a
+//! [`KernelSpec`], get its image from the [`Runtime`] (embedded, cached on disk,
+//! or JIT-compiled through NVRTC), launch on the runtime's stream.
+//!
+//! - [`ops::router`]: the fused router (mean-pool, score, argmax / top-k, compact lists).
+//! - [`reference`]: the f64 CPU oracle of SPEC.md that every kernel is checked against.
+
+pub mod batch;
+pub mod error;
+pub mod jit;
+pub mod ops;
+pub mod params;
+pub mod reference;
+pub mod runtime;
+pub mod tensor;
+pub mod testing;
+
+pub use batch::{Batch, CHUNK};
+pub use error::{Error, Result};
+pub use natsl_codegen::{Arch, KernelSpec};
+pub use runtime::Runtime;
+pub use tensor::{DType, TensorMut, TensorRef};

@@ -1,0 +1,200 @@
+//! The fused router (SPEC.md section 3): per chunk mean-pool of `x`, logits
+//! `W_score · m_c`, labels by the argmax policy or a top-k budget, and the
+//! compact, sorted per-(sequence, routing head) lists of ATTN chunks that the
+//! sparse softmax consumes. Two launches on the runtime's stream, no host
+//! round trip.
+
+use crate::batch::Batch;
+use crate::error::{Error, Result};
+use crate::params::{NatslRouterParams, NatslVarlen};
+use crate::runtime::Runtime;
+use crate::tensor::{DType, TensorRef};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use natsl_codegen::{catalog, Sparsity};
+
+/// Largest model width the score kernel accepts.
+pub const MAX_D_MODEL: usize = 8192;
+/// Largest number of routing heads.
+pub const MAX_HEADS: usize = 64;
+/// Largest compile-time k (larger k use the run-time path).
+pub const MAX_COMPILE_K: usize = 1024;
+
+const THREADS: u32 = catalog::ROUTER_TILE.warps * 32;
+
+/// How chunks are labelled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RouterPolicy {
+    /// The model's own rule: ATTN iff l0 >= l1. No budget.
+    Argmax,
+    /// Keep the k complete chunks with the largest margin l0 - l1, per (sequence, head).
+    TopK(usize),
+    /// Keep k = ceil(rho * complete chunks) per (sequence, head); 0 < rho <= 1.
+    KeepFraction(f32),
+}
+
+/// Router options.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterOptions {
+    pub policy: RouterPolicy,
+    /// Round m_c to the activation dtype before scoring, like the reference model (default true).
+    pub round_mean: bool,
+    /// With `TopK(k)`, use an image specialised for this k (codegen) instead of the run-time k.
+    pub compile_time_k: bool,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        RouterOptions { policy: RouterPolicy::Argmax, round_mean: true, compile_time_k: false }
+    }
+}
+
+/// Router outputs (and workspace), reusable across calls of the same batch shape.
+#[derive(Debug)]
+pub struct RouterOutput {
+    /// `[num_slots, num_heads]`: NATSL_LABEL_{GDN, ATTN, PARTIAL}.
+    pub labels: CudaSlice<u8>,
+    /// `[num_heads, num_slots]`: the list of (n, r) starts at `r * num_slots + slot_base(n)`.
+    pub attn_list: CudaSlice<i32>,
+    /// `[num_seqs, num_heads]`.
+    pub attn_count: CudaSlice<i32>,
+    /// `[num_slots, num_heads, 2]` f32, if asked for.
+    pub logits: Option<CudaSlice<f32>>,
+    workspace: CudaSlice<f32>,
+    num_heads: usize,
+    num_slots: usize,
+    num_seqs: usize,
+}
+
+impl RouterOutput {
+    /// Allocate outputs for `batch` and `num_heads` routing heads.
+    pub fn alloc(rt: &Runtime, batch: &Batch, num_heads: usize, d_model: usize, with_logits: bool) -> Result<RouterOutput> {
+        let s = rt.stream();
+        let ns = batch.num_slots();
+        let (d_split, _) = d_split(rt, ns, d_model.max(8));
+        Ok(RouterOutput {
+            labels: s.alloc_zeros(ns * num_heads)?,
+            attn_list: s.alloc_zeros(ns * num_heads)?,
+            attn_count: s.alloc_zeros(batch.num_seqs() * num_heads)?,
+            logits: if with_logits { Some(s.alloc_zeros(ns * num_heads * 2)?) } else { None },
+            workspace: s.alloc_zeros(d_split * ns * num_heads * 2)?,
+            num_heads,
+            num_slots: ns,
+            num_seqs: batch.num_seqs(),
+        })
+    }
+}
+
+/// Split D so that (chunks x splits) fills the GPU, with at most 8 * THREADS
+/// columns per CTA (one 16-byte group per thread) and at least 256.
+fn d_split(rt: &Runtime, num_slots: usize, d_model: usize) -> (usize, usize) {
+    let max_cols = 8 * THREADS as usize;
+    let min_split = d_model.div_ceil(max_cols);
+    let want = (4 * rt.sm_count() as usize).div_ceil(num_slots.max(1));
+    let split = want.clamp(min_split, (d_model / 256).max(min_split));
+    let per = d_model.div_ceil(split).div_ceil(8) * 8;
+    (d_model.div_ceil(per), per)
+}
+
+/// Run the router, allocating the outputs.
+pub fn route(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions) -> Result<RouterOutput> {
+    let hr = w_score.dim(0) / 2;
+    let mut out = RouterOutput::alloc(rt, batch, hr, x.dim(1), false)?;
+    route_into(rt, batch, x, w_score, opts, &mut out)?;
+    Ok(out)
+}
+
+/// Run the router into preallocated outputs.
+pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions, out: &mut RouterOutput) -> Result<()> {
+    // ---- validate ----
+    x.check_dtype("x", &[DType::Bf16, DType::F16])?;
+    x.check_shape("x", &[None, None])?;
+    x.check_layout("x", 16)?;
+    batch.check_tokens("x", x.dim(0))?;
+    let d = x.dim(1);
+    if d % 8 != 0 || d > MAX_D_MODEL {
+        return Err(Error::invalid("x", format!("d_model {d} must be a multiple of 8 and at most {MAX_D_MODEL}")));
+    }
+    w_score.check_dtype("w_score", &[x.dtype()])?;
+    w_score.check_shape("w_score", &[None, Some(d)])?;
+    w_score.check_contiguous("w_score")?;
+    w_score.check_layout("w_score", 16)?;
+    let rows = w_score.dim(0);
+    if rows % 2 != 0 || rows / 2 > MAX_HEADS {
+        return Err(Error::invalid("w_score", format!("{rows} rows: must be 2 * num_heads with num_heads <= {MAX_HEADS}")));
+    }
+    let hr = rows / 2;
+    let min_complete = (0..batch.num_seqs()).map(|n| batch.seq_len(n) / crate::CHUNK).min().unwrap_or(0);
+    let (top_k, keep_fraction, sparsity) = match opts.policy {
+        RouterPolicy::Argmax => (0, 0.0, Sparsity::Dense),
+        RouterPolicy::TopK(k) => {
+            if k == 0 {
+                return Err(Error::invalid("policy", "TopK(0): k must be at least 1"));
+            }
+            if k > min_complete {
+                return Err(Error::invalid("policy", format!("TopK({k}): a sequence of the batch has only {min_complete} complete chunks")));
+            }
+            let sp = if opts.compile_time_k && k <= MAX_COMPILE_K { Sparsity::TopK(k as u32) } else { Sparsity::TopKRuntime };
+            (k as i32, 0.0, sp)
+        }
+        RouterPolicy::KeepFraction(rho) => {
+            if !(rho > 0.0 && rho <= 1.0) {
+                return Err(Error::invalid("policy", format!("KeepFraction({rho}): must be in (0, 1]")));
+            }
+            (-1, rho, Sparsity::TopKRuntime)
+        }
+    };
+    if out.num_heads != hr || out.num_slots != batch.num_slots() || out.num_seqs != batch.num_seqs() {
+        return Err(Error::invalid("out", format!("allocated for {} heads / {} slots / {} sequences; this call needs {hr} / {} / {}", out.num_heads, out.num_slots, out.num_seqs, batch.num_slots(), batch.num_seqs())));
+    }
+    let (split, per) = d_split(rt, batch.num_slots(), d);
+    if out.workspace.len() < split * batch.num_slots() * hr * 2 {
+        out.workspace = rt.stream().alloc_zeros(split * batch.num_slots() * hr * 2)?;
+    }
+    let select_smem = (batch.max_chunks() * 4) as u32;
+    if select_smem > rt.max_smem_optin() {
+        return Err(Error::invalid("cu_seqlens", format!("a sequence of {} chunks exceeds the router's limit of {}", batch.max_chunks(), rt.max_smem_optin() / 4)));
+    }
+
+    // ---- launch ----
+    let dtype = x.dtype().activation().unwrap();
+    let spec = catalog::router_spec(dtype, sparsity, rt.arch());
+    let score_smem = THREADS * 8 * 4 + per as u32 * 4;
+    let f_score = rt.function(&spec, "score", score_smem)?;
+    let f_select = rt.function(&spec, "select", select_smem)?;
+    let s = rt.stream();
+    let (labels, _g1) = out.labels.device_ptr_mut(s);
+    let (list, _g2) = out.attn_list.device_ptr_mut(s);
+    let (count, _g3) = out.attn_count.device_ptr_mut(s);
+    let (ws, _g4) = out.workspace.device_ptr_mut(s);
+    let logits = match out.logits.as_mut() {
+        Some(l) => l.device_ptr_mut(s).0,
+        None => 0,
+    };
+    let p = NatslRouterParams {
+        batch: batch.raw(),
+        x: x.ptr() as *const _,
+        x_stride_t: x.stride(0) as i64,
+        w_score: w_score.ptr() as *const _,
+        d_model: d as i32,
+        num_heads: hr as i32,
+        d_split: split as i32,
+        d_per_split: per as i32,
+        round_mean: opts.round_mean as i32,
+        top_k,
+        keep_fraction,
+        partial_logits: ws as *mut f32,
+        logits: logits as *mut f32,
+        labels: labels as *mut u8,
+        attn_list: list as *mut i32,
+        attn_count: count as *mut i32,
+    };
+    let NatslVarlen { num_slots, num_seqs, .. } = p.batch;
+    // SAFETY: every pointer in `p` was validated above (shapes, bounds, alignment)
+    // or allocated here for exactly this batch; the kernels read `p` by value.
+    unsafe {
+        s.launch_builder(&f_score).arg(&p).launch(LaunchConfig { grid_dim: (num_slots as u32, split as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: score_smem })?;
+        s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (num_seqs as u32, hr as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: select_smem })?;
+    }
+    let _ = out.logits.as_ref().map(|l| l.device_ptr(s));
+    Ok(())
+}
