@@ -1,1 +1,164 @@
-pub fn placeholder(){}
+//! Helpers shared by the GPU tests, benches and the CLI: device-or-skip,
+//! random inputs (never zeros), poisoned outputs, error norms.
+
+use crate::error::Result;
+use crate::runtime::Runtime;
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A runtime on device 0, or `None` after printing `skipped: no CUDA device`.
+/// With `NATSL_REQUIRE_GPU=1` a missing device is a failure instead.
+pub fn gpu_or_skip(test: &str) -> Option<Runtime> {
+    match Runtime::new(0) {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            if std::env::var("NATSL_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("{test}: NATSL_REQUIRE_GPU=1 but {e}");
+            }
+            println!("skipped: no CUDA device ({test}: {e})");
+            None
+        }
+    }
+}
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// Uniform in [-scale, scale], never exactly zero.
+pub fn rand_vec(rng: &mut StdRng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let x: f64 = rng.gen_range(-1.0..1.0);
+            scale * if x.abs() < 1e-3 { 1e-3f64.copysign(x) } else { x }
+        })
+        .collect()
+}
+
+/// Uniform in [lo, hi].
+pub fn rand_range(rng: &mut StdRng, n: usize, lo: f64, hi: f64) -> Vec<f64> {
+    (0..n).map(|_| rng.gen_range(lo..hi)).collect()
+}
+
+/// Host element types the tests move to and from the device.
+pub trait TestElem: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + 'static {
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+    /// A value no kernel produces: NaN for floats, an out-of-range sentinel for ints.
+    fn poison() -> Self;
+}
+impl TestElem for bf16 {
+    fn from_f64(x: f64) -> Self {
+        bf16::from_f64(x)
+    }
+    fn to_f64(self) -> f64 {
+        self.to_f64()
+    }
+    fn poison() -> Self {
+        bf16::NAN
+    }
+}
+impl TestElem for f16 {
+    fn from_f64(x: f64) -> Self {
+        f16::from_f64(x)
+    }
+    fn to_f64(self) -> f64 {
+        self.to_f64()
+    }
+    fn poison() -> Self {
+        f16::NAN
+    }
+}
+impl TestElem for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn poison() -> Self {
+        f32::NAN
+    }
+}
+impl TestElem for i32 {
+    fn from_f64(x: f64) -> Self {
+        x as i32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn poison() -> Self {
+        -0x5a5a5a5a
+    }
+}
+impl TestElem for u8 {
+    fn from_f64(x: f64) -> Self {
+        x as u8
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn poison() -> Self {
+        0xA5
+    }
+}
+
+/// Round through the storage type: what the kernel actually sees.
+pub fn quantize<T: TestElem>(x: &[f64]) -> Vec<f64> {
+    x.iter().map(|&v| T::from_f64(v).to_f64()).collect()
+}
+
+pub fn upload<T: TestElem>(rt: &Runtime, x: &[f64]) -> Result<CudaSlice<T>> {
+    let h: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
+    Ok(rt.stream().clone_htod(&h)?)
+}
+
+/// A device buffer of `n` poison values (so unwritten outputs fail the checks).
+pub fn poisoned<T: TestElem>(rt: &Runtime, n: usize) -> Result<CudaSlice<T>> {
+    Ok(rt.stream().clone_htod(&vec![T::poison(); n])?)
+}
+
+pub fn download<T: TestElem>(rt: &Runtime, x: &CudaSlice<T>) -> Result<Vec<f64>> {
+    let h: Vec<T> = rt.stream().clone_dtoh(x)?;
+    Ok(h.into_iter().map(|v| v.to_f64()).collect())
+}
+
+/// ||out - ref|| / ||ref||; infinite if `out` has a NaN or Inf.
+pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len(), "rel_err: length mismatch");
+    if out.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = out.iter().zip(reference).map(|(a, b)| (a - b) * (a - b)).sum();
+    let den: f64 = reference.iter().map(|b| b * b).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Assert `rel_err <= tol` and print the figure.
+pub fn assert_close(what: &str, out: &[f64], reference: &[f64], tol: f64) {
+    let e = rel_err(out, reference);
+    println!("{what}: rel err {e:.3e} (tol {tol:.0e})");
+    if !(e <= tol) {
+        let bad = out.iter().zip(reference).enumerate().find(|(_, (a, b))| !a.is_finite() || (*a - *b).abs() > 10.0 * tol * b.abs().max(1e-3));
+        panic!("{what}: rel err {e:.3e} > {tol:.0e}; first bad element {bad:?}");
+    }
+}
+
+/// `cu_seqlens` of a ragged batch.
+pub fn cu_seqlens(lens: &[usize]) -> Vec<i32> {
+    let mut v = vec![0i32];
+    for &l in lens {
+        v.push(v.last().unwrap() + l as i32);
+    }
+    v
+}
+
+/// SPEC.md section 8 tolerance for an activation dtype.
+pub fn tolerance(dtype: crate::DType) -> f64 {
+    match dtype {
+        crate::DType::F16 => 5e-3,
+        _ => 1e-2,
+    }
+}

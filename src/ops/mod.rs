@@ -1,6 +1,8 @@
 //! Safe entry points, one module per kernel family: validate -> spec -> launch.
 
+pub mod gdn;
 pub mod router;
+pub mod sparse;
 
 use crate::params::*;
 use cudarc::driver::DeviceRepr;

@@ -1,0 +1,1 @@
+//! Gated DeltaNet chunk scan (prefill) and decode: written by the GDN family.
