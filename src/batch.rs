@@ -9,27 +9,22 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 /// Tokens per chunk.
 pub const CHUNK: usize = 64;
 
-/// A validated `cu_seqlens` on host and device.
-#[derive(Debug)]
-pub struct Batch {
+/// A validated `cu_seqlens`, host side only: everything validation needs, so
+/// that shape checks run (and are tested) without a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqLayout {
     cu_host: Vec<i32>,
-    cu_dev: CudaSlice<i32>,
     max_chunks: usize,
 }
 
-impl Batch {
-    /// Validate `cu_seqlens` (`[N+1]`, starts at 0, strictly rising: no empty
-    /// sequence) and upload it.
-    pub fn new(rt: &Runtime, cu_seqlens: &[i32]) -> Result<Batch> {
+impl SeqLayout {
+    /// Validate `cu_seqlens` (`[N+1]`, starts at 0, strictly rising: no empty sequence).
+    pub fn new(cu_seqlens: &[i32]) -> Result<SeqLayout> {
         let max_chunks = validate_cu_seqlens(cu_seqlens)?;
-        let cu_dev = rt.stream().clone_htod(cu_seqlens)?;
-        Ok(Batch { cu_host: cu_seqlens.to_vec(), cu_dev, max_chunks })
+        Ok(SeqLayout { cu_host: cu_seqlens.to_vec(), max_chunks })
     }
     pub fn cu_seqlens(&self) -> &[i32] {
         &self.cu_host
-    }
-    pub fn cu_seqlens_device(&self) -> &CudaSlice<i32> {
-        &self.cu_dev
     }
     pub fn num_seqs(&self) -> usize {
         self.cu_host.len() - 1
@@ -47,6 +42,39 @@ impl Batch {
     pub fn seq_len(&self, n: usize) -> usize {
         (self.cu_host[n + 1] - self.cu_host[n]) as usize
     }
+    /// Fewest complete chunks of any sequence.
+    pub fn min_complete_chunks(&self) -> usize {
+        (0..self.num_seqs()).map(|n| self.seq_len(n) / CHUNK).min().unwrap_or(0)
+    }
+    /// The token count a tensor must have for this batch.
+    pub fn check_tokens(&self, arg: &'static str, t: usize) -> Result<()> {
+        if t != self.total_tokens() {
+            return Err(Error::invalid(arg, format!("has {t} tokens, but cu_seqlens ends at {}", self.total_tokens())));
+        }
+        Ok(())
+    }
+}
+
+/// A validated `cu_seqlens` on host ([`SeqLayout`], through `Deref`) and device.
+#[derive(Debug)]
+pub struct Batch {
+    layout: SeqLayout,
+    cu_dev: CudaSlice<i32>,
+}
+
+impl Batch {
+    /// Validate `cu_seqlens` and upload it.
+    pub fn new(rt: &Runtime, cu_seqlens: &[i32]) -> Result<Batch> {
+        let layout = SeqLayout::new(cu_seqlens)?;
+        let cu_dev = rt.stream().clone_htod(cu_seqlens)?;
+        Ok(Batch { layout, cu_dev })
+    }
+    pub fn layout(&self) -> &SeqLayout {
+        &self.layout
+    }
+    pub fn cu_seqlens_device(&self) -> &CudaSlice<i32> {
+        &self.cu_dev
+    }
     /// The ABI form.
     pub fn raw(&self) -> NatslVarlen {
         let (p, _g) = self.cu_dev.device_ptr(self.cu_dev.stream());
@@ -55,15 +83,15 @@ impl Batch {
             num_seqs: self.num_seqs() as i32,
             total_tokens: self.total_tokens() as i32,
             num_slots: self.num_slots() as i32,
-            max_chunks: self.max_chunks as i32,
+            max_chunks: self.max_chunks() as i32,
         }
     }
-    /// The token count a tensor must have for this batch.
-    pub fn check_tokens(&self, arg: &'static str, t: usize) -> Result<()> {
-        if t != self.total_tokens() {
-            return Err(Error::invalid(arg, format!("has {t} tokens, but cu_seqlens ends at {}", self.total_tokens())));
-        }
-        Ok(())
+}
+
+impl std::ops::Deref for Batch {
+    type Target = SeqLayout;
+    fn deref(&self) -> &SeqLayout {
+        &self.layout
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`reference`]: the f64 CPU oracle of SPEC.md that every kernel is checked against.
 
 pub mod batch;
+pub mod bench;
 pub mod error;
 pub mod jit;
 pub mod ops;
@@ -17,7 +18,7 @@ pub mod runtime;
 pub mod tensor;
 pub mod testing;
 
-pub use batch::{Batch, CHUNK};
+pub use batch::{Batch, SeqLayout, CHUNK};
 pub use error::{Error, Result};
 pub use natsl_codegen::{Arch, KernelSpec};
 pub use runtime::Runtime;

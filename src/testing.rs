@@ -17,7 +17,10 @@ pub fn gpu_or_skip(test: &str) -> Option<Runtime> {
             if std::env::var("NATSL_REQUIRE_GPU").as_deref() == Ok("1") {
                 panic!("{test}: NATSL_REQUIRE_GPU=1 but {e}");
             }
-            println!("skipped: no CUDA device ({test}: {e})");
+            // Written to fd 2 directly: the test harness captures println!, and this
+            // line must be visible in every run.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: no CUDA device ({test}: {e})");
             None
         }
     }

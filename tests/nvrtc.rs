@@ -12,7 +12,8 @@ fn nvrtc_or_skip() -> bool {
             if std::env::var("NATSL_REQUIRE_NVRTC").as_deref() == Ok("1") {
                 panic!("NATSL_REQUIRE_NVRTC=1 but {e}");
             }
-            println!("skipped: NVRTC not available ({e})");
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: NVRTC not available ({e})");
             false
         }
     }

@@ -119,7 +119,7 @@ __device__ void router_select(const NatslRouterParams& p) {
     int k;
     if (COMPILE_K > 0) k = COMPILE_K;
     else if (p.top_k > 0) k = p.top_k;
-    else if (p.top_k < 0) k = (int)ceilf(p.keep_fraction * (float)ncomplete - 1e-4f);
+    else if (p.top_k < 0) k = (int)ceil((double)p.keep_fraction * (double)ncomplete - 1e-6);  // as reference::keep_fraction_k
     else k = -1;  // argmax
     if (k > ncomplete) k = ncomplete;
 

@@ -4,7 +4,7 @@
 //! sparse softmax consumes. Two launches on the runtime's stream, no host
 //! round trip.
 
-use crate::batch::Batch;
+use crate::batch::{Batch, SeqLayout};
 use crate::error::{Error, Result};
 use crate::params::{NatslRouterParams, NatslVarlen};
 use crate::runtime::Runtime;
@@ -103,13 +103,23 @@ pub fn route(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRef, op
     Ok(out)
 }
 
-/// Run the router into preallocated outputs.
-pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions, out: &mut RouterOutput) -> Result<()> {
-    // ---- validate ----
+/// What validation derives from the arguments.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouterPlan {
+    pub d_model: usize,
+    pub num_heads: usize,
+    /// 0 = argmax, > 0 = k, -1 = keep fraction.
+    pub top_k: i32,
+    pub keep_fraction: f32,
+    pub sparsity: Sparsity,
+}
+
+/// Check every argument of a router call; needs no device.
+pub fn validate(layout: &SeqLayout, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions) -> Result<RouterPlan> {
     x.check_dtype("x", &[DType::Bf16, DType::F16])?;
     x.check_shape("x", &[None, None])?;
     x.check_layout("x", 16)?;
-    batch.check_tokens("x", x.dim(0))?;
+    layout.check_tokens("x", x.dim(0))?;
     let d = x.dim(1);
     if d % 8 != 0 || d > MAX_D_MODEL {
         return Err(Error::invalid("x", format!("d_model {d} must be a multiple of 8 and at most {MAX_D_MODEL}")));
@@ -122,8 +132,7 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     if rows % 2 != 0 || rows / 2 > MAX_HEADS {
         return Err(Error::invalid("w_score", format!("{rows} rows: must be 2 * num_heads with num_heads <= {MAX_HEADS}")));
     }
-    let hr = rows / 2;
-    let min_complete = (0..batch.num_seqs()).map(|n| batch.seq_len(n) / crate::CHUNK).min().unwrap_or(0);
+    let min_complete = layout.min_complete_chunks();
     let (top_k, keep_fraction, sparsity) = match opts.policy {
         RouterPolicy::Argmax => (0, 0.0, Sparsity::Dense),
         RouterPolicy::TopK(k) => {
@@ -143,6 +152,12 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
             (-1, rho, Sparsity::TopKRuntime)
         }
     };
+    Ok(RouterPlan { d_model: d, num_heads: rows / 2, top_k, keep_fraction, sparsity })
+}
+
+/// Run the router into preallocated outputs.
+pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions, out: &mut RouterOutput) -> Result<()> {
+    let RouterPlan { d_model: d, num_heads: hr, top_k, keep_fraction, sparsity } = validate(batch.layout(), x, w_score, opts)?;
     if out.num_heads != hr || out.num_slots != batch.num_slots() || out.num_seqs != batch.num_seqs() {
         return Err(Error::invalid("out", format!("allocated for {} heads / {} slots / {} sequences; this call needs {hr} / {} / {}", out.num_heads, out.num_slots, out.num_seqs, batch.num_slots(), batch.num_seqs())));
     }

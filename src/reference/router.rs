@@ -45,10 +45,12 @@ pub fn round_none(x: f64) -> f64 {
     x
 }
 
-/// `k` of the keep-fraction policy. The epsilon stops products such as
-/// `0.1 * 30 = 3.0000000000000004` from rounding up to the next integer.
+/// `k` of the keep-fraction policy: `ceil(rho * n - 1e-6)` in f64, the same
+/// expression the kernel evaluates. The epsilon stops products such as
+/// `0.1 * 30 = 3.0000000000000004`, or an f32 rho like `0.3f32 * 10`, from
+/// rounding up to the next integer.
 pub fn keep_fraction_k(rho: f64, n_complete: usize) -> usize {
-    let k = (rho * n_complete as f64 - 1e-9).ceil();
+    let k = (rho * n_complete as f64 - 1e-6).ceil();
     if k <= 0.0 {
         0
     } else {

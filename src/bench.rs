@@ -1,0 +1,129 @@
+//! Benchmark plumbing shared by `natsl bench`, `cargo run --release` and the
+//! criterion benches: CUDA-event timing (warm-up, median), roofline figures
+//! and the JSON records kept in bench/results/.
+
+use crate::error::Result;
+use crate::runtime::Runtime;
+use cudarc::driver::sys::CUevent_flags;
+use serde::Serialize;
+
+/// Measured ceilings of the H200 (BENCH.md): dense bf16 GEMM and device copy.
+pub const PEAK_TFLOPS: f64 = 771.0;
+pub const PEAK_TBPS: f64 = 4.2;
+
+/// Median, min and max of event-timed runs, in milliseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub iters: usize,
+}
+
+/// Time `f` with CUDA events on the runtime's stream: `warmup` untimed calls,
+/// then `iters` calls timed one by one; the median is the figure to report.
+/// `f(i)` gets the iteration number so callers can rotate inputs past the L2.
+pub fn time_it(rt: &Runtime, warmup: usize, iters: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<Timing> {
+    for i in 0..warmup {
+        f(i)?;
+    }
+    rt.synchronize()?;
+    let ctx = rt.context();
+    let mut times = Vec::with_capacity(iters);
+    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    for i in 0..iters {
+        start.record(rt.stream())?;
+        f(warmup + i)?;
+        end.record(rt.stream())?;
+        end.synchronize()?;
+        times.push(start.elapsed_ms(&end)? as f64);
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(Timing { median_ms: times[times.len() / 2], min_ms: times[0], max_ms: *times.last().unwrap(), iters })
+}
+
+/// The roofline time of a problem: max(FLOPs / peak, bytes / bandwidth), in ms.
+pub fn roofline_ms(flops: f64, bytes: f64) -> f64 {
+    (flops / (PEAK_TFLOPS * 1e12)).max(bytes / (PEAK_TBPS * 1e12)) * 1e3
+}
+
+/// One benchmark result, as kept in bench/results/*.jsonl.
+#[derive(Clone, Debug, Serialize)]
+pub struct Record {
+    pub op: String,
+    pub shape: String,
+    pub variant: String,
+    pub ms: f64,
+    pub flops: f64,
+    pub bytes: f64,
+    pub tflops: f64,
+    pub tbps: f64,
+    /// roofline time / measured time.
+    pub roofline_frac: f64,
+    pub gpu: String,
+    pub commit: String,
+    pub date: String,
+}
+
+impl Record {
+    pub fn new(rt: &Runtime, op: &str, shape: String, variant: String, t: &Timing, flops: f64, bytes: f64) -> Record {
+        let ms = t.median_ms;
+        Record {
+            op: op.into(),
+            shape,
+            variant,
+            ms,
+            flops,
+            bytes,
+            tflops: flops / (ms * 1e-3) / 1e12,
+            tbps: bytes / (ms * 1e-3) / 1e12,
+            roofline_frac: roofline_ms(flops, bytes) / ms,
+            gpu: rt.context().name().unwrap_or_default(),
+            commit: env!("NATSL_COMMIT").to_string(),
+            date: today(),
+        }
+    }
+}
+
+/// UTC date, YYYY-MM-DD, from the system clock (no extra dependency).
+pub fn today() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let days = secs.div_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Print records as a table.
+pub fn print_table(records: &[Record]) {
+    println!("{:<14} {:<34} {:<14} {:>10} {:>9} {:>8} {:>9}", "op", "shape", "variant", "time ms", "TFLOP/s", "TB/s", "roofline");
+    for r in records {
+        println!("{:<14} {:<34} {:<14} {:>10.4} {:>9.1} {:>8.3} {:>8.1}%", r.op, r.shape, r.variant, r.ms, r.tflops, r.tbps, 100.0 * r.roofline_frac);
+    }
+}
+
+/// Append records as JSON lines to bench/results/<family>-<date>.jsonl (under
+/// CARGO_MANIFEST_DIR when set, else the current directory). Returns the path.
+pub fn write_results(family: &str, records: &[Record]) -> Result<std::path::PathBuf> {
+    use std::io::Write;
+    let root = std::env::var("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::path::PathBuf::from("."));
+    let dir = root.join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{family}-{}.jsonl", today()));
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    for r in records {
+        writeln!(f, "{}", serde_json::to_string(r).unwrap())?;
+    }
+    Ok(path)
+}
+
+pub mod router;

@@ -1,0 +1,32 @@
+//! Router benchmark: bytes of x read once (the W_score bytes are tiny and
+//! L2-resident). Inputs rotate over enough buffers to exceed the 60 MB L2.
+
+use super::{time_it, Record};
+use crate::error::Result;
+use crate::ops::router::{route_into, RouterOptions, RouterOutput, RouterPolicy};
+use crate::{testing, Batch, Runtime, TensorRef};
+use half::bf16;
+
+/// (T, D, Hr) shapes: NAtS-L 340M / 760M widths and a large model width.
+pub const SHAPES: &[(usize, usize, usize)] = &[(4096, 1024, 6), (16384, 1024, 6), (32768, 1024, 6), (131072, 1024, 6), (32768, 1536, 6), (16384, 4096, 32), (65536, 4096, 32)];
+
+pub fn run(rt: &Runtime, shapes: &[(usize, usize, usize)]) -> Result<Vec<Record>> {
+    let mut out = Vec::new();
+    let mut rng = testing::rng(1);
+    for &(t, d, hr) in shapes {
+        let bytes_x = (t * d * 2) as f64;
+        let nbuf = ((200e6 / bytes_x).ceil() as usize).clamp(1, 16);
+        let xs: Vec<_> = (0..nbuf).map(|_| testing::upload::<bf16>(rt, &testing::rand_vec(&mut rng, t * d, 1.0))).collect::<Result<_>>()?;
+        let w = testing::upload::<bf16>(rt, &testing::rand_vec(&mut rng, 2 * hr * d, 0.05))?;
+        let batch = Batch::new(rt, &[0, t as i32])?;
+        let mut o = RouterOutput::alloc(rt, &batch, hr, d, false)?;
+        for (policy, name) in [(RouterPolicy::Argmax, "argmax"), (RouterPolicy::KeepFraction(0.25), "keep 0.25")] {
+            let opts = RouterOptions { policy, ..Default::default() };
+            let timing = time_it(rt, 5, 30, |i| route_into(rt, &batch, &TensorRef::new(&xs[i % nbuf], &[t, d]), &TensorRef::new(&w, &[2 * hr, d]), &opts, &mut o))?;
+            let flops = 2.0 * (t * d * 2 * hr) as f64 + (t * d) as f64;
+            let bytes = bytes_x + (2 * hr * d * 2) as f64 + (t / 64 * hr) as f64 * 9.0;
+            out.push(Record::new(rt, "router", format!("T={t} D={d} Hr={hr}"), name.into(), &timing, flops, bytes));
+        }
+    }
+    Ok(out)
+}
