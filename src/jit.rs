@@ -124,10 +124,17 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     Ok((a, b))
 }
 
-/// The options every unit is compiled with.
+/// The options a unit of `arch`'s code path is compiled with for its own target.
 pub fn options(arch: Arch) -> Vec<String> {
+    options_for_target(arch.nvrtc_arch())
+}
+
+/// The options for a real target such as `sm_90a` or `sm_90`. A cubin runs only
+/// on its own major architecture, so the `sm_80` code path is compiled for the
+/// device at hand (e.g. `sm_90` on an H200).
+pub fn options_for_target(target: &str) -> Vec<String> {
     vec![
-        format!("--gpu-architecture={}", arch.nvrtc_arch()),
+        format!("--gpu-architecture={target}"),
         "--std=c++17".into(),
         "--device-as-default-execution-space".into(),
         "--ptxas-options=-v".into(),
@@ -135,11 +142,11 @@ pub fn options(arch: Arch) -> Vec<String> {
     ]
 }
 
-/// Compile a unit to a cubin for `arch`, through the on-disk cache.
-pub fn compile(unit: &Unit, arch: Arch) -> Result<Image> {
-    let opts = options(arch);
+/// Compile a unit to a cubin for `target` (e.g. `sm_90a`), through the on-disk cache.
+pub fn compile(unit: &Unit, target: &str) -> Result<Image> {
+    let opts = options_for_target(target);
     let ver = nvrtc_version()?;
-    let key = cache_key(&unit.source, &opts, ver, arch);
+    let key = cache_key(&unit.source, &opts, ver, target);
     let dir = cache_dir();
     if let Some(dir) = &dir {
         if let Some(cubin) = read_entry(&dir.join(format!("{key}.cubin"))) {
@@ -231,14 +238,14 @@ pub fn parse_ptxas(log: &str) -> Vec<PtxasReport> {
     out
 }
 
-fn cache_key(source: &str, opts: &[String], ver: (i32, i32), arch: Arch) -> String {
+fn cache_key(source: &str, opts: &[String], ver: (i32, i32), target: &str) -> String {
     let mut h = Sha256::new();
     h.update(source.as_bytes());
     for o in opts {
         h.update([0u8]);
         h.update(o.as_bytes());
     }
-    h.update(format!("\0nvrtc {}.{}\0{}", ver.0, ver.1, arch.nvrtc_arch()).as_bytes());
+    h.update(format!("\0nvrtc {}.{}\0{target}", ver.0, ver.1).as_bytes());
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 

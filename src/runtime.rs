@@ -30,6 +30,9 @@ pub struct Runtime {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: Arch,
+    /// The real target images are built for: `sm_90a` for the Hopper path, the
+    /// device's own `sm_XY` for the sm_80 path (cubins run only on their major arch).
+    target: String,
     sm_count: u32,
     max_smem_optin: u32,
     modules: Mutex<HashMap<KernelSpec, Arc<CudaModule>>>,
@@ -71,7 +74,11 @@ impl Runtime {
         let sm_count = ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let max_smem_optin = ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
         let stream = ctx.default_stream();
-        Ok(Runtime { ctx, stream, arch, sm_count, max_smem_optin, modules: Mutex::new(HashMap::new()) })
+        let target = match arch {
+            Arch::Sm90a => "sm_90a".to_string(),
+            Arch::Sm80 => format!("sm_{major}{minor}"),
+        };
+        Ok(Runtime { ctx, stream, arch, target, sm_count, max_smem_optin, modules: Mutex::new(HashMap::new()) })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -83,6 +90,10 @@ impl Runtime {
     }
     pub fn arch(&self) -> Arch {
         self.arch
+    }
+    /// The real target kernels are compiled for (`sm_90a`, or e.g. `sm_90` for the sm_80 path on an H200).
+    pub fn target(&self) -> &str {
+        &self.target
     }
     pub fn sm_count(&self) -> u32 {
         self.sm_count
@@ -101,10 +112,10 @@ impl Runtime {
             return Ok(m.clone());
         }
         let unit = natsl_codegen::emit(&spec).map_err(|e| Error::Compile { name: spec.symbol(), log: e.to_string() })?;
-        let embedded = embedded_images().iter().find(|(n, a, _)| *n == unit.name && *a == spec.arch.nvrtc_arch());
+        let embedded = embedded_images().iter().find(|(n, a, _)| *n == unit.name && *a == self.target);
         let cubin = match embedded {
             Some((_, _, img)) => img.to_vec(),
-            None => jit::compile(&unit, spec.arch)?.cubin,
+            None => jit::compile(&unit, &self.target)?.cubin,
         };
         let m = self.ctx.load_module(Ptx::from_binary(cubin))?;
         cache.insert(spec, m.clone());

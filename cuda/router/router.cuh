@@ -1,41 +1,50 @@
-// router.cuh: the fused router of SPEC.md section 3.
+// router.cuh: the fused router of SPEC.md section 3, one launch.
 //
-//   score:  grid (num_slots, d_split). One CTA mean-pools one chunk over a slice
-//           of D (16-byte loads, f32 sums), rounds m_c like the model, and writes
-//           the slice's partial logits for every routing head. Splitting D keeps
-//           the GPU full when there are few chunks; partials (not atomics) keep
-//           the result deterministic.
-//   select: grid (num_seqs, num_heads). Sums the partials in a fixed order,
-//           applies argmax or top-k, and writes labels and the compact ATTN list.
+// Grid (num_slots, d_split). Each CTA mean-pools one chunk over a slice of D
+// (16-byte loads, f32 sums), rounds m_c like the model, and writes the slice's
+// partial logits for every routing head. Splitting D keeps the GPU full when
+// there are few chunks; partials (not atomics) keep the sums deterministic.
+// The last CTA to finish a sequence (a completion counter per sequence) then
+// selects for that sequence: one warp per routing head sums the partials in a
+// fixed order, labels the chunks (argmax, or top-k by an MSB-first radix select
+// over the margins) and writes the compact ATTN list. No second launch: at
+// T = 16k a separate select kernel cost about as much as the pooling.
 #pragma once
 #include "common/dtype.cuh"
 #include "common/varlen.cuh"
 
 namespace natsl {
 
+// Order-preserving float -> uint key (larger float, larger key).
+__device__ __forceinline__ u32 margin_key(float m) {
+    u32 u = __float_as_uint(m);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ u32 lanemask_lt() {
+    u32 m;
+    asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+    return m;
+}
+
 template <typename T, int THREADS>
-__device__ void router_score(const NatslRouterParams& p) {
-    extern __shared__ float smem_f[];  // [THREADS * 8] partial sums, then m_c slice
-    const int slot = blockIdx.x, split = blockIdx.y;
-    int c;
-    const int n = seq_of_slot(p.batch, slot, &c);
-    if (n < 0) return;
+__device__ __forceinline__ void router_pool_score(const NatslRouterParams& p, int slot, int n, int c, float* smem_f) {
+    const int split = blockIdx.y;
     const int t0 = p.batch.cu_seqlens[n] + c * NATSL_CHUNK;
     const int rows = min(NATSL_CHUNK, p.batch.cu_seqlens[n + 1] - t0);
     const int col0 = split * p.d_per_split;
     const int cols = min(p.d_per_split, p.d_model - col0);  // multiple of 8
-    const int groups = cols / 8;                            // 16-byte column groups
+    const int groups = cols / 8;                            // 16-byte column groups, <= THREADS (host)
     const int row_par = THREADS / groups;                   // token rows pooled in parallel
 
-    // Pool: thread (r, g) sums tokens r, r + row_par, ... of column group g.
-    // The host keeps groups <= THREADS (d_per_split <= 8 * THREADS).
+    // Pool: thread (r0, g) sums rows r0, r0 + row_par, ... of column group g.
     const T* x = reinterpret_cast<const T*>(p.x);
     const int g = threadIdx.x % groups, r0 = threadIdx.x / groups;
     float* m = smem_f + THREADS * 8;  // m_c slice [cols]
     if (r0 < row_par) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         const T* base = x + (i64)t0 * p.x_stride_t + col0 + g * 8;
-#pragma unroll 4
+#pragma unroll 8
         for (int r = r0; r < rows; r += row_par) {
             vec8 v = *reinterpret_cast<const vec8*>(base + (i64)r * p.x_stride_t);
             float f[8];
@@ -65,56 +74,28 @@ __device__ void router_score(const NatslRouterParams& p) {
     for (int j = warp; j < nrows; j += THREADS / 32) {
         const T* wr = w + (i64)j * p.d_model + col0;
         float s = 0.f;
-        for (int g = lane; g < groups; g += 32) {
-            vec8 v = *reinterpret_cast<const vec8*>(wr + g * 8);
+        for (int gg = lane; gg < groups; gg += 32) {
+            vec8 v = *reinterpret_cast<const vec8*>(wr + gg * 8);
             float f[8];
             unpack8<T>(v, f);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) s += f[i] * m[g * 8 + i];
+            for (int i = 0; i < 8; ++i) s += f[i] * m[gg * 8 + i];
         }
         s = warp_sum(s);
         if (lane == 0) p.partial_logits[((i64)split * p.batch.num_slots + slot) * nrows + j] = s;
     }
 }
 
-// Top-k rank of chunk c among the complete chunks: how many beat it (larger
-// margin, or equal margin and lower index). ATTN iff rank < k.
-__device__ __forceinline__ int margin_rank(const float* margin, int ncomplete, int c) {
-    const float mc = margin[c];
-    int rank = 0;
-    for (int o = 0; o < ncomplete; ++o) {
-        const float mo = margin[o];
-        rank += (mo > mc) || (mo == mc && o < c);
-    }
-    return rank;
-}
-
-template <int THREADS, int COMPILE_K>
-__device__ void router_select(const NatslRouterParams& p) {
-    extern __shared__ float margin[];  // [max_chunks]
-    __shared__ int warp_tot[THREADS / 32];
-    __shared__ int running;
-    const int n = blockIdx.x, r = blockIdx.y;
+// One warp labels every chunk of sequence n for routing head r and writes its list.
+template <int COMPILE_K>
+__device__ void router_select_head(const NatslRouterParams& p, int n, int r, u32* hist) {
+    const int lane = threadIdx.x % 32;
     const int len = p.batch.cu_seqlens[n + 1] - p.batch.cu_seqlens[n];
     const int nch = (len + NATSL_CHUNK - 1) / NATSL_CHUNK;
     const int ncomplete = len / NATSL_CHUNK;
     const int base = slot_base(p.batch.cu_seqlens, n);
     const int ns = p.batch.num_slots, H = p.num_heads;
-
-    for (int c = threadIdx.x; c < nch; c += THREADS) {
-        float l0 = 0.f, l1 = 0.f;
-        for (int s = 0; s < p.d_split; ++s) {
-            const float* pl = p.partial_logits + (((i64)s * ns + base + c) * H + r) * 2;
-            l0 += pl[0];
-            l1 += pl[1];
-        }
-        if (p.logits) {
-            p.logits[((i64)(base + c) * H + r) * 2] = l0;
-            p.logits[((i64)(base + c) * H + r) * 2 + 1] = l1;
-        }
-        margin[c] = l0 - l1;
-    }
-    __syncthreads();
+    float* margin = p.margins + (i64)r * ns + base;
 
     int k;
     if (COMPILE_K > 0) k = COMPILE_K;
@@ -123,33 +104,128 @@ __device__ void router_select(const NatslRouterParams& p) {
     else k = -1;  // argmax
     if (k > ncomplete) k = ncomplete;
 
-    if (threadIdx.x == 0) running = 0;
-    __syncthreads();
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int c0 = 0; c0 < nch; c0 += THREADS) {
-        const int c = c0 + threadIdx.x;
-        int label = NATSL_LABEL_GDN;
-        if (c < ncomplete) {
-            const bool attn = k < 0 ? margin[c] >= 0.f : margin_rank(margin, ncomplete, c) < k;
-            label = attn ? NATSL_LABEL_ATTN : NATSL_LABEL_GDN;
-        } else if (c < nch) {
-            label = NATSL_LABEL_PARTIAL;
+    // Pass 1: logits from the partials (fixed split order), margins.
+    for (int c = lane; c < nch; c += 32) {
+        float l0 = 0.f, l1 = 0.f;
+        for (int s = 0; s < p.d_split; ++s) {
+            const float* pl = p.partial_logits + (((i64)s * ns + base + c) * H + r) * 2;
+            l0 += __ldcg(pl);
+            l1 += __ldcg(pl + 1);
         }
-        if (c < nch) p.labels[(i64)(base + c) * H + r] = (u8)label;
-        // Block-wide exclusive scan of the ATTN flags, in chunk order.
-        const int flag = label == NATSL_LABEL_ATTN;
-        const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-        if (lane == 0) warp_tot[warp] = __popc(ballot);
-        __syncthreads();
-        int before = running;
-        for (int w = 0; w < warp; ++w) before += warp_tot[w];
-        before += __popc(ballot & ((1u << lane) - 1u));
-        if (flag) p.attn_list[(i64)r * ns + base + before] = c;
-        __syncthreads();
-        if (threadIdx.x == THREADS - 1) running = before + flag;
-        __syncthreads();
+        if (p.logits) {
+            p.logits[((i64)(base + c) * H + r) * 2] = l0;
+            p.logits[((i64)(base + c) * H + r) * 2 + 1] = l1;
+        }
+        margin[c] = l0 - l1;
     }
-    if (threadIdx.x == 0) p.attn_count[n * H + r] = running;
+    __syncwarp();
+
+    // Top-k: the k-th largest key by an MSB-first radix select, 8 bits a pass.
+    u32 kth = 0;
+    int take_equal = 0;  // how many chunks whose key == kth are kept (lowest indices first)
+    if (k > 0) {
+        u32 prefix = 0, mask = 0;
+        int remaining = k;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int b = lane; b < 256; b += 32) hist[b] = 0;
+            __syncwarp();
+            for (int c = lane; c < ncomplete; c += 32) {
+                const u32 key = margin_key(margin[c]);
+                if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+            }
+            __syncwarp();
+            // Lane l owns bins 255 - 8l - 7 .. 255 - 8l (descending); scan their counts.
+            u32 cnt[8];
+            u32 own = 0;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) { cnt[i] = hist[255 - 8 * lane - i]; own += cnt[i]; }
+            u32 incl = own;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += y;
+            }
+            const u32 excl = incl - own;
+            const bool mine = excl < (u32)remaining && (u32)remaining <= incl;
+            const int owner = __ffs(__ballot_sync(0xffffffffu, mine)) - 1;
+            if (owner < 0) break;  // unreachable: remaining <= keys under the prefix
+            int bin = 0, before = 0;
+            if (lane == owner) {
+                u32 acc = excl;
+                bool found = false;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    if (!found) {
+                        if (acc + cnt[i] >= (u32)remaining) { found = true; bin = 255 - 8 * lane - i; before = (int)acc; }
+                        else acc += cnt[i];
+                    }
+                }
+            }
+            bin = __shfl_sync(0xffffffffu, bin, owner);
+            before = __shfl_sync(0xffffffffu, before, owner);
+            remaining -= before;
+            prefix |= (u32)bin << shift;
+            mask |= 255u << shift;
+            __syncwarp();
+        }
+        kth = prefix;
+        take_equal = remaining;
+    }
+
+    // Pass 2: labels and the compact list, in chunk order.
+    int running = 0, equal_seen = 0;
+    for (int c0 = 0; c0 < nch; c0 += 32) {
+        const int c = c0 + lane;
+        int label = NATSL_LABEL_GDN;
+        bool attn = false, equal = false;
+        if (c < ncomplete) {
+            const float m = margin[c];
+            if (k < 0) attn = m >= 0.f;
+            else if (k > 0) {
+                const u32 key = margin_key(m);
+                attn = key > kth;
+                equal = key == kth;
+            }
+        }
+        const u32 eq_ballot = __ballot_sync(0xffffffffu, equal);
+        if (equal) attn = equal_seen + __popc(eq_ballot & lanemask_lt()) < take_equal;
+        equal_seen += __popc(eq_ballot);
+        if (c < ncomplete) label = attn ? NATSL_LABEL_ATTN : NATSL_LABEL_GDN;
+        else if (c < nch) label = NATSL_LABEL_PARTIAL;
+        if (c < nch) p.labels[(i64)(base + c) * H + r] = (u8)label;
+        const u32 ballot = __ballot_sync(0xffffffffu, attn);
+        if (attn) p.attn_list[(i64)r * ns + base + running + __popc(ballot & lanemask_lt())] = c;
+        running += __popc(ballot);
+    }
+    if (lane == 0) p.attn_count[n * H + r] = running;
+}
+
+template <typename T, int THREADS, int COMPILE_K>
+__device__ void router_fused(const NatslRouterParams& p) {
+    extern __shared__ float smem_f[];  // [THREADS * 8] partial sums, then the m_c slice
+    __shared__ u32 hist[THREADS / 32][256];
+    __shared__ int is_last;
+    const int slot = blockIdx.x;
+    int c;
+    const int n = seq_of_slot(p.batch, slot, &c);
+    if (n < 0) return;  // a slot in the gap between sequences
+    router_pool_score<T, THREADS>(p, slot, n, c, smem_f);
+
+    // Publish the partials; the last CTA of the sequence selects.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int len = p.batch.cu_seqlens[n + 1] - p.batch.cu_seqlens[n];
+        const int expected = ((len + NATSL_CHUNK - 1) / NATSL_CHUNK) * p.d_split;
+        const int done = atomicAdd(&p.seq_done[n], 1) + 1;
+        is_last = done == expected;
+        if (is_last) p.seq_done[n] = 0;  // ready for the next call
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const int warp = threadIdx.x / 32;
+    for (int r = warp; r < p.num_heads; r += THREADS / 32) router_select_head<COMPILE_K>(p, n, r, hist[warp]);
 }
 
 } // namespace natsl

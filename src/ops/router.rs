@@ -1,12 +1,12 @@
 //! The fused router (SPEC.md section 3): per chunk mean-pool of `x`, logits
 //! `W_score · m_c`, labels by the argmax policy or a top-k budget, and the
 //! compact, sorted per-(sequence, routing head) lists of ATTN chunks that the
-//! sparse softmax consumes. Two launches on the runtime's stream, no host
+//! sparse softmax consumes. One launch on the runtime's stream, no host
 //! round trip.
 
 use crate::batch::{Batch, SeqLayout};
 use crate::error::{Error, Result};
-use crate::params::{NatslRouterParams, NatslVarlen};
+use crate::params::NatslRouterParams;
 use crate::runtime::Runtime;
 use crate::tensor::{DType, TensorRef};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
@@ -60,6 +60,9 @@ pub struct RouterOutput {
     /// `[num_slots, num_heads, 2]` f32, if asked for.
     pub logits: Option<CudaSlice<f32>>,
     workspace: CudaSlice<f32>,
+    margins: CudaSlice<f32>,
+    /// Per-sequence completion counters; the kernel leaves them at zero.
+    seq_done: CudaSlice<i32>,
     num_heads: usize,
     num_slots: usize,
     num_seqs: usize,
@@ -77,6 +80,8 @@ impl RouterOutput {
             attn_count: s.alloc_zeros(batch.num_seqs() * num_heads)?,
             logits: if with_logits { Some(s.alloc_zeros(ns * num_heads * 2)?) } else { None },
             workspace: s.alloc_zeros(d_split * ns * num_heads * 2)?,
+            margins: s.alloc_zeros(ns * num_heads)?,
+            seq_done: s.alloc_zeros(batch.num_seqs())?,
             num_heads,
             num_slots: ns,
             num_seqs: batch.num_seqs(),
@@ -165,22 +170,18 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     if out.workspace.len() < split * batch.num_slots() * hr * 2 {
         out.workspace = rt.stream().alloc_zeros(split * batch.num_slots() * hr * 2)?;
     }
-    let select_smem = (batch.max_chunks() * 4) as u32;
-    if select_smem > rt.max_smem_optin() {
-        return Err(Error::invalid("cu_seqlens", format!("a sequence of {} chunks exceeds the router's limit of {}", batch.max_chunks(), rt.max_smem_optin() / 4)));
-    }
-
     // ---- launch ----
     let dtype = x.dtype().activation().unwrap();
     let spec = catalog::router_spec(dtype, sparsity, rt.arch());
     let score_smem = THREADS * 8 * 4 + per as u32 * 4;
-    let f_score = rt.function(&spec, "score", score_smem)?;
-    let f_select = rt.function(&spec, "select", select_smem)?;
+    let f_route = rt.function(&spec, "route", score_smem)?;
     let s = rt.stream();
     let (labels, _g1) = out.labels.device_ptr_mut(s);
     let (list, _g2) = out.attn_list.device_ptr_mut(s);
     let (count, _g3) = out.attn_count.device_ptr_mut(s);
     let (ws, _g4) = out.workspace.device_ptr_mut(s);
+    let (margins, _g5) = out.margins.device_ptr_mut(s);
+    let (seq_done, _g6) = out.seq_done.device_ptr_mut(s);
     let logits = match out.logits.as_mut() {
         Some(l) => l.device_ptr_mut(s).0,
         None => 0,
@@ -198,17 +199,18 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
         top_k,
         keep_fraction,
         partial_logits: ws as *mut f32,
+        margins: margins as *mut f32,
+        seq_done: seq_done as *mut i32,
         logits: logits as *mut f32,
         labels: labels as *mut u8,
         attn_list: list as *mut i32,
         attn_count: count as *mut i32,
     };
-    let NatslVarlen { num_slots, num_seqs, .. } = p.batch;
+    let num_slots = p.batch.num_slots as u32;
     // SAFETY: every pointer in `p` was validated above (shapes, bounds, alignment)
-    // or allocated here for exactly this batch; the kernels read `p` by value.
+    // or allocated here for exactly this batch; the kernel reads `p` by value.
     unsafe {
-        s.launch_builder(&f_score).arg(&p).launch(LaunchConfig { grid_dim: (num_slots as u32, split as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: score_smem })?;
-        s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (num_seqs as u32, hr as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: select_smem })?;
+        s.launch_builder(&f_route).arg(&p).launch(LaunchConfig { grid_dim: (num_slots, split as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: score_smem })?;
     }
     let _ = out.logits.as_ref().map(|l| l.device_ptr(s));
     Ok(())

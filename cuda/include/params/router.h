@@ -15,6 +15,8 @@ typedef struct NatslRouterParams {
     int top_k;              /* policy: 0 = argmax; > 0 = keep the top_k complete chunks */
     float keep_fraction;    /* policy when top_k < 0: k = ceil(keep_fraction * complete chunks) */
     float* partial_logits;  /* workspace [d_split, num_slots, num_heads, 2] f32 */
+    float* margins;         /* workspace [num_heads, num_slots] f32: l0 - l1 (top-k selection) */
+    int* seq_done;          /* workspace [num_seqs], zero between calls: score CTAs finished per sequence */
     float* logits;          /* optional (nullable) out [num_slots, num_heads, 2] f32 */
     unsigned char* labels;  /* out [num_slots, num_heads] */
     int* attn_list;         /* out [num_heads, num_slots]: list of (n, r) at r * num_slots + slot_base(n) */
