@@ -28,7 +28,43 @@ fn router_specs() -> Vec<KernelSpec> {
 }
 
 fn gdn_specs() -> Vec<KernelSpec> {
-    Vec::new()
+    let mut v = Vec::new();
+    for arch in ARCHES {
+        for dtype in DTYPES {
+            for (dk, dv) in GDN_DIMS {
+                v.push(gdn_prefill_spec(dtype, dk, dv, arch));
+                v.push(gdn_decode_spec(dtype, dk, dv, arch));
+            }
+        }
+    }
+    v
+}
+
+/// GDN (dk, dv) pairs shipped: the square production heads and the NAtS-L pairs.
+pub const GDN_DIMS: [(u32, u32); 5] = [(64, 64), (128, 128), (256, 256), (128, 256), (192, 384)];
+
+/// GDN prefill scan tile: block_m = chunk, block_n = state columns per CTA,
+/// warps, smem stages of the chunk inputs (2 only where it fits beside a second CTA).
+pub fn gdn_prefill_tile(dk: u32, dv: u32) -> Tile {
+    match (dk, dv) {
+        (64, _) => Tile::new(64, 32, 4, 2),
+        (192, _) => Tile::new(64, 32, 4, 1),
+        (256, _) => Tile::new(64, 64, 8, 1),
+        _ => Tile::new(64, 64, 4, 1),
+    }
+}
+
+/// GDN decode tile: 32 state columns per CTA, 4 warps.
+pub const GDN_DECODE_TILE: Tile = Tile::new(1, 32, 4, 1);
+
+/// The GDN prefill spec (entries `prep` and `scan`); labels are read at run time.
+pub fn gdn_prefill_spec(dtype: DType, dk: u32, dv: u32, arch: Arch) -> KernelSpec {
+    KernelSpec { op: Op::GdnPrefill, dtype, dims: HeadDims { dk, dv }, chunk: 64, tile: gdn_prefill_tile(dk, dv), sparsity: Sparsity::Dense, arch }
+}
+
+/// The GDN decode spec (entry `step`).
+pub fn gdn_decode_spec(dtype: DType, dk: u32, dv: u32, arch: Arch) -> KernelSpec {
+    KernelSpec { op: Op::GdnDecode, dtype, dims: HeadDims { dk, dv }, chunk: 64, tile: GDN_DECODE_TILE, sparsity: Sparsity::Dense, arch }
 }
 
 fn sparse_specs() -> Vec<KernelSpec> {

@@ -1,4 +1,97 @@
-/* Gated DeltaNet chunk scan: written by the GDN family. */
+/* Gated DeltaNet chunk scan with NAtS chunk commit (SPEC.md sections 4 and 7). */
 #ifndef NATSL_PARAMS_GDN_H
 #define NATSL_PARAMS_GDN_H
+
+/*
+ * Prefill: two launches over a packed batch.
+ *   prep: grid (num_slots, num_v_heads). Chunk-local WY transform of one 64-token
+ *         chunk and value head into the workspace (W, U, P, G).
+ *   scan: grid (dv / BLOCK_N, num_v_heads, num_seqs). Walks the chunks of one
+ *         sequence in order with a dk x BLOCK_N slice of the f32 state in registers.
+ * Workspace rows are addressed by chunk slot (see NatslVarlen): row (slot * Hv + h).
+ */
+typedef struct NatslGdnPrefillParams {
+    NatslVarlen batch;
+    const void* q;              /* [T, Hqk, dk] activation dtype, last dim contiguous */
+    long long q_stride_t;       /* elements between tokens of q (multiple of 8) */
+    long long q_stride_h;       /* elements between heads of q (multiple of 8) */
+    const void* k;              /* [T, Hqk, dk] activation dtype */
+    long long k_stride_t;       /* elements between tokens of k (multiple of 8) */
+    long long k_stride_h;       /* elements between heads of k (multiple of 8) */
+    const void* v;              /* [T, Hv, dv] activation dtype */
+    long long v_stride_t;       /* elements between tokens of v (multiple of 8) */
+    long long v_stride_h;       /* elements between heads of v (multiple of 8) */
+    const float* g;             /* [T, Hv] f32 log-decay, head stride 1 */
+    long long g_stride_t;       /* elements between tokens of g */
+    const void* beta;           /* [T, Hv] f32 or activation dtype, head stride 1 */
+    long long beta_stride_t;    /* elements between tokens of beta */
+    int beta_f32;               /* 1: beta is f32; 0: beta is the activation dtype */
+    int l2norm;                 /* 1: L2-normalise q and k rows in the kernel (eps 1e-6) */
+    void* o;                    /* out [T, Hv, dv] activation dtype */
+    long long o_stride_t;       /* elements between tokens of o (multiple of 8) */
+    long long o_stride_h;       /* elements between heads of o (multiple of 8) */
+    int num_qk_heads;           /* Hqk */
+    int num_v_heads;            /* Hv, a multiple of Hqk */
+    int num_r_heads;            /* Hr, routing heads (Hv a multiple of Hr); unused without labels */
+    float scale;                /* output scale (dk^-1/2 by default) */
+    const unsigned char* labels; /* nullable [num_slots, Hr] u8 NATSL_LABEL_*; null = every chunk GDN */
+    const float* h0_pool;       /* nullable [P0, Hv, dk, dv] f32 initial states; null = zeros */
+    const int* h0_index;        /* nullable [N]: row of h0_pool for sequence n; null = n */
+    float* committed_pool;      /* nullable [P1, Hv, dk, dv] f32 out: committed state S_c */
+    const int* committed_index; /* nullable [N]: row of committed_pool; null = n */
+    float* running_pool;        /* nullable [P2, Hv, dk, dv] f32 out: running state (= committed if the last chunk is complete) */
+    const int* running_index;   /* nullable [N]: row of running_pool; null = n */
+    float* gsum_running;        /* nullable [N, Hv] f32 out: sum of g over the partial last chunk (0 if complete) */
+    void* ws_w;                 /* workspace [num_slots, Hv, 64, dk] activation dtype: W = T diag(beta e^G) K */
+    void* ws_u;                 /* workspace [num_slots, Hv, 64, dv] activation dtype: U = T diag(beta) V */
+    void* ws_p;                 /* workspace [num_slots, Hv, 64, 64] activation dtype: scale (Q K^T o decay), lower incl. diagonal */
+    float* ws_g;                /* workspace [num_slots, Hv, 64] f32: cumulative g inside the chunk (pads repeat the last) */
+} NatslGdnPrefillParams;
+
+/*
+ * Decode: grid (dv / BLOCK_N, num_v_heads, num_seqs). tokens_per_seq tokens of
+ * each sequence (1 + speculative, at most 8) are run in order on the running
+ * state, which the kernel updates in place. When a token completes a chunk
+ * (pos becomes a multiple of 64), the chunk is committed with its label:
+ * GDN: committed <- running; ATTN: committed <- exp(gsum) * committed; then
+ * running <- committed, gsum <- 0. pos and gsum are advanced by the last CTA of
+ * each sequence (arrival counter), so no host sync is needed (graph-capturable).
+ */
+typedef struct NatslGdnDecodeParams {
+    int num_seqs;               /* N */
+    int tokens_per_seq;         /* tokens per sequence in this step, 1..8; token j of sequence n is row n * tokens_per_seq + j */
+    const void* q;              /* [N * tokens_per_seq, Hqk, dk] activation dtype */
+    long long q_stride_t;       /* elements between rows of q (multiple of 8) */
+    long long q_stride_h;       /* elements between heads of q (multiple of 8) */
+    const void* k;              /* [N * tokens_per_seq, Hqk, dk] activation dtype */
+    long long k_stride_t;       /* elements between rows of k (multiple of 8) */
+    long long k_stride_h;       /* elements between heads of k (multiple of 8) */
+    const void* v;              /* [N * tokens_per_seq, Hv, dv] activation dtype */
+    long long v_stride_t;       /* elements between rows of v (multiple of 8) */
+    long long v_stride_h;       /* elements between heads of v (multiple of 8) */
+    const float* g;             /* [N * tokens_per_seq, Hv] f32, head stride 1 */
+    long long g_stride_t;       /* elements between rows of g */
+    const void* beta;           /* [N * tokens_per_seq, Hv] f32 or activation dtype, head stride 1 */
+    long long beta_stride_t;    /* elements between rows of beta */
+    int beta_f32;               /* 1: beta is f32; 0: activation dtype */
+    int l2norm;                 /* 1: L2-normalise q and k in the kernel */
+    void* o;                    /* out [N * tokens_per_seq, Hv, dv] activation dtype */
+    long long o_stride_t;       /* elements between rows of o (multiple of 8) */
+    long long o_stride_h;       /* elements between heads of o (multiple of 8) */
+    int num_qk_heads;           /* Hqk */
+    int num_v_heads;            /* Hv */
+    int num_r_heads;            /* Hr (labels) */
+    float scale;                /* output scale */
+    const unsigned char* labels; /* nullable [N, Hr]: label of the chunk a token of this step completes; null = GDN */
+    float* running_pool;        /* [P, Hv, dk, dv] f32 in/out: running state */
+    const int* running_index;   /* [N] row of running_pool per sequence; rows outside [0, running_pool_rows) are skipped */
+    int running_pool_rows;      /* P */
+    float* committed_pool;      /* nullable [P', Hv, dk, dv] f32 in/out: committed state; null = plain GDN (no commit) */
+    const int* committed_index; /* nullable iff committed_pool is null: [N] row of committed_pool */
+    int committed_pool_rows;    /* P' */
+    float* gsum;                /* nullable iff committed_pool is null: [N, Hv] f32 in/out, sum of g over the current chunk */
+    int* pos;                   /* nullable iff committed_pool is null: [N] i32 in/out, tokens seen per sequence */
+    unsigned int* counter;      /* [N] u32 workspace, zero before the first launch; the kernel leaves it zero */
+} NatslGdnDecodeParams;
+
 #endif

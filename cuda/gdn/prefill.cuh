@@ -1,0 +1,444 @@
+// gdn/prefill.cuh: Gated DeltaNet chunk scan with NAtS chunk commit (SPEC.md section 4).
+//
+// Per chunk (C = 64 tokens) and value head, with G the inclusive cumulative gate:
+//   A = strictly_lower(beta_i e^{G_i-G_j} k_i.k_j),  T = (I + A)^{-1}
+//   W = T diag(beta e^G) K,  U = T diag(beta) V,  P = scale (Q K^T o e^{G_i-G_j}) (j <= i)
+// and, from the chunk's starting state S (see reference/gdn.rs chunk_wy):
+//   v_new = U - W S
+//   o     = (scale e^G o Q) S + P v_new
+//   S'    = e^{G_L} S + (e^{G_L-G} o K)^T v_new
+// Commit: GDN chunk: S <- S'; ATTN chunk: S <- e^{G_L} S (outputs use S' either way).
+//
+// prep: fully parallel over (chunk slot, value head): W, U, P, G to the workspace.
+//       T is solved column by column (thread m owns column m: no barriers).
+// scan: one CTA per (sequence, value head, dv tile); the dk x BV state slice stays
+//       in f32 registers, a bf16/f16 copy in smem feeds the tensor cores.
+#pragma once
+#include "common/dtype.cuh"
+#include "common/mma_sm80.cuh"
+#include "common/varlen.cuh"
+#include "gdn/common.cuh"
+
+namespace natsl {
+namespace gdn {
+
+constexpr int PREP_THREADS = 128;
+
+// ---------------------------------------------------------------- prep
+
+template <typename T, int DK, int DV>
+__device__ void prep(const NatslGdnPrefillParams& p) {
+    constexpr int NT = PREP_THREADS, NW = NT / 32;
+    constexpr int LDK = DK + PAD, LDV = DV + PAD, LDA = C + 4, LDT = C + PAD;
+    static_assert(DK % 64 == 0 && DV % 64 == 0, "head dims must be multiples of 64");
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* sQ = reinterpret_cast<T*>(smem);
+    T* sK = sQ + C * LDK;
+    T* sV = sK + C * LDK;
+    float* sA = reinterpret_cast<float*>(sV + C * LDV);
+    T* sT = reinterpret_cast<T*>(sA + C * LDA);
+    float* sG = reinterpret_cast<float*>(sT + C * LDT);
+    float* sB = sG + C;
+
+    const int slot = blockIdx.x, h = blockIdx.y;
+    int c;
+    const int n = seq_of_slot(p.batch, slot, &c);
+    if (n < 0) return;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int t0 = p.batch.cu_seqlens[n] + c * C;
+    const int len = min(C, p.batch.cu_seqlens[n + 1] - t0);
+    const int Hv = p.num_v_heads;
+    const int hq = h / (Hv / p.num_qk_heads);
+
+    load_rows_async<T, C, DK, NT>(sQ, LDK, reinterpret_cast<const T*>(p.q) + (i64)t0 * p.q_stride_t + (i64)hq * p.q_stride_h, p.q_stride_t, len);
+    load_rows_async<T, C, DK, NT>(sK, LDK, reinterpret_cast<const T*>(p.k) + (i64)t0 * p.k_stride_t + (i64)hq * p.k_stride_h, p.k_stride_t, len);
+    load_rows_async<T, C, DV, NT>(sV, LDV, reinterpret_cast<const T*>(p.v) + (i64)t0 * p.v_stride_t + (i64)h * p.v_stride_h, p.v_stride_t, len);
+    cp_async_commit();
+    if (tid < C) {
+        const bool ok = tid < len;
+        sG[tid] = ok ? p.g[(i64)(t0 + tid) * p.g_stride_t + h] : 0.f;  // pads: g = 0 keeps G flat
+        sB[tid] = ok ? load_beta<T>(p.beta, p.beta_f32, (i64)(t0 + tid) * p.beta_stride_t + h) : 0.f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    if (p.l2norm) {
+        scale_rows<T, C, DK, NW>(sQ, LDK, true, [](int) { return 1.f; });
+        scale_rows<T, C, DK, NW>(sK, LDK, true, [](int) { return 1.f; });
+    }
+    const i64 wrow = (i64)slot * Hv + h;
+    if (warp == 0) {  // inclusive cumsum of g, two tokens per lane
+        const float a = sG[2 * lane], b = sG[2 * lane + 1];
+        float s = a + b;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const float y = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s += y;
+        }
+        const float excl = s - (a + b);
+        sG[2 * lane] = excl + a;
+        sG[2 * lane + 1] = excl + a + b;
+        p.ws_g[wrow * C + 2 * lane] = excl + a;
+        p.ws_g[wrow * C + 2 * lane + 1] = excl + a + b;
+    }
+    __syncthreads();
+
+    // K K^T and Q K^T for this warp's 16 rows (lower-triangular tiles only).
+    const int m0 = warp * 16;
+    float kk[8][4], qk[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) kk[i][e] = qk[i][e] = 0.f;
+#pragma unroll 2
+    for (int k0 = 0; k0 < DK; k0 += 16) {
+        u32 ak[4], aq[4];
+        frag_a(ak, sK, LDK * 2, m0, k0 * 2);
+        frag_a(aq, sQ, LDK * 2, m0, k0 * 2);
+#pragma unroll
+        for (int nt = 0; nt < 8; nt += 2) {
+            if (nt / 2 <= warp) {
+                u32 b[4];
+                frag_b2_nk(b, sK, LDK * 2, nt * 8, k0 * 2);
+                mma_16816<T>(kk[nt], ak, b);
+                mma_16816<T>(kk[nt + 1], ak, b + 2);
+                mma_16816<T>(qk[nt], aq, b);
+                mma_16816<T>(qk[nt + 1], aq, b + 2);
+            }
+        }
+    }
+    T* wsP = reinterpret_cast<T*>(p.ws_p) + wrow * C * C;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        if (nt / 2 > warp) {
+            // Upper tiles: P is zero there (A is never read above the diagonal).
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int i = m0 + lane / 4 + hf * 8, j = nt * 8 + (lane % 4) * 2;
+                *reinterpret_cast<u32*>(wsP + i * C + j) = 0u;
+            }
+            continue;
+        }
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int i = m0 + lane / 4 + hf * 8, j = nt * 8 + (lane % 4) * 2;
+            const float gi = sG[i], bi = sB[i];
+            float pv[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int jj = j + e;
+                const float dec = jj <= i ? __expf(gi - sG[jj]) : 0.f;
+                sA[i * LDA + jj] = jj < i ? bi * dec * kk[nt][hf * 2 + e] : 0.f;
+                pv[e] = p.scale * dec * qk[nt][hf * 2 + e];
+            }
+            *reinterpret_cast<u32*>(wsP + i * C + j) = pack2<T>(pv[0], pv[1]);
+        }
+    }
+    __syncthreads();
+
+    if (tid < C) {
+        // Column m of T = (I + A)^{-1}: forward substitution, fully unrolled so the
+        // column lives in registers. t[j] = 0 for j < m falls out of the recurrence.
+        const int m = tid;
+        float t[C];
+#pragma unroll
+        for (int i = 0; i < C; ++i) {
+            float s = 0.f;
+#pragma unroll
+            for (int j = 0; j < i; j += 4) {
+                const float4 a = *reinterpret_cast<const float4*>(sA + i * LDA + j);
+                s = fmaf(a.x, t[j], s);
+                if (j + 1 < i) s = fmaf(a.y, t[j + 1], s);
+                if (j + 2 < i) s = fmaf(a.z, t[j + 2], s);
+                if (j + 3 < i) s = fmaf(a.w, t[j + 3], s);
+            }
+            t[i] = i == m ? 1.f : -s;
+        }
+#pragma unroll
+        for (int i = 0; i < C; ++i) sT[i * LDT + m] = from_f32<T>(t[i]);
+    } else {
+        // Meanwhile: K rows *= beta e^G, V rows *= beta (the right factors of W and U).
+        const int w2 = warp - C / 32;
+        for (int r = w2; r < C; r += NW - C / 32) {
+            const float fk = sB[r] * __expf(sG[r]), fv = sB[r];
+            for (int cc = lane * 2; cc < DK; cc += 64) {
+                u32* q = reinterpret_cast<u32*>(sK + r * LDK + cc);
+                *q = pack2<T>(lo_f32<T>(*q) * fk, hi_f32<T>(*q) * fk);
+            }
+            for (int cc = lane * 2; cc < DV; cc += 64) {
+                u32* q = reinterpret_cast<u32*>(sV + r * LDV + cc);
+                *q = pack2<T>(lo_f32<T>(*q) * fv, hi_f32<T>(*q) * fv);
+            }
+        }
+    }
+    __syncthreads();
+
+    // W = T Kb, U = T Vb, 64 columns at a time; each result block overwrites the
+    // operand block it came from once every warp has read it.
+    auto t_times = [&](T* sX, int ldx, int ncols) {
+        for (int nb = 0; nb < ncols; nb += 64) {
+            float acc[8][4];
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+#pragma unroll
+            for (int k0 = 0; k0 < C; k0 += 16) {
+                u32 a[4];
+                frag_a(a, sT, LDT * 2, m0, k0 * 2);
+#pragma unroll
+                for (int nt = 0; nt < 8; nt += 2) {
+                    u32 b[4];
+                    frag_b2_kn(b, sX, ldx * 2, k0, (nb + nt * 8) * 2);
+                    mma_16816<T>(acc[nt], a, b);
+                    mma_16816<T>(acc[nt + 1], a, b + 2);
+                }
+            }
+            __syncthreads();
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                const int r = m0 + lane / 4, cc = nb + nt * 8 + (lane % 4) * 2;
+                *reinterpret_cast<u32*>(sX + r * ldx + cc) = pack2<T>(acc[nt][0], acc[nt][1]);
+                *reinterpret_cast<u32*>(sX + (r + 8) * ldx + cc) = pack2<T>(acc[nt][2], acc[nt][3]);
+            }
+        }
+    };
+    t_times(sK, LDK, DK);
+    t_times(sV, LDV, DV);
+    __syncthreads();
+    store_rows<T, C, DK, NT>(reinterpret_cast<T*>(p.ws_w) + wrow * C * DK, DK, sK, LDK, C);
+    store_rows<T, C, DV, NT>(reinterpret_cast<T*>(p.ws_u) + wrow * C * DV, DV, sV, LDV, C);
+}
+
+// Dynamic shared memory of prep (mirrored by src/ops/gdn.rs).
+template <int DK, int DV>
+constexpr int prep_smem_bytes() {
+    return 2 * C * (DK + PAD) * 2 + C * (DV + PAD) * 2 + C * (C + 4) * 4 + C * (C + PAD) * 2 + 2 * C * 4;
+}
+
+// ---------------------------------------------------------------- scan
+
+template <typename T, int DK, int DV, int BV, int NW, int STAGES>
+__device__ void scan(const NatslGdnPrefillParams& p) {
+    constexpr int NT = NW * 32;
+    constexpr int LDK = DK + PAD, LDB = BV + PAD, LDP = C + PAD;
+    constexpr int ST_Q = 0, ST_K = C * LDK, ST_W = 2 * C * LDK, ST_P = 3 * C * LDK, ST_U = ST_P + C * LDP;
+    constexpr int STAGE = ST_U + C * LDB;  // elements of T per stage
+    // Token phase: warps as 4 (16-row tiles) x NG (column groups of the BV tile).
+    constexpr int NG = NW / 4, NTV = BV / NG / 8;
+    // State phase: warp w owns state rows [w * RW, (w + 1) * RW), all BV columns.
+    constexpr int RW = DK / NW, MTS = RW / 16, NTS = BV / 8;
+    static_assert(NW % 4 == 0 && BV % (NG * 16) == 0 && RW % 16 == 0 && DV % BV == 0, "bad scan tile");
+    static_assert(STAGES >= 1 && STAGES <= 2, "1 or 2 stages");
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* stages = reinterpret_cast<T*>(smem);
+    T* sS = stages + STAGES * STAGE;  // [DK][LDB] state slice, storage dtype
+    T* sVn = sS + DK * LDB;           // [C][LDB] v_new
+    T* sO = sVn + C * LDB;            // [C][LDB] output staging
+    float* sGall = reinterpret_cast<float*>(sO + C * LDB);  // [STAGES][C]
+
+    const int vt = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int Hv = p.num_v_heads;
+    const int hq = h / (Hv / p.num_qk_heads);
+    const int bos = p.batch.cu_seqlens[n];
+    const int len_seq = p.batch.cu_seqlens[n + 1] - bos;
+    const int nch = (len_seq + C - 1) / C;
+    const int base = slot_base(p.batch.cu_seqlens, n);
+    const int col0 = vt * BV;
+    const T* gq = reinterpret_cast<const T*>(p.q) + (i64)hq * p.q_stride_h;
+    const T* gk = reinterpret_cast<const T*>(p.k) + (i64)hq * p.k_stride_h;
+
+    auto issue = [&](int cc) {
+        if (cc < nch) {
+            T* st = stages + (cc % STAGES) * STAGE;
+            const int tt = bos + cc * C, ln = min(C, len_seq - cc * C);
+            const i64 wrow = (i64)(base + cc) * Hv + h;
+            load_rows_async<T, C, DK, NT>(st + ST_Q, LDK, gq + (i64)tt * p.q_stride_t, p.q_stride_t, ln);
+            load_rows_async<T, C, DK, NT>(st + ST_K, LDK, gk + (i64)tt * p.k_stride_t, p.k_stride_t, ln);
+            load_rows_async<T, C, DK, NT>(st + ST_W, LDK, reinterpret_cast<const T*>(p.ws_w) + wrow * C * DK, DK, C);
+            load_rows_async<T, C, C, NT>(st + ST_P, LDP, reinterpret_cast<const T*>(p.ws_p) + wrow * C * C, C, C);
+            load_rows_async<T, C, BV, NT>(st + ST_U, LDB, reinterpret_cast<const T*>(p.ws_u) + wrow * C * DV + col0, DV, C);
+            if (tid < C / 4) cp_async16(sGall + (cc % STAGES) * C + tid * 4, p.ws_g + wrow * C + tid * 4);
+        }
+        cp_async_commit();
+    };
+
+    // State slice in registers (accumulator layout): rows srow0 + mi*16 + lane/4 (+8),
+    // columns ni*8 + (lane%4)*2 (+1) of the tile.
+    const int srow0 = warp * RW;
+    float S[MTS][NTS][4];
+    {
+        const float* h0 = nullptr;
+        if (p.h0_pool) h0 = p.h0_pool + ((i64)(p.h0_index ? p.h0_index[n] : n) * Hv + h) * DK * DV;
+#pragma unroll
+        for (int mi = 0; mi < MTS; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NTS; ++ni) {
+                const int r = srow0 + mi * 16 + lane / 4, cc = col0 + ni * 8 + (lane % 4) * 2;
+                if (h0) {
+                    const float2 a = *reinterpret_cast<const float2*>(h0 + (i64)r * DV + cc);
+                    const float2 b = *reinterpret_cast<const float2*>(h0 + (i64)(r + 8) * DV + cc);
+                    S[mi][ni][0] = a.x; S[mi][ni][1] = a.y; S[mi][ni][2] = b.x; S[mi][ni][3] = b.y;
+                } else {
+                    S[mi][ni][0] = S[mi][ni][1] = S[mi][ni][2] = S[mi][ni][3] = 0.f;
+                }
+            }
+    }
+    auto write_smem_state = [&]() {
+#pragma unroll
+        for (int mi = 0; mi < MTS; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NTS; ++ni) {
+                const int r = srow0 + mi * 16 + lane / 4, cc = ni * 8 + (lane % 4) * 2;
+                *reinterpret_cast<u32*>(sS + r * LDB + cc) = pack2<T>(S[mi][ni][0], S[mi][ni][1]);
+                *reinterpret_cast<u32*>(sS + (r + 8) * LDB + cc) = pack2<T>(S[mi][ni][2], S[mi][ni][3]);
+            }
+    };
+    auto write_pool = [&](float* pool, const int* index) {
+        float* dst = pool + ((i64)(index ? index[n] : n) * Hv + h) * DK * DV;
+#pragma unroll
+        for (int mi = 0; mi < MTS; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NTS; ++ni) {
+                const int r = srow0 + mi * 16 + lane / 4, cc = col0 + ni * 8 + (lane % 4) * 2;
+                *reinterpret_cast<float2*>(dst + (i64)r * DV + cc) = make_float2(S[mi][ni][0], S[mi][ni][1]);
+                *reinterpret_cast<float2*>(dst + (i64)(r + 8) * DV + cc) = make_float2(S[mi][ni][2], S[mi][ni][3]);
+            }
+    };
+
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) issue(s);
+    write_smem_state();
+
+    const int mt = warp % 4, ng = warp / 4;
+    const int tm0 = mt * 16, tn0 = ng * NTV * 8;
+    const int hr = p.labels ? h / (Hv / p.num_r_heads) : 0;
+    float glast_final = 0.f;
+    bool last_complete = true;
+
+    for (int c = 0; c < nch; ++c) {
+        T* st = stages + (c % STAGES) * STAGE;
+        const float* sG = sGall + (c % STAGES) * C;
+        const int ln = min(C, len_seq - c * C);
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();
+
+        // Q rows *= scale e^{G_i}; K rows *= e^{G_L - G_j} (after the optional L2 norm).
+        const float GL = sG[C - 1];
+        const float scale = p.scale;
+        scale_rows<T, C, DK, NW>(st + ST_Q, LDK, p.l2norm, [&](int r) { return scale * __expf(sG[r]); });
+        scale_rows<T, C, DK, NW>(st + ST_K, LDK, p.l2norm, [&](int r) { return __expf(GL - sG[r]); });
+        __syncthreads();
+
+        // v_new = U - W S and o = Q S (shared B fragments of S).
+        float aw[NTV][4], ao[NTV][4];
+#pragma unroll
+        for (int i = 0; i < NTV; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) aw[i][e] = ao[i][e] = 0.f;
+#pragma unroll 2
+        for (int k0 = 0; k0 < DK; k0 += 16) {
+            u32 a1[4], a2[4];
+            frag_a(a1, st + ST_W, LDK * 2, tm0, k0 * 2);
+            frag_a(a2, st + ST_Q, LDK * 2, tm0, k0 * 2);
+#pragma unroll
+            for (int nt = 0; nt < NTV; nt += 2) {
+                u32 b[4];
+                frag_b2_kn(b, sS, LDB * 2, k0, (tn0 + nt * 8) * 2);
+                mma_16816<T>(aw[nt], a1, b);
+                mma_16816<T>(aw[nt + 1], a1, b + 2);
+                mma_16816<T>(ao[nt], a2, b);
+                mma_16816<T>(ao[nt + 1], a2, b + 2);
+            }
+        }
+        const T* sU = st + ST_U;
+#pragma unroll
+        for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int r = tm0 + lane / 4 + hf * 8, cc = tn0 + nt * 8 + (lane % 4) * 2;
+                const u32 u = *reinterpret_cast<const u32*>(sU + r * LDB + cc);
+                *reinterpret_cast<u32*>(sVn + r * LDB + cc) = pack2<T>(lo_f32<T>(u) - aw[nt][hf * 2], hi_f32<T>(u) - aw[nt][hf * 2 + 1]);
+            }
+        __syncthreads();
+
+        // o += P v_new.
+#pragma unroll
+        for (int k0 = 0; k0 < C; k0 += 16) {
+            if (k0 > tm0 + 15) break;  // P is lower triangular
+            u32 a[4];
+            frag_a(a, st + ST_P, LDP * 2, tm0, k0 * 2);
+#pragma unroll
+            for (int nt = 0; nt < NTV; nt += 2) {
+                u32 b[4];
+                frag_b2_kn(b, sVn, LDB * 2, k0, (tn0 + nt * 8) * 2);
+                mma_16816<T>(ao[nt], a, b);
+                mma_16816<T>(ao[nt + 1], a, b + 2);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NTV; ++nt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int r = tm0 + lane / 4 + hf * 8, cc = tn0 + nt * 8 + (lane % 4) * 2;
+                *reinterpret_cast<u32*>(sO + r * LDB + cc) = pack2<T>(ao[nt][hf * 2], ao[nt][hf * 2 + 1]);
+            }
+
+        // State update with the commit rule.
+        const bool complete = ln == C, last = c == nch - 1;
+        int label = NATSL_LABEL_GDN;
+        if (complete && p.labels) label = p.labels[(i64)(base + c) * p.num_r_heads + hr];
+        if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
+        const float eg = __expf(GL);
+#pragma unroll
+        for (int mi = 0; mi < MTS; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < NTS; ++ni)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) S[mi][ni][e] *= eg;
+        if (label != NATSL_LABEL_ATTN) {
+#pragma unroll
+            for (int k0 = 0; k0 < C; k0 += 16) {
+                u32 b[NTS / 2][4];
+#pragma unroll
+                for (int ni = 0; ni < NTS; ni += 2) frag_b2_kn(b[ni / 2], sVn, LDB * 2, k0, ni * 8 * 2);
+#pragma unroll
+                for (int mi = 0; mi < MTS; ++mi) {
+                    u32 a[4];
+                    frag_a_trans(a, st + ST_K, LDK * 2, k0, (srow0 + mi * 16) * 2);
+#pragma unroll
+                    for (int ni = 0; ni < NTS; ni += 2) {
+                        mma_16816<T>(S[mi][ni], a, b[ni / 2]);
+                        mma_16816<T>(S[mi][ni + 1], a, b[ni / 2] + 2);
+                    }
+                }
+            }
+        }
+        if (!last) write_smem_state();
+        if (last) {
+            last_complete = complete;
+            glast_final = complete ? 0.f : GL;
+        }
+        __syncthreads();
+
+        T* go = reinterpret_cast<T*>(p.o) + (i64)(bos + c * C) * p.o_stride_t + (i64)h * p.o_stride_h + col0;
+        store_rows<T, C, BV, NT>(go, p.o_stride_t, sO, LDB, ln);
+        issue(c + STAGES);
+    }
+    cp_async_wait<0>();
+
+    if (last_complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
+    if (p.running_pool) write_pool(p.running_pool, p.running_index);
+    if (p.gsum_running && vt == 0 && tid == 0) p.gsum_running[(i64)n * Hv + h] = glast_final;
+}
+
+// Dynamic shared memory of scan (mirrored by src/ops/gdn.rs).
+template <int DK, int BV, int STAGES>
+constexpr int scan_smem_bytes() {
+    return STAGES * (3 * C * (DK + PAD) + C * (C + PAD) + C * (BV + PAD)) * 2 + (DK + 2 * C) * (BV + PAD) * 2 + STAGES * C * 4;
+}
+
+} // namespace gdn
+} // namespace natsl

@@ -1,0 +1,467 @@
+//! Tier 3: the block-sparse softmax (prefill and paged decode) against the f64
+//! reference on random inputs. Skips with `skipped: no CUDA device` without a GPU.
+//! Each check prints its relative error; a failure names the first bad element.
+
+use half::{bf16, f16};
+use natsl::ops::sparse::{self, BlockMask, DecodeWorkspace, PagedKv, SparseOptions};
+use natsl::reference::{self as r, AttnProblem};
+use natsl::tensor::Element;
+use natsl::testing::{self, TestElem};
+use natsl::{Arch, Batch, Runtime, TensorMut, TensorRef};
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mask {
+    /// Router lists from random labels (p = ATTN probability).
+    Routed(f64),
+    /// FlexAttention-style lists built from the same random labels.
+    BlocksFromLabels(f64),
+    /// FlexAttention-style lists with an independent random subset per query block
+    /// (diagonal sometimes absent, entries beyond the diagonal present and skipped).
+    BlocksRandom,
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    lens: Vec<usize>,
+    hq: usize,
+    hkv: usize,
+    hr: usize,
+    dk: usize,
+    dv: usize,
+    mask: Mask,
+    /// q/k/v/o as slices of wider rows (NAtS-L views).
+    strided: bool,
+    norm: bool,
+    lse: bool,
+    /// Also compare with dense causal attention (all labels ATTN).
+    dense_check: bool,
+}
+
+fn base(lens: &[usize], dk: usize, dv: usize) -> Case {
+    Case { lens: lens.to_vec(), hq: 4, hkv: 2, hr: 1, dk, dv, mask: Mask::Routed(0.5), strided: false, norm: false, lse: true, dense_check: false }
+}
+
+/// Upload `x` ([rows, h, d] contiguous) into a buffer with row stride `h * d + pad` (pad 0: contiguous).
+fn upload_rows<T: TestElem>(rt: &Runtime, x: &[f64], rows: usize, width: usize, pad: usize) -> cudarc::driver::CudaSlice<T> {
+    let stride = width + pad;
+    let mut h = vec![T::from_f64(7.0); rows * stride];
+    for t in 0..rows {
+        for i in 0..width {
+            h[t * stride + i] = T::from_f64(x[t * width + i]);
+        }
+    }
+    rt.stream().clone_htod(&h).unwrap()
+}
+
+/// Read back `[rows, h, d]` from a buffer of row stride `h * d + pad`.
+fn gather_rows(x: &[f64], rows: usize, width: usize, pad: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(rows * width);
+    for t in 0..rows {
+        out.extend_from_slice(&x[t * (width + pad)..t * (width + pad) + width]);
+    }
+    out
+}
+
+fn check_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
+    let what = format!("prefill {:?} {c:?} arch {:?}", T::DTYPE, rt.arch());
+    println!("{what}");
+    let mut rng = testing::rng(seed);
+    let cu = testing::cu_seqlens(&c.lens);
+    let t = *cu.last().unwrap() as usize;
+    let n = c.lens.len();
+    let (hq, hkv, dk, dv) = (c.hq, c.hkv, c.dk, c.dv);
+    let q = testing::quantize::<T>(&testing::rand_vec(&mut rng, t * hq * dk, 1.0));
+    let k = testing::quantize::<T>(&testing::rand_vec(&mut rng, t * hkv * dk, 1.0));
+    let v = testing::quantize::<T>(&testing::rand_vec(&mut rng, t * hkv * dv, 1.0));
+    let qw = testing::quantize::<T>(&testing::rand_range(&mut rng, dk, 0.5, 1.5));
+    let kw = testing::quantize::<T>(&testing::rand_range(&mut rng, dk, 0.5, 1.5));
+    let slots = r::num_slots(t, n);
+    let p_attn = match c.mask {
+        Mask::Routed(p) | Mask::BlocksFromLabels(p) => p,
+        Mask::BlocksRandom => 0.5,
+    };
+    let mut labels = vec![r::LABEL_GDN; slots * c.hr];
+    for s in 0..n {
+        let base = r::slot_base(&cu, s);
+        let nch = r::n_chunks(c.lens[s]);
+        for ch in 0..nch {
+            for h in 0..c.hr {
+                labels[(base + ch) * c.hr + h] = if ch * 64 + 64 > c.lens[s] { r::LABEL_PARTIAL } else if rng.gen_bool(p_attn) { r::LABEL_ATTN } else { r::LABEL_GDN };
+            }
+        }
+    }
+    let prob = AttnProblem {
+        q: &q,
+        k: &k,
+        v: &v,
+        cu_seqlens: &cu,
+        hq,
+        hkv,
+        dk,
+        dv,
+        scale: None,
+        q_norm_w: if c.norm { Some(&qw) } else { None },
+        k_norm_w: if c.norm { Some(&kw) } else { None },
+    };
+
+    // Mask lists (device) and the reference.
+    let max_chunks = c.lens.iter().map(|&l| r::n_chunks(l)).max().unwrap();
+    let (reference, list_a, list_b, hm_dims): (r::AttnOutput, Vec<i32>, Vec<i32>, (usize, usize, usize)) = match c.mask {
+        Mask::Routed(_) => {
+            let (list, count) = r::attn_list_from_labels(&labels, &cu, c.hr);
+            (r::sparse_attention(&prob, &labels, c.hr), list, count, (c.hr, 0, 0))
+        }
+        Mask::BlocksFromLabels(_) => {
+            // Mask head = routing head; lists = earlier ATTN chunks + the diagonal.
+            let qb = max_chunks + 1;
+            let kb = max_chunks + 2;
+            let mut num = vec![0i32; n * c.hr * qb];
+            let mut idx = vec![-1i32; n * c.hr * qb * kb];
+            for s in 0..n {
+                let base = r::slot_base(&cu, s);
+                for h in 0..c.hr {
+                    for ch in 0..r::n_chunks(c.lens[s]) {
+                        let mut l: Vec<i32> = (0..ch).filter(|&b| labels[(base + b) * c.hr + h] == r::LABEL_ATTN).map(|b| b as i32).collect();
+                        l.push(ch as i32);
+                        let o = ((s * c.hr + h) * qb + ch) * kb;
+                        idx[o..o + l.len()].copy_from_slice(&l);
+                        num[(s * c.hr + h) * qb + ch] = l.len() as i32;
+                    }
+                }
+            }
+            (r::sparse_attention(&prob, &labels, c.hr), num, idx, (c.hr, qb, kb))
+        }
+        Mask::BlocksRandom => {
+            // Per query head, per query block: a random subset of all blocks (even later ones).
+            let (hm, qb, kb) = (hq, max_chunks, max_chunks);
+            let mut num = vec![0i32; n * hm * qb];
+            let mut idx = vec![0i32; n * hm * qb * kb];
+            let mut out = r::AttnOutput { o: vec![0.0; t * hq * dv], lse: vec![f64::NEG_INFINITY; t * hq] };
+            let scale = 1.0 / (dk as f64).sqrt();
+            for s in 0..n {
+                let start = cu[s] as usize;
+                let nch = r::n_chunks(c.lens[s]);
+                for j in 0..hm {
+                    for ch in 0..nch {
+                        let l: Vec<i32> = (0..nch).filter(|_| rng.gen_bool(0.5)).map(|b| b as i32).collect();
+                        let o = ((s * hm + j) * qb + ch) * kb;
+                        idx[o..o + l.len()].copy_from_slice(&l);
+                        num[(s * hm + j) * qb + ch] = l.len() as i32;
+                        let h = j / (hq / hkv);
+                        for i in start + ch * 64..(start + ch * 64 + 64).min(start + c.lens[s]) {
+                            let keys: Vec<usize> = l.iter().map(|&b| b as usize).filter(|&b| b <= ch).flat_map(|b| start + b * 64..start + b * 64 + 64).filter(|&kt| kt <= i).collect();
+                            if keys.is_empty() {
+                                continue; // o = 0, lse = -inf
+                            }
+                            let qn = norm(&q[(i * hq + j) * dk..(i * hq + j + 1) * dk], prob.q_norm_w);
+                            let ks: Vec<Vec<f64>> = keys.iter().map(|&kt| norm(&k[(kt * hkv + h) * dk..(kt * hkv + h + 1) * dk], prob.k_norm_w)).collect();
+                            let ksr: Vec<&[f64]> = ks.iter().map(|x| x.as_slice()).collect();
+                            let vs: Vec<&[f64]> = keys.iter().map(|&kt| &v[(kt * hkv + h) * dv..(kt * hkv + h + 1) * dv]).collect();
+                            let (oo, lse) = r::softmax_attend(&qn, &ksr, &vs, scale);
+                            out.o[(i * hq + j) * dv..(i * hq + j + 1) * dv].copy_from_slice(&oo);
+                            out.lse[i * hq + j] = lse;
+                        }
+                    }
+                }
+            }
+            (out, num, idx, (hm, qb, kb))
+        }
+    };
+
+    // Device tensors.
+    let batch = Batch::new(rt, &cu).unwrap();
+    let pad = if c.strided { 64 } else { 0 };
+    let qd = upload_rows::<T>(rt, &q, t, hq * dk, pad);
+    let kd = upload_rows::<T>(rt, &k, t, hkv * dk, pad);
+    let vd = upload_rows::<T>(rt, &v, t, hkv * dv, pad);
+    let qwd = testing::upload::<T>(rt, &qw).unwrap();
+    let kwd = testing::upload::<T>(rt, &kw).unwrap();
+    let mut od = testing::poisoned::<T>(rt, t * (hq * dv + pad)).unwrap();
+    let mut lsed = testing::poisoned::<f32>(rt, t * hq).unwrap();
+    let la = rt.stream().clone_htod(&list_a).unwrap();
+    let lb = rt.stream().clone_htod(&list_b).unwrap();
+    let mask = match c.mask {
+        Mask::Routed(_) => BlockMask::Routed { attn_list: TensorRef::new(&la, &[c.hr, slots]), attn_count: TensorRef::new(&lb, &[n, c.hr]) },
+        _ => BlockMask::Blocks { kv_num_blocks: TensorRef::new(&la, &[n, hm_dims.0, hm_dims.1]), kv_indices: TensorRef::new(&lb, &[n, hm_dims.0, hm_dims.1, hm_dims.2]) },
+    };
+    let opts = SparseOptions {
+        q_norm_w: if c.norm { Some(TensorRef::new(&qwd, &[dk])) } else { None },
+        k_norm_w: if c.norm { Some(TensorRef::new(&kwd, &[dk])) } else { None },
+        ..Default::default()
+    };
+    {
+        let qv = TensorRef::strided(&qd, &[t, hq, dk], &[hq * dk + pad, dk, 1]);
+        let kv = TensorRef::strided(&kd, &[t, hkv, dk], &[hkv * dk + pad, dk, 1]);
+        let vv = TensorRef::strided(&vd, &[t, hkv, dv], &[hkv * dv + pad, dv, 1]);
+        let mut ov = TensorMut::strided(&mut od, &[t, hq, dv], &[hq * dv + pad, dv, 1]);
+        let mut lv = TensorMut::new(&mut lsed, &[t, hq]);
+        sparse::prefill(rt, &batch, &qv, &kv, &vv, &mask, &opts, &mut ov, if c.lse { Some(&mut lv) } else { None }).unwrap();
+    }
+    rt.synchronize().unwrap();
+    let o = gather_rows(&testing::download(rt, &od).unwrap(), t, hq * dv, pad);
+    // Pad columns of o must be untouched (poison).
+    if pad > 0 {
+        let raw = testing::download(rt, &od).unwrap();
+        assert!(raw[hq * dv..hq * dv + pad].iter().all(|x| x.is_nan()), "{what}: wrote outside o's view");
+    }
+    let tol = testing::tolerance(T::DTYPE);
+    testing::assert_close(&format!("{what}: o"), &o, &reference.o, tol);
+    if c.lse {
+        let l = testing::download(rt, &lsed).unwrap();
+        // Rows with no visible key: -inf both sides; compare the rest.
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for (x, y) in l.iter().zip(&reference.lse) {
+            if y.is_finite() {
+                a.push(*x);
+                b.push(*y);
+            } else {
+                assert!(*x == f64::NEG_INFINITY, "{what}: lse {x} where nothing is visible");
+            }
+        }
+        testing::assert_close(&format!("{what}: lse"), &a, &b, 2e-3);
+    }
+    if c.dense_check {
+        let dense = r::dense_causal_attention(&prob);
+        testing::assert_close(&format!("{what}: o vs dense causal"), &o, &dense.o, tol);
+    }
+}
+
+fn norm(x: &[f64], w: Option<&[f64]>) -> Vec<f64> {
+    match w {
+        Some(w) => r::rms_normalize(x, Some(w)),
+        None => x.to_vec(),
+    }
+}
+
+fn both_arches(f: impl Fn(&Runtime)) {
+    let Some(rt) = testing::gpu_or_skip("gpu_sparse") else { return };
+    f(&rt);
+    if rt.arch() != Arch::Sm80 {
+        let rt80 = Runtime::with_arch(0, Arch::Sm80).unwrap();
+        f(&rt80);
+    }
+}
+
+const RAGGED: [usize; 5] = [130, 64, 257, 1, 200];
+
+#[test]
+fn prefill_routed_ragged_every_dims() {
+    both_arches(|rt| {
+        for (i, &(dk, dv)) in sparse::supported_dims().iter().enumerate() {
+            let c = base(&RAGGED, dk as usize, dv as usize);
+            check_prefill::<bf16>(rt, &c, 10 + i as u64);
+            check_prefill::<f16>(rt, &c, 20 + i as u64);
+        }
+    });
+}
+
+#[test]
+fn prefill_all_attn_is_dense_causal_and_all_gdn_is_diagonal() {
+    both_arches(|rt| {
+        for (dk, dv) in [(64, 128), (128, 128)] {
+            let mut c = base(&[300, 129, 64], dk, dv);
+            c.mask = Mask::Routed(1.0);
+            c.dense_check = true;
+            check_prefill::<bf16>(rt, &c, 31);
+            c.mask = Mask::Routed(0.0);
+            c.dense_check = false;
+            check_prefill::<bf16>(rt, &c, 32);
+        }
+    });
+}
+
+#[test]
+fn prefill_natsl_views_gqa_rmsnorm() {
+    both_arches(|rt| {
+        // NAtS-L 340M softmax heads (scaled down in T): 12 heads, 64/128, 6 routing heads, strided views, RMSNorm.
+        let mut c = base(&[450, 190], 64, 128);
+        c.hq = 12;
+        c.hkv = 12;
+        c.hr = 6;
+        c.strided = true;
+        c.norm = true;
+        c.mask = Mask::Routed(0.4);
+        check_prefill::<bf16>(rt, &c, 41);
+        check_prefill::<f16>(rt, &c, 42);
+        // GQA 4:1 with 2 routing heads, no norm, no lse.
+        let mut c = base(&[333, 65], 128, 128);
+        c.hq = 8;
+        c.hkv = 2;
+        c.hr = 2;
+        c.lse = false;
+        check_prefill::<bf16>(rt, &c, 43);
+        // norm on d 256
+        let mut c = base(&[200], 256, 256);
+        c.norm = true;
+        check_prefill::<f16>(rt, &c, 44);
+    });
+}
+
+#[test]
+fn prefill_block_lists() {
+    both_arches(|rt| {
+        for (dk, dv) in [(64, 128), (128, 128)] {
+            let mut c = base(&RAGGED, dk, dv);
+            c.mask = Mask::BlocksFromLabels(0.5);
+            check_prefill::<bf16>(rt, &c, 51);
+            c.mask = Mask::BlocksRandom;
+            c.hr = 1;
+            check_prefill::<f16>(rt, &c, 52);
+        }
+    });
+}
+
+// ---------------------------------------------------------------- decode
+
+#[derive(Clone, Debug)]
+struct DCase {
+    /// History lengths including the nq new tokens.
+    lens: Vec<usize>,
+    nq: usize,
+    hq: usize,
+    hkv: usize,
+    hr: usize,
+    dk: usize,
+    dv: usize,
+    p_attn: f64,
+    norm: bool,
+    splits: Option<usize>,
+}
+
+fn check_decode<T: TestElem + Element>(rt: &Runtime, c: &DCase, seed: u64) {
+    let what = format!("decode {:?} {c:?} arch {:?}", T::DTYPE, rt.arch());
+    println!("{what}");
+    let mut rng = testing::rng(seed);
+    let cu = testing::cu_seqlens(&c.lens);
+    let t = *cu.last().unwrap() as usize;
+    let n = c.lens.len();
+    let (hq, hkv, hr, dk, dv, nq) = (c.hq, c.hkv, c.hr, c.dk, c.dv, c.nq);
+    let k = testing::quantize::<T>(&testing::rand_vec(&mut rng, t * hkv * dk, 1.0));
+    let v = testing::quantize::<T>(&testing::rand_vec(&mut rng, t * hkv * dv, 1.0));
+    let qn = testing::quantize::<T>(&testing::rand_vec(&mut rng, n * nq * hq * dk, 1.0));
+    let qw = testing::quantize::<T>(&testing::rand_range(&mut rng, dk, 0.5, 1.5));
+    let kw = testing::quantize::<T>(&testing::rand_range(&mut rng, dk, 0.5, 1.5));
+    let slots = r::num_slots(t, n);
+    let mut labels = vec![r::LABEL_GDN; slots * hr];
+    for s in 0..n {
+        let base = r::slot_base(&cu, s);
+        for ch in 0..r::n_chunks(c.lens[s]) {
+            for h in 0..hr {
+                labels[(base + ch) * hr + h] = if rng.gen_bool(c.p_attn) { r::LABEL_ATTN } else { r::LABEL_GDN };
+            }
+        }
+    }
+    let prob = AttnProblem { q: &qn, k: &k, v: &v, cu_seqlens: &cu, hq, hkv, dk, dv, scale: None, q_norm_w: c.norm.then_some(&qw[..]), k_norm_w: c.norm.then_some(&kw[..]) };
+    let reference = r::sparse_decode(&prob, &labels, hr, nq);
+
+    // Page pool: one page per chunk slot, at a shuffled page id; bytes past a
+    // sequence's end are NaN (the kernel must never let them reach the output).
+    let mut perm: Vec<usize> = (0..slots).collect();
+    perm.shuffle(&mut rng);
+    let np = slots;
+    let mut kp = vec![f64::NAN; np * 64 * hkv * dk];
+    let mut vp = vec![f64::NAN; np * 64 * hkv * dv];
+    let max_pages = r::n_chunks(*c.lens.iter().max().unwrap()) + 2;
+    let mut table = vec![-7i32; n * hr * max_pages];
+    let mut count = vec![0i32; n * hr];
+    let mut cur_page = vec![0i32; n];
+    let mut cur_len = vec![0i32; n];
+    for s in 0..n {
+        let start = cu[s] as usize;
+        let base = r::slot_base(&cu, s);
+        let cur = (c.lens[s] - 1) / 64;
+        for ch in 0..=cur {
+            let pg = perm[base + ch];
+            for tok in 0..64 {
+                let tt = start + ch * 64 + tok;
+                if tt >= start + c.lens[s] {
+                    break;
+                }
+                for h in 0..hkv {
+                    kp[((pg * 64 + tok) * hkv + h) * dk..][..dk].copy_from_slice(&k[(tt * hkv + h) * dk..][..dk]);
+                    vp[((pg * 64 + tok) * hkv + h) * dv..][..dv].copy_from_slice(&v[(tt * hkv + h) * dv..][..dv]);
+                }
+            }
+        }
+        cur_page[s] = perm[base + cur] as i32;
+        cur_len[s] = (c.lens[s] - cur * 64) as i32;
+        assert!(cur_len[s] as usize >= nq, "test case: new tokens must share the current chunk");
+        for h in 0..hr {
+            let mut kept: Vec<i32> = (0..cur).filter(|&ch| labels[(base + ch) * hr + h] == r::LABEL_ATTN).map(|ch| perm[base + ch] as i32).collect();
+            kept.shuffle(&mut rng);
+            table[(s * hr + h) * max_pages..][..kept.len()].copy_from_slice(&kept);
+            count[s * hr + h] = kept.len() as i32;
+        }
+    }
+
+    let up = |x: &[i32]| rt.stream().clone_htod(x).unwrap();
+    let (td, cd, cpd, cld) = (up(&table), up(&count), up(&cur_page), up(&cur_len));
+    let kpd = testing::upload::<T>(rt, &kp).unwrap();
+    let vpd = testing::upload::<T>(rt, &vp).unwrap();
+    let qd = testing::upload::<T>(rt, &qn).unwrap();
+    let qwd = testing::upload::<T>(rt, &qw).unwrap();
+    let kwd = testing::upload::<T>(rt, &kw).unwrap();
+    let rows = n * nq;
+    let mut od = testing::poisoned::<T>(rt, rows * hq * dv).unwrap();
+    let mut lsed = testing::poisoned::<f32>(rt, rows * hq).unwrap();
+    let kv = PagedKv {
+        k_pages: TensorRef::new(&kpd, &[np, 64, hkv, dk]),
+        v_pages: TensorRef::new(&vpd, &[np, 64, hkv, dv]),
+        page_table: TensorRef::new(&td, &[n, hr, max_pages]),
+        page_count: TensorRef::new(&cd, &[n, hr]),
+        cur_page: TensorRef::new(&cpd, &[n]),
+        cur_len: TensorRef::new(&cld, &[n]),
+    };
+    let opts = SparseOptions {
+        q_norm_w: c.norm.then(|| TensorRef::new(&qwd, &[dk])),
+        k_norm_w: c.norm.then(|| TensorRef::new(&kwd, &[dk])),
+        num_splits: c.splits,
+        ..Default::default()
+    };
+    let mut ws = DecodeWorkspace::new();
+    {
+        let mut ov = TensorMut::new(&mut od, &[rows, hq, dv]);
+        let mut lv = TensorMut::new(&mut lsed, &[rows, hq]);
+        sparse::decode(rt, &TensorRef::new(&qd, &[rows, hq, dk]), nq, &kv, &opts, &mut ov, Some(&mut lv), &mut ws).unwrap();
+    }
+    rt.synchronize().unwrap();
+    let o = testing::download(rt, &od).unwrap();
+    let l = testing::download(rt, &lsed).unwrap();
+    let tol = testing::tolerance(T::DTYPE);
+    testing::assert_close(&format!("{what}: o"), &o, &reference.o, tol);
+    testing::assert_close(&format!("{what}: lse"), &l, &reference.lse, 2e-3);
+}
+
+fn dcase(lens: &[usize], nq: usize, dk: usize, dv: usize) -> DCase {
+    DCase { lens: lens.to_vec(), nq, hq: 12, hkv: 12, hr: 6, dk, dv, p_attn: 0.4, norm: false, splits: None }
+}
+
+#[test]
+fn decode_one_query_every_dims() {
+    both_arches(|rt| {
+        for (i, &(dk, dv)) in sparse::supported_dims().iter().enumerate() {
+            let c = DCase { hq: 4, hkv: 2, hr: 1, ..dcase(&[1000, 65, 130, 64, 1], 1, dk as usize, dv as usize) };
+            check_decode::<bf16>(rt, &c, 60 + i as u64);
+            check_decode::<f16>(rt, &c, 70 + i as u64);
+        }
+    });
+}
+
+#[test]
+fn decode_speculative_queries_and_splits() {
+    both_arches(|rt| {
+        // NAtS-L heads, 4 new tokens at different in-chunk positions.
+        for splits in [Some(1), Some(3), None] {
+            let c = DCase { splits, ..dcase(&[2000, 72, 700, 127], 4, 64, 128) };
+            check_decode::<bf16>(rt, &c, 80);
+        }
+        // 8 queries, GQA 8 heads per kv head: 64 rows = 4 row tiles; all ATTN; RMSNorm.
+        let c = DCase { hq: 16, hkv: 2, hr: 2, p_attn: 1.0, norm: true, splits: Some(4), ..dcase(&[520, 264], 8, 128, 128) };
+        check_decode::<f16>(rt, &c, 81);
+        // 5 queries x 3 heads = 15 rows (a partial row tile), many splits, long list.
+        let c = DCase { hq: 6, hkv: 2, hr: 1, p_attn: 0.9, splits: Some(17), ..dcase(&[4000, 1500], 5, 64, 128) };
+        check_decode::<bf16>(rt, &c, 82);
+    });
+}
