@@ -2,7 +2,7 @@
 //! Skips with `skipped: no CUDA device` when there is no GPU.
 
 use half::{bf16, f16};
-use natsl::ops::router::{route_into, RouterOptions, RouterOutput, RouterPolicy};
+use natsl::ops::router::{route_into, RouterLaunch, RouterOptions, RouterOutput, RouterPolicy};
 use natsl::reference::{self as r, router as rr};
 use natsl::testing::{self, TestElem};
 use natsl::{Arch, Batch, Runtime, TensorRef};
@@ -16,7 +16,7 @@ struct Case {
 }
 
 /// Run one case for element type T; returns the number of near-tie label flips.
-fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: u64, round: fn(f64) -> f64) -> usize {
+fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: u64, round: fn(f64) -> f64, launch: RouterLaunch) -> usize {
     let mut rng = testing::rng(seed);
     let cu = testing::cu_seqlens(&case.lens);
     let t = *cu.last().unwrap() as usize;
@@ -40,7 +40,7 @@ fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: 
     out.attn_list = testing::poisoned::<i32>(rt, ns * hr).unwrap();
     out.attn_count = testing::poisoned::<i32>(rt, batch.num_seqs() * hr).unwrap();
     out.logits = Some(testing::poisoned::<f32>(rt, ns * hr * 2).unwrap());
-    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k };
+    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k, launch };
     route_into(rt, &batch, &TensorRef::new(&xd, &[t, d]), &TensorRef::new(&wd, &[2 * hr, d]), &opts, &mut out).unwrap();
     rt.synchronize().unwrap();
 
@@ -134,9 +134,11 @@ fn run_all(rt: &Runtime, tag: &str) {
     let mut flips = 0;
     let mut labels = 0;
     for (i, case) in cases().iter().enumerate() {
-        labels += case.lens.iter().map(|l| r::n_chunks(*l)).sum::<usize>() * case.hr * 2;
-        flips += check::<bf16>(rt, case, 100 + i as u64, rr::round_bf16);
-        flips += check::<f16>(rt, case, 200 + i as u64, rr::round_f16);
+        for launch in [RouterLaunch::Fused, RouterLaunch::Split] {
+            labels += case.lens.iter().map(|l| r::n_chunks(*l)).sum::<usize>() * case.hr * 2;
+            flips += check::<bf16>(rt, case, 100 + i as u64, rr::round_bf16, launch);
+            flips += check::<f16>(rt, case, 200 + i as u64, rr::round_f16, launch);
+        }
     }
     println!("{tag}: {} near-tie label flips out of {labels} labels", flips);
     assert!(flips * 1000 <= labels, "too many near-tie flips");

@@ -104,19 +104,35 @@ __device__ void router_select_head(const NatslRouterParams& p, int n, int r, u32
     else k = -1;  // argmax
     if (k > ncomplete) k = ncomplete;
 
-    // Pass 1: logits from the partials (fixed split order), margins.
-    for (int c = lane; c < nch; c += 32) {
-        float l0 = 0.f, l1 = 0.f;
-        for (int s = 0; s < p.d_split; ++s) {
-            const float* pl = p.partial_logits + (((i64)s * ns + base + c) * H + r) * 2;
-            l0 += __ldcg(pl);
-            l1 += __ldcg(pl + 1);
+    // Pass 1: logits from the partials (fixed split order), margins. Loads for
+    // four chunks are issued before any store, so a lane has 4 L2 round trips in flight.
+    const float* __restrict__ partial = p.partial_logits;
+    for (int c0 = lane; c0 < nch; c0 += 32 * 4) {
+        float l0[4], l1[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int c = c0 + 32 * u;
+            l0[u] = 0.f;
+            l1[u] = 0.f;
+            if (c < nch) {
+                for (int s = 0; s < p.d_split; ++s) {
+                    const float* pl = partial + (((i64)s * ns + base + c) * H + r) * 2;
+                    l0[u] += __ldcg(pl);
+                    l1[u] += __ldcg(pl + 1);
+                }
+            }
         }
-        if (p.logits) {
-            p.logits[((i64)(base + c) * H + r) * 2] = l0;
-            p.logits[((i64)(base + c) * H + r) * 2 + 1] = l1;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int c = c0 + 32 * u;
+            if (c < nch) {
+                if (p.logits) {
+                    p.logits[((i64)(base + c) * H + r) * 2] = l0[u];
+                    p.logits[((i64)(base + c) * H + r) * 2 + 1] = l1[u];
+                }
+                margin[c] = l0[u] - l1[u];
+            }
         }
-        margin[c] = l0 - l1;
     }
     __syncwarp();
 
@@ -147,7 +163,7 @@ __device__ void router_select_head(const NatslRouterParams& p, int n, int r, u32
             }
             const u32 excl = incl - own;
             const bool mine = excl < (u32)remaining && (u32)remaining <= incl;
-            const int owner = __ffs(__ballot_sync(0xffffffffu, mine)) - 1;
+            const int owner = __ffs(__ballot_sync(0xffffffffu, mine)) - 1;  // uniform
             if (owner < 0) break;  // unreachable: remaining <= keys under the prefix
             int bin = 0, before = 0;
             if (lane == owner) {
@@ -226,6 +242,26 @@ __device__ void router_fused(const NatslRouterParams& p) {
     __threadfence();
     const int warp = threadIdx.x / 32;
     for (int r = warp; r < p.num_heads; r += THREADS / 32) router_select_head<COMPILE_K>(p, n, r, hist[warp]);
+}
+
+// Score only (the split launch): the select kernel runs next on the stream.
+template <typename T, int THREADS>
+__device__ void router_score(const NatslRouterParams& p) {
+    extern __shared__ float smem_f[];
+    const int slot = blockIdx.x;
+    int c;
+    const int n = seq_of_slot(p.batch, slot, &c);
+    if (n < 0) return;
+    router_pool_score<T, THREADS>(p, slot, n, c, smem_f);
+}
+
+// Select (the split launch): grid (num_seqs, ceil(num_heads / warps)), one warp per head.
+template <int THREADS, int COMPILE_K>
+__device__ void router_select(const NatslRouterParams& p) {
+    __shared__ u32 hist[THREADS / 32][256];
+    const int warp = threadIdx.x / 32;
+    const int r = blockIdx.y * (THREADS / 32) + warp;
+    if (r < p.num_heads) router_select_head<COMPILE_K>(p, blockIdx.x, r, hist[warp]);
 }
 
 } // namespace natsl

@@ -3,7 +3,7 @@
 
 use super::{time_it, Record};
 use crate::error::Result;
-use crate::ops::router::{route_into, RouterOptions, RouterOutput, RouterPolicy};
+use crate::ops::router::{route_into, RouterLaunch, RouterOptions, RouterOutput, RouterPolicy};
 use crate::{testing, Batch, Runtime, TensorRef};
 use half::bf16;
 
@@ -20,8 +20,13 @@ pub fn run(rt: &Runtime, shapes: &[(usize, usize, usize)]) -> Result<Vec<Record>
         let w = testing::upload::<bf16>(rt, &testing::rand_vec(&mut rng, 2 * hr * d, 0.05))?;
         let batch = Batch::new(rt, &[0, t as i32])?;
         let mut o = RouterOutput::alloc(rt, &batch, hr, d, false)?;
-        for (policy, name) in [(RouterPolicy::Argmax, "argmax"), (RouterPolicy::KeepFraction(0.25), "keep 0.25")] {
-            let opts = RouterOptions { policy, ..Default::default() };
+        for (policy, launch, name) in [
+            (RouterPolicy::Argmax, RouterLaunch::Fused, "argmax fused"),
+            (RouterPolicy::Argmax, RouterLaunch::Split, "argmax split"),
+            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Fused, "keep.25 fused"),
+            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Split, "keep.25 split"),
+        ] {
+            let opts = RouterOptions { policy, launch, ..Default::default() };
             let timing = time_it(rt, 5, 30, |i| route_into(rt, &batch, &TensorRef::new(&xs[i % nbuf], &[t, d]), &TensorRef::new(&w, &[2 * hr, d]), &opts, &mut o))?;
             let flops = 2.0 * (t * d * 2 * hr) as f64 + (t * d) as f64;
             let bytes = bytes_x + (2 * hr * d * 2) as f64 + (t / 64 * hr) as f64 * 9.0;

@@ -40,11 +40,24 @@ pub struct RouterOptions {
     pub round_mean: bool,
     /// With `TopK(k)`, use an image specialised for this k (codegen) instead of the run-time k.
     pub compile_time_k: bool,
+    /// One fused launch (the last CTA of each sequence selects) or two launches.
+    pub launch: RouterLaunch,
+}
+
+/// How the router is launched. Both give identical results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterLaunch {
+    /// Chosen by size (see `route_into`).
+    Auto,
+    /// Pool+score, then in the same kernel the last CTA of a sequence selects.
+    Fused,
+    /// A pool+score kernel, then a select kernel (one warp per head).
+    Split,
 }
 
 impl Default for RouterOptions {
     fn default() -> Self {
-        RouterOptions { policy: RouterPolicy::Argmax, round_mean: true, compile_time_k: false }
+        RouterOptions { policy: RouterPolicy::Argmax, round_mean: true, compile_time_k: false, launch: RouterLaunch::Auto }
     }
 }
 
@@ -174,7 +187,13 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     let dtype = x.dtype().activation().unwrap();
     let spec = catalog::router_spec(dtype, sparsity, rt.arch());
     let score_smem = THREADS * 8 * 4 + per as u32 * 4;
-    let f_route = rt.function(&spec, "route", score_smem)?;
+    // Measured on the H200 (bench/results/router-2026-11-28.jsonl): the fused
+    // launch wins only while few chunks per sequence make its serial select tail short.
+    let fused = match opts.launch {
+        RouterLaunch::Fused => true,
+        RouterLaunch::Split => false,
+        RouterLaunch::Auto => batch.max_chunks() <= 32,
+    };
     let s = rt.stream();
     let (labels, _g1) = out.labels.device_ptr_mut(s);
     let (list, _g2) = out.attn_list.device_ptr_mut(s);
@@ -210,7 +229,16 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     // SAFETY: every pointer in `p` was validated above (shapes, bounds, alignment)
     // or allocated here for exactly this batch; the kernel reads `p` by value.
     unsafe {
-        s.launch_builder(&f_route).arg(&p).launch(LaunchConfig { grid_dim: (num_slots, split as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: score_smem })?;
+        if fused {
+            let f = rt.function(&spec, "route", score_smem)?;
+            s.launch_builder(&f).arg(&p).launch(LaunchConfig { grid_dim: (num_slots, split as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: score_smem })?;
+        } else {
+            let f_score = rt.function(&spec, "score", score_smem)?;
+            let f_select = rt.function(&spec, "select", 0)?;
+            let warps = THREADS / 32;
+            s.launch_builder(&f_score).arg(&p).launch(LaunchConfig { grid_dim: (num_slots, split as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: score_smem })?;
+            s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (batch.num_seqs() as u32, (hr as u32).div_ceil(warps), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })?;
+        }
     }
     let _ = out.logits.as_ref().map(|l| l.device_ptr(s));
     Ok(())
