@@ -26,6 +26,10 @@ pub fn embedded_images() -> &'static [(&'static str, &'static str, &'static [u8]
 }
 
 /// Owns the context, the stream every natsl launch goes to, and compiled modules.
+///
+/// Every natsl launch is queued on [`Runtime::stream`]. Buffers that other streams
+/// also use must be ordered with it by the caller (events or stream waits): the
+/// runtime turns off cudarc's automatic per-buffer event tracking for its context.
 pub struct Runtime {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -36,6 +40,7 @@ pub struct Runtime {
     sm_count: u32,
     max_smem_optin: u32,
     modules: Mutex<HashMap<KernelSpec, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(KernelSpec, String), (CudaFunction, u32)>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -73,12 +78,20 @@ impl Runtime {
         };
         let sm_count = ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let max_smem_optin = ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
-        let stream = ctx.default_stream();
+        // A stream of our own (not the legacy default stream): capturable into
+        // CUDA graphs, and ordered with the caller's work only through events.
+        let stream = ctx.new_stream()?;
+        // natsl queues all of its work on this one stream, so cudarc's per-buffer
+        // event tracking would only add driver calls to every launch (measured: it
+        // dominated the host cost of small launches).
+        // SAFETY: callers that use natsl buffers on other streams must order that
+        // work themselves (documented on `Runtime`).
+        unsafe { ctx.disable_event_tracking() };
         let target = match arch {
             Arch::Sm90a => "sm_90a".to_string(),
             Arch::Sm80 => format!("sm_{major}{minor}"),
         };
-        Ok(Runtime { ctx, stream, arch, target, sm_count, max_smem_optin, modules: Mutex::new(HashMap::new()) })
+        Ok(Runtime { ctx, stream, arch, target, sm_count, max_smem_optin, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) })
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -123,10 +136,18 @@ impl Runtime {
     }
 
     /// Entry point `entry` of `spec`, with `dyn_smem` bytes of dynamic shared memory allowed.
+    /// Looked up once per (spec, entry); later calls are a hash-map hit.
     pub fn function(&self, spec: &KernelSpec, entry: &str, dyn_smem: u32) -> Result<CudaFunction> {
-        let m = self.module(spec)?;
         let mut s = *spec;
         s.arch = self.arch;
+        let key = (s, entry.to_string());
+        let mut fns = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((f, allowed)) = fns.get_mut(&key) {
+            if dyn_smem <= *allowed {
+                return Ok(f.clone());
+            }
+        }
+        let m = self.module(&s)?;
         let f = m.load_function(&format!("{}_{}", s.symbol(), entry))?;
         if dyn_smem > 48 * 1024 {
             if dyn_smem > self.max_smem_optin {
@@ -134,6 +155,7 @@ impl Runtime {
             }
             f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dyn_smem as i32)?;
         }
+        fns.insert(key, (f.clone(), dyn_smem.max(48 * 1024)));
         Ok(f)
     }
 

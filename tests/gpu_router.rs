@@ -13,6 +13,7 @@ struct Case {
     hr: usize,
     policy: RouterPolicy,
     compile_time_k: bool,
+    d_split: Option<usize>,
 }
 
 /// Run one case for element type T; returns the number of near-tie label flips.
@@ -40,7 +41,7 @@ fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: 
     out.attn_list = testing::poisoned::<i32>(rt, ns * hr).unwrap();
     out.attn_count = testing::poisoned::<i32>(rt, batch.num_seqs() * hr).unwrap();
     out.logits = Some(testing::poisoned::<f32>(rt, ns * hr * 2).unwrap());
-    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k, launch };
+    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k, launch, d_split: case.d_split };
     route_into(rt, &batch, &TensorRef::new(&xd, &[t, d]), &TensorRef::new(&wd, &[2 * hr, d]), &opts, &mut out).unwrap();
     rt.synchronize().unwrap();
 
@@ -120,13 +121,16 @@ fn cases() -> Vec<Case> {
     let ragged = vec![1, 63, 64, 65, 200, 1000, 4113];
     let mut v = Vec::new();
     for &(d, hr) in &[(1024, 6), (1536, 6), (4096, 64), (8192, 16), (104, 3)] {
-        v.push(Case { lens: ragged.clone(), d, hr, policy: RouterPolicy::Argmax, compile_time_k: false });
+        v.push(Case { lens: ragged.clone(), d, hr, policy: RouterPolicy::Argmax, compile_time_k: false, d_split: None });
     }
     let long = vec![130, 700, 2048, 5000];
-    v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::TopK(2), compile_time_k: false });
-    v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::TopK(2), compile_time_k: true });
-    v.push(Case { lens: long.clone(), d: 1536, hr: 64, policy: RouterPolicy::KeepFraction(0.3), compile_time_k: false });
-    v.push(Case { lens: long, d: 2048, hr: 6, policy: RouterPolicy::KeepFraction(1.0), compile_time_k: false });
+    v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::TopK(2), compile_time_k: false, d_split: None });
+    v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::TopK(2), compile_time_k: true, d_split: None });
+    v.push(Case { lens: long.clone(), d: 1536, hr: 64, policy: RouterPolicy::KeepFraction(0.3), compile_time_k: false, d_split: None });
+    v.push(Case { lens: long.clone(), d: 2048, hr: 6, policy: RouterPolicy::KeepFraction(1.0), compile_time_k: false, d_split: None });
+    // Tuning knob: forced D splits (uneven last split at 5).
+    v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::Argmax, compile_time_k: false, d_split: Some(5) });
+    v.push(Case { lens: long, d: 4096, hr: 8, policy: RouterPolicy::KeepFraction(0.5), compile_time_k: false, d_split: Some(1) });
     v
 }
 

@@ -27,11 +27,28 @@ pub fn run(rt: &Runtime, shapes: &[(usize, usize, usize)]) -> Result<Vec<Record>
             (RouterPolicy::KeepFraction(0.25), RouterLaunch::Split, "keep.25 split"),
         ] {
             let opts = RouterOptions { policy, launch, ..Default::default() };
-            let timing = time_it(rt, 5, 30, |i| route_into(rt, &batch, &TensorRef::new(&xs[i % nbuf], &[t, d]), &TensorRef::new(&w, &[2 * hr, d]), &opts, &mut o))?;
-            let flops = 2.0 * (t * d * 2 * hr) as f64 + (t * d) as f64;
-            let bytes = bytes_x + (2 * hr * d * 2) as f64 + (t / 64 * hr) as f64 * 9.0;
-            out.push(Record::new(rt, "router", format!("T={t} D={d} Hr={hr}"), name.into(), &timing, flops, bytes));
+            bench_one(rt, &mut out, t, d, hr, &xs, &w, &batch, &mut o, opts, name.to_string())?;
+        }
+        // Tuning sweep of the D split (argmax, split launch).
+        for ds in [1usize, 2, 4, 8] {
+            let opts = RouterOptions { launch: RouterLaunch::Split, d_split: Some(ds), ..Default::default() };
+            bench_one(rt, &mut out, t, d, hr, &xs, &w, &batch, &mut o, opts, format!("split d/{ds}"))?;
         }
     }
     Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_one(rt: &Runtime, out: &mut Vec<Record>, t: usize, d: usize, hr: usize, xs: &[cudarc::driver::CudaSlice<bf16>], w: &cudarc::driver::CudaSlice<bf16>, batch: &Batch, o: &mut RouterOutput, opts: RouterOptions, name: String) -> Result<()> {
+    let nbuf = xs.len();
+    let bytes_x = (t * d * 2) as f64;
+    {
+        {
+            let timing = time_it(rt, 5, 30, |i| route_into(rt, batch, &TensorRef::new(&xs[i % nbuf], &[t, d]), &TensorRef::new(w, &[2 * hr, d]), &opts, o))?;
+            let flops = 2.0 * (t * d * 2 * hr) as f64 + (t * d) as f64;
+            let bytes = bytes_x + (2 * hr * d * 2) as f64 + (t / 64 * hr) as f64 * 9.0;
+            out.push(Record::new(rt, "router", format!("T={t} D={d} Hr={hr}"), name, &timing, flops, bytes));
+        }
+    }
+    Ok(())
 }

@@ -42,6 +42,9 @@ pub struct RouterOptions {
     pub compile_time_k: bool,
     /// One fused launch (the last CTA of each sequence selects) or two launches.
     pub launch: RouterLaunch,
+    /// Tuning knob: CTAs per chunk along D (`None` = chosen to fill the GPU).
+    /// Each CTA pools at most 2048 columns, so at least ceil(D / 2048).
+    pub d_split: Option<usize>,
 }
 
 /// How the router is launched. Both give identical results.
@@ -57,7 +60,7 @@ pub enum RouterLaunch {
 
 impl Default for RouterOptions {
     fn default() -> Self {
-        RouterOptions { policy: RouterPolicy::Argmax, round_mean: true, compile_time_k: false, launch: RouterLaunch::Auto }
+        RouterOptions { policy: RouterPolicy::Argmax, round_mean: true, compile_time_k: false, launch: RouterLaunch::Auto, d_split: None }
     }
 }
 
@@ -86,7 +89,7 @@ impl RouterOutput {
     pub fn alloc(rt: &Runtime, batch: &Batch, num_heads: usize, d_model: usize, with_logits: bool) -> Result<RouterOutput> {
         let s = rt.stream();
         let ns = batch.num_slots();
-        let (d_split, _) = d_split(rt, ns, d_model.max(8));
+        let (d_split, _) = d_split(rt, ns, d_model.max(8), None);
         Ok(RouterOutput {
             labels: s.alloc_zeros(ns * num_heads)?,
             attn_list: s.alloc_zeros(ns * num_heads)?,
@@ -104,11 +107,12 @@ impl RouterOutput {
 
 /// Split D so that (chunks x splits) fills the GPU, with at most 8 * THREADS
 /// columns per CTA (one 16-byte group per thread) and at least 256.
-fn d_split(rt: &Runtime, num_slots: usize, d_model: usize) -> (usize, usize) {
+fn d_split(rt: &Runtime, num_slots: usize, d_model: usize, forced: Option<usize>) -> (usize, usize) {
     let max_cols = 8 * THREADS as usize;
     let min_split = d_model.div_ceil(max_cols);
     let want = (4 * rt.sm_count() as usize).div_ceil(num_slots.max(1));
-    let split = want.clamp(min_split, (d_model / 256).max(min_split));
+    let split = forced.unwrap_or(want).clamp(min_split, (d_model / 8).max(min_split));
+    let split = if forced.is_some() { split } else { split.min((d_model / 256).max(min_split)) };
     let per = d_model.div_ceil(split).div_ceil(8) * 8;
     (d_model.div_ceil(per), per)
 }
@@ -179,7 +183,7 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     if out.num_heads != hr || out.num_slots != batch.num_slots() || out.num_seqs != batch.num_seqs() {
         return Err(Error::invalid("out", format!("allocated for {} heads / {} slots / {} sequences; this call needs {hr} / {} / {}", out.num_heads, out.num_slots, out.num_seqs, batch.num_slots(), batch.num_seqs())));
     }
-    let (split, per) = d_split(rt, batch.num_slots(), d);
+    let (split, per) = d_split(rt, batch.num_slots(), d, opts.d_split);
     if out.workspace.len() < split * batch.num_slots() * hr * 2 {
         out.workspace = rt.stream().alloc_zeros(split * batch.num_slots() * hr * 2)?;
     }
