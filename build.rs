@@ -29,6 +29,7 @@ fn main() {
     let commit = Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     println!("cargo:rustc-env=NATSL_COMMIT={}", commit.unwrap_or_else(|| "unknown".into()));
     println!("cargo:rerun-if-changed=.git/HEAD");
+    println!("cargo:rerun-if-changed=.git/logs/HEAD");
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let mut table = String::from("pub static IMAGES: &[(&str, &str, &[u8])] = &[\n");
     if env::var_os("CARGO_FEATURE_AOT").is_some() {
