@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call: tests, compute-sanitizer, natsl benches and the peers, logs under $OUT.
+# Run from the repository root on the GPU host after `../shared/gpu/pack --peers`:
+#   bash bench/device_run.sh [tests|sanitize|bench|peers]...   (default: all four)
+set -uo pipefail
+OUT=${OUT:-/tmp/natsl-out}
+mkdir -p "$OUT" bench/results
+export NATSL_REQUIRE_GPU=1 NATSL_CACHE_DIR=/tmp/natsl-cache
+eval "$(.gpu/run env)"
+steps=${*:-tests sanitize bench peers}
+for step in $steps; do
+  case $step in
+    tests)
+      for t in .gpu/tests/gpu_* .gpu/tests/reference .gpu/tests/validation*; do
+        echo "== $t"; timeout 300 "$t" --nocapture --test-threads=4 2>&1
+      done > "$OUT/tests.log" 2>&1
+      grep -E "^== |test result|panicked|near-tie" "$OUT/tests.log" ;;
+    sanitize)
+      for spec in "gpu_router router_matches_reference_best_arch" "gpu_gdn decode_speculative_tokens_cross_a_chunk_boundary" \
+                  "gpu_gdn prefill_f16_and_bf16_gva_labels_l2norm" "gpu_sparse prefill_routed_ragged_every_dims" \
+                  "gpu_sparse decode_speculative_queries_and_splits"; do
+        set -- $spec
+        for tool in memcheck racecheck; do
+          echo "-- $tool $1 $2"
+          timeout 150 compute-sanitizer --tool $tool ".gpu/tests/$1" "$2" 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" | head -3
+        done
+      done 2>&1 | tee "$OUT/sanitizer.log" ;;
+    bench)
+      timeout 240 .gpu/tests/gdn > "$OUT/gdn_bench.log" 2>&1
+      timeout 200 .gpu/tests/sparse > "$OUT/sparse_bench.log" 2>&1
+      timeout 90 .gpu/bin/natsl bench router > "$OUT/router_bench.log" 2>&1
+      cat bench/results/*"$(date +%F)".jsonl > "$OUT/natsl-results.jsonl" 2>/dev/null
+      grep -hE " ms|TB/s" "$OUT/gdn_bench.log" "$OUT/sparse_bench.log" | cut -c1-150 ;;
+    peers)
+      timeout 150 .gpu/run py bench/peers/sparse_peers.py "$OUT/sparse-peers.jsonl" > "$OUT/sparse_peers.log" 2>&1
+      timeout 300 .gpu/run py bench/peers/gdn_peers.py "$OUT/gdn-peers.jsonl" > "$OUT/gdn_peers.log" 2>&1
+      grep -vi warn "$OUT/gdn_peers.log" | tail -20 ;;
+  esac
+done
