@@ -15,9 +15,17 @@ use rand::{Rng, SeedableRng};
 const CHUNK: usize = 64;
 
 /// A device buffer of `n` values: a random block repeated (fast for GB-sized inputs).
-fn fill<T: testing::TestElem>(rt: &Runtime, n: usize, lo: f64, hi: f64, seed: u64) -> cudarc::driver::CudaSlice<T> {
+fn fill<T: testing::TestElem>(
+    rt: &Runtime,
+    n: usize,
+    lo: f64,
+    hi: f64,
+    seed: u64,
+) -> cudarc::driver::CudaSlice<T> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let block: Vec<T> = (0..(1 << 16).min(n)).map(|_| T::from_f64(rng.gen_range(lo..hi))).collect();
+    let block: Vec<T> = (0..(1 << 16).min(n))
+        .map(|_| T::from_f64(rng.gen_range(lo..hi)))
+        .collect();
     let mut v = Vec::with_capacity(n);
     while v.len() < n {
         let m = (n - v.len()).min(block.len());
@@ -40,7 +48,9 @@ fn flops_prefill(t: usize, hv: usize, dk: usize, dv: usize) -> f64 {
     (t * hv) as f64 * (6.0 * (dk * dv) as f64 + 4.0 * CHUNK as f64 * (dk + dv) as f64)
 }
 
-fn bench_prefill(rt: &Runtime, s: &Prefill) -> Record {
+/// The full prefill, then (`split`) prep alone and scan alone (the scan reads the
+/// workspace the full call left).
+fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool) -> Vec<Record> {
     let cu = testing::cu_seqlens(&s.lens);
     let t = *cu.last().unwrap() as usize;
     let n = s.lens.len();
@@ -68,23 +78,62 @@ fn bench_prefill(rt: &Runtime, s: &Prefill) -> Record {
         g: TensorRef::new(&g, &[t, hv]),
         beta: TensorRef::new(&beta, &[t, hv]),
         labels: labels.as_ref().map(|l| TensorRef::new(l, &[ns, hv])),
-        h0: Some(PoolIn { pool: TensorRef::new(&h0, &[n, hv, dk, dv]), index: None }),
+        h0: Some(PoolIn {
+            pool: TensorRef::new(&h0, &[n, hv, dk, dv]),
+            index: None,
+        }),
     };
     let mut out = GdnPrefillOutputs {
         o: TensorMut::new(&mut o, &[t, hv, dv]),
-        committed: Some(PoolOut { pool: TensorMut::new(&mut st, &[n, hv, dk, dv]), index: None }),
+        committed: Some(PoolOut {
+            pool: TensorMut::new(&mut st, &[n, hv, dk, dv]),
+            index: None,
+        }),
         running: None,
         gsum_running: None,
     };
-    let opts = GdnOptions { scale: None, l2norm: true };
-    let timing = time_it(rt, 3, 10, |_| gdn_prefill(rt, &batch, &inp, &mut out, &opts, &mut ws)).unwrap();
+    let opts = GdnOptions {
+        scale: None,
+        l2norm: true,
+    };
+    let timing = time_it(rt, 3, 10, |_| {
+        gdn_prefill(rt, &batch, &inp, &mut out, &opts, &mut ws)
+    })
+    .unwrap();
     let flops = flops_prefill(t, hv, dk, dv);
-    let bytes = (2 * t * hqk * dk * 2 + t * hv * dv * 2 * 2 + t * hv * 8 + 2 * n * hv * dk * dv * 4) as f64;
+    let bytes =
+        (2 * t * hqk * dk * 2 + t * hv * dv * 2 * 2 + t * hv * 8 + 2 * n * hv * dk * dv * 4) as f64;
     let variant = match s.attn_frac {
         Some(f) => format!("bf16 attn{:.2}", f),
         None => "bf16".into(),
     };
-    Record::new(rt, "gdn_prefill", s.name.clone(), variant, &timing, flops, bytes)
+    let mut recs = vec![Record::new(
+        rt,
+        "gdn_prefill",
+        s.name.clone(),
+        variant.clone(),
+        &timing,
+        flops,
+        bytes,
+    )];
+    if split {
+        for (part, tag) in [(PrefillPart::Prep, "prep"), (PrefillPart::Scan, "scan")] {
+            let tm = time_it(rt, 3, 10, |_| {
+                gdn_prefill_parts(rt, &batch, &inp, &mut out, &opts, &mut ws, part)
+            })
+            .unwrap();
+            recs.push(Record::new(
+                rt,
+                "gdn_prefill",
+                s.name.clone(),
+                format!("{variant} {tag} only"),
+                &tm,
+                flops,
+                bytes,
+            ));
+        }
+    }
+    recs
 }
 
 fn bench_decode(rt: &Runtime, b: usize, hqk: usize, hv: usize, d: usize, commit: bool) -> Record {
@@ -117,22 +166,61 @@ fn bench_decode(rt: &Runtime, b: usize, hqk: usize, hv: usize, d: usize, commit:
     let mut st = GdnDecodeState {
         running: TensorMut::new(&mut run, &[b, hv, dk, dv]),
         running_index: TensorRef::new(&idx_d, &[b]),
-        committed: if commit { Some((TensorMut::new(&mut com, &[b, hv, dk, dv]), TensorRef::new(&idx_d, &[b]))) } else { None },
+        committed: if commit {
+            Some((
+                TensorMut::new(&mut com, &[b, hv, dk, dv]),
+                TensorRef::new(&idx_d, &[b]),
+            ))
+        } else {
+            None
+        },
         gsum: commit.then(|| TensorMut::new(&mut gs, &[b, hv])),
         pos: commit.then(|| TensorMut::new(&mut pos, &[b])),
     };
-    let opts = GdnOptions { scale: None, l2norm: true };
-    let timing = time_it(rt, 5, 50, |_| gdn_decode(rt, &inp, &mut ot, &mut st, &opts, &mut ws)).unwrap();
+    let opts = GdnOptions {
+        scale: None,
+        l2norm: true,
+    };
+    let timing = time_it(rt, 5, 50, |_| {
+        gdn_decode(rt, &inp, &mut ot, &mut st, &opts, &mut ws)
+    })
+    .unwrap();
     let flops = (b * hv) as f64 * 6.0 * (dk * dv) as f64;
-    let bytes = (b * hv * dk * dv * 4 * 2 + b * (2 * hqk * dk + 2 * hv * dv) * 2 + b * hv * 8) as f64;
-    Record::new(rt, "gdn_decode", format!("B{b} h{hqk}/{hv} d{d}"), if commit { "bf16 commit".into() } else { "bf16".into() }, &timing, flops, bytes)
+    let bytes =
+        (b * hv * dk * dv * 4 * 2 + b * (2 * hqk * dk + 2 * hv * dv) * 2 + b * hv * 8) as f64;
+    Record::new(
+        rt,
+        "gdn_decode",
+        format!("B{b} h{hqk}/{hv} d{d}"),
+        if commit {
+            "bf16 commit".into()
+        } else {
+            "bf16".into()
+        },
+        &timing,
+        flops,
+        bytes,
+    )
 }
 
 fn main() {
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let want = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
-    let Some(rt) = testing::gpu_or_skip("bench gdn") else { return };
-    let p = |name: &str, lens: &[usize], hqk, hv| Prefill { name: name.into(), lens: lens.to_vec(), hqk, hv, dk: 128, dv: 128, attn_frac: None };
+    let Some(rt) = testing::gpu_or_skip("bench gdn") else {
+        return;
+    };
+    let p = |name: &str, lens: &[usize], hqk, hv| Prefill {
+        name: name.into(),
+        lens: lens.to_vec(),
+        hqk,
+        hv,
+        dk: 128,
+        dv: 128,
+        attn_frac: None,
+    };
     let mut shapes = vec![
         p("P1 8x8192 16/16", &[8192; 8], 16, 16),
         p("P2 8x8192 16/32", &[8192; 8], 16, 32),
@@ -143,18 +231,44 @@ fn main() {
         p("P7 1024+7168 16/32", &[1024, 7168], 16, 32),
         p("P8 1x2048 16/32", &[2048], 16, 32),
         p("P9 1x65536 16/32", &[65536], 16, 32),
-        Prefill { name: "d64 8x8192 16/16".into(), lens: vec![8192; 8], hqk: 16, hv: 16, dk: 64, dv: 64, attn_frac: None },
+        Prefill {
+            name: "d64 8x8192 16/16".into(),
+            lens: vec![8192; 8],
+            hqk: 16,
+            hv: 16,
+            dk: 64,
+            dv: 64,
+            attn_frac: None,
+        },
     ];
     for f in [0.0, 0.25, 1.0] {
-        shapes.push(Prefill { name: "natsl-340M 1x32768 6 128/256".into(), lens: vec![32768], hqk: 6, hv: 6, dk: 128, dv: 256, attn_frac: Some(f) });
-        shapes.push(Prefill { name: "natsl-760M 1x32768 6 192/384".into(), lens: vec![32768], hqk: 6, hv: 6, dk: 192, dv: 384, attn_frac: Some(f) });
+        shapes.push(Prefill {
+            name: "natsl-340M 1x32768 6 128/256".into(),
+            lens: vec![32768],
+            hqk: 6,
+            hv: 6,
+            dk: 128,
+            dv: 256,
+            attn_frac: Some(f),
+        });
+        shapes.push(Prefill {
+            name: "natsl-760M 1x32768 6 192/384".into(),
+            lens: vec![32768],
+            hqk: 6,
+            hv: 6,
+            dk: 192,
+            dv: 384,
+            attn_frac: Some(f),
+        });
     }
     let mut recs = Vec::new();
     for s in &shapes {
         if want(&s.name) {
-            let r = bench_prefill(&rt, s);
-            println!("{:<34} {:>9.4} ms", r.shape, r.ms);
-            recs.push(r);
+            // Prep / scan split for the plain shapes (the lead's profile of where time goes).
+            for r in bench_prefill(&rt, s, s.attn_frac.is_none_or(|f| f == 0.0)) {
+                println!("{:<34} {:<22} {:>9.4} ms", r.shape, r.variant, r.ms);
+                recs.push(r);
+            }
         }
     }
     for (hqk, hv) in [(16, 16), (16, 32)] {

@@ -10,7 +10,7 @@
 
 use half::bf16;
 use natsl::bench::{print_table, time_it, write_results, Record, PEAK_TFLOPS};
-use natsl::ops::sparse::{self, BlockMask, DecodeWorkspace, PagedKv, SparseOptions};
+use natsl::ops::sparse::{self, BlockMask, DecodeWorkspace, PagedKv, PrefillKernel, SparseOptions};
 use natsl::reference as r;
 use natsl::testing;
 use natsl::{Arch, Batch, Runtime, TensorMut, TensorRef};
@@ -40,7 +40,7 @@ struct Prefill {
     frac: f64,
 }
 
-fn bench_prefill(rt: &Runtime, s: &Prefill) -> Record {
+fn bench_prefill(rt: &Runtime, s: &Prefill, kernel: PrefillKernel) -> Record {
     let cu = testing::cu_seqlens(&s.lens);
     let t = *cu.last().unwrap() as usize;
     let n = s.lens.len();
@@ -79,14 +79,14 @@ fn bench_prefill(rt: &Runtime, s: &Prefill) -> Record {
     let ld = rt.stream().clone_htod(&list).unwrap();
     let cd = rt.stream().clone_htod(&count).unwrap();
     let mask = BlockMask::Routed { attn_list: TensorRef::new(&ld, &[hr, ns]), attn_count: TensorRef::new(&cd, &[n, hr]) };
-    let opts = SparseOptions::default();
+    let opts = SparseOptions { kernel, ..Default::default() };
     let (qv, kv, vv) = (TensorRef::new(&q, &[t, hq, dk]), TensorRef::new(&k, &[t, hkv, dk]), TensorRef::new(&v, &[t, hkv, dv]));
     let mut ov = TensorMut::new(&mut o, &[t, hq, dv]);
     let timing = time_it(rt, 3, 10, |_| sparse::prefill(rt, &batch, &qv, &kv, &vv, &mask, &opts, &mut ov, None)).unwrap();
     let flops = pairs * 2.0 * (dk + dv) as f64;
     let bytes = 2.0 * (t * hq * dk + t * hkv * (dk + dv) + t * hq * dv) as f64;
-    let rec = Record::new(rt, "sparse_prefill", s.name.clone(), format!("{:?} frac {}", rt.arch(), s.frac), &timing, flops, bytes);
-    println!("{:<40} {:>9.4} ms {:>7.1} TFLOP/s {:>5.1}% of {PEAK_TFLOPS}", rec.shape, rec.ms, rec.tflops, 100.0 * rec.tflops / PEAK_TFLOPS);
+    let rec = Record::new(rt, "sparse_prefill", s.name.clone(), format!("{:?} {kernel:?} frac {}", rt.arch(), s.frac), &timing, flops, bytes);
+    println!("{:<40} {:<28} {:>9.4} ms {:>7.1} TFLOP/s {:>5.1}% of {PEAK_TFLOPS}", rec.shape, rec.variant, rec.ms, rec.tflops, 100.0 * rec.tflops / PEAK_TFLOPS);
     rec
 }
 
@@ -169,7 +169,10 @@ fn main() {
     let mut recs = Vec::new();
     for s in &pre {
         if want(&s.name) {
-            recs.push(bench_prefill(&rt, s));
+            // Every prefill kernel the device has (mma.sync; wgmma on sm_90a).
+            for kernel in sparse::prefill_kernels(&rt) {
+                recs.push(bench_prefill(&rt, s, kernel));
+            }
         }
     }
     for s in &dec {

@@ -6,7 +6,9 @@
 
 use half::{bf16, f16};
 use natsl::ops::gdn::*;
-use natsl::reference::{self, gdn_decode_step, gdn_recurrent, GdnProblem, LABEL_ATTN, LABEL_GDN, LABEL_PARTIAL};
+use natsl::reference::{
+    self, gdn_decode_step, gdn_recurrent, GdnProblem, LABEL_ATTN, LABEL_GDN, LABEL_PARTIAL,
+};
 use natsl::tensor::Element;
 use natsl::testing::{self, TestElem};
 use natsl::{Arch, Batch, Runtime, TensorMut, TensorRef};
@@ -38,11 +40,36 @@ struct Case {
     /// Range of g (log-decay).
     g_lo: f64,
     seed: u64,
+    /// Scan tile (forced wide / narrow, or the production choice).
+    tile: ScanTile,
 }
 
 impl Case {
-    fn new(name: &'static str, lens: &[usize], hqk: usize, hv: usize, dk: usize, dv: usize) -> Case {
-        Case { name, lens: lens.to_vec(), hqk, hv, hr: hqk, dk, dv, labels: Labels::None, l2norm: false, h0: true, beta_f32: true, packed: false, g_lo: -0.1, seed: 1 }
+    fn new(
+        name: &'static str,
+        lens: &[usize],
+        hqk: usize,
+        hv: usize,
+        dk: usize,
+        dv: usize,
+    ) -> Case {
+        Case {
+            name,
+            lens: lens.to_vec(),
+            hqk,
+            hv,
+            hr: hqk,
+            dk,
+            dv,
+            labels: Labels::None,
+            l2norm: false,
+            h0: true,
+            beta_f32: true,
+            packed: false,
+            g_lo: -0.1,
+            seed: 1,
+            tile: ScanTile::Auto,
+        }
     }
 }
 
@@ -54,10 +81,25 @@ struct Report {
 
 impl Report {
     /// Compare `out` with `reference` (both `[rows, heads, width]` flattened).
-    fn check(&mut self, what: &str, out: &[f64], reference: &[f64], heads: usize, width: usize, tol: f64) {
+    fn check(
+        &mut self,
+        what: &str,
+        out: &[f64],
+        reference: &[f64],
+        heads: usize,
+        width: usize,
+        tol: f64,
+    ) {
         let e = testing::rel_err(out, reference);
         let nan = out.iter().filter(|x| !x.is_finite()).count();
-        println!("  {what}: rel err {e:.3e} (tol {tol:.0e}){}", if nan > 0 { format!(", {nan} non-finite") } else { String::new() });
+        println!(
+            "  {what}: rel err {e:.3e} (tol {tol:.0e}){}",
+            if nan > 0 {
+                format!(", {nan} non-finite")
+            } else {
+                String::new()
+            }
+        );
         if e <= tol {
             return;
         }
@@ -79,10 +121,21 @@ impl Report {
                 break;
             }
         }
-        let scale = (reference.iter().map(|x| x * x).sum::<f64>() / reference.len().max(1) as f64).sqrt();
-        let bad = out.iter().zip(reference).position(|(a, b)| !a.is_finite() || (a - b).abs() > 10.0 * tol * scale.max(b.abs()));
+        let scale =
+            (reference.iter().map(|x| x * x).sum::<f64>() / reference.len().max(1) as f64).sqrt();
+        let bad = out
+            .iter()
+            .zip(reference)
+            .position(|(a, b)| !a.is_finite() || (a - b).abs() > 10.0 * tol * scale.max(b.abs()));
         let bad_s = match bad {
-            Some(i) => format!("first bad element {i} (row {}, head {}, col {}): got {} want {}", i / per, (i % per) / width, i % width, out[i], reference[i]),
+            Some(i) => format!(
+                "first bad element {i} (row {}, head {}, col {}): got {} want {}",
+                i / per,
+                (i % per) / width,
+                i % width,
+                out[i],
+                reference[i]
+            ),
             None => "no single element off by 10x tol".into(),
         };
         let msg = format!("{what}: rel err {e:.3e} > {tol:.0e}; worst block row {} head {} rel err {:.3e}; {bad_s}", worst.1, worst.2, worst.0);
@@ -90,7 +143,12 @@ impl Report {
         self.failures.push(msg);
     }
     fn finish(self, case: &str) {
-        assert!(self.failures.is_empty(), "{case}: {} check(s) failed:\n{}", self.failures.len(), self.failures.join("\n"));
+        assert!(
+            self.failures.is_empty(),
+            "{case}: {} check(s) failed:\n{}",
+            self.failures.len(),
+            self.failures.join("\n")
+        );
     }
 }
 
@@ -100,7 +158,11 @@ type Inputs = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
 fn rand_inputs(c: &Case, t: usize) -> Inputs {
     let mut rng = testing::rng(c.seed);
     // Without the in-kernel norm keep ||k|| ~ 1 so the delta rule stays stable (beta ||k||^2 < 2).
-    let qk_scale = if c.l2norm { 1.0 } else { (3.0 / c.dk as f64).sqrt() };
+    let qk_scale = if c.l2norm {
+        1.0
+    } else {
+        (3.0 / c.dk as f64).sqrt()
+    };
     let q = testing::rand_vec(&mut rng, t * c.hqk * c.dk, qk_scale);
     let k = testing::rand_vec(&mut rng, t * c.hqk * c.dk, qk_scale);
     let v = testing::rand_vec(&mut rng, t * c.hv * c.dv, 1.0);
@@ -141,14 +203,27 @@ fn make_labels(c: &Case, cu: &[i32]) -> Option<Vec<u8>> {
 }
 
 fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
-    println!("case {} ({:?}, {}): {c:?}", c.name, rt.arch(), std::any::type_name::<T>());
+    println!(
+        "case {} ({:?}, {}): {c:?}",
+        c.name,
+        rt.arch(),
+        std::any::type_name::<T>()
+    );
     let cu = testing::cu_seqlens(&c.lens);
     let t = *cu.last().unwrap() as usize;
     let n = c.lens.len();
     let (q, k, v, g, beta) = rand_inputs(c, t);
-    let (q, k, v) = (testing::quantize::<T>(&q), testing::quantize::<T>(&k), testing::quantize::<T>(&v));
+    let (q, k, v) = (
+        testing::quantize::<T>(&q),
+        testing::quantize::<T>(&k),
+        testing::quantize::<T>(&v),
+    );
     let g = testing::quantize::<f32>(&g);
-    let beta = if c.beta_f32 { testing::quantize::<f32>(&beta) } else { testing::quantize::<T>(&beta) };
+    let beta = if c.beta_f32 {
+        testing::quantize::<f32>(&beta)
+    } else {
+        testing::quantize::<T>(&beta)
+    };
     let sd = c.hv * c.dk * c.dv;
     let h0 = c.h0.then(|| {
         let mut rng = testing::rng(c.seed ^ 0x40);
@@ -182,9 +257,12 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
     if c.packed {
         let mut p = vec![0.0; t * row];
         for tt in 0..t {
-            p[tt * row..tt * row + c.hqk * c.dk].copy_from_slice(&q[tt * c.hqk * c.dk..(tt + 1) * c.hqk * c.dk]);
-            p[tt * row + c.hqk * c.dk..tt * row + 2 * c.hqk * c.dk].copy_from_slice(&k[tt * c.hqk * c.dk..(tt + 1) * c.hqk * c.dk]);
-            p[tt * row + 2 * c.hqk * c.dk..(tt + 1) * row].copy_from_slice(&v[tt * c.hv * c.dv..(tt + 1) * c.hv * c.dv]);
+            p[tt * row..tt * row + c.hqk * c.dk]
+                .copy_from_slice(&q[tt * c.hqk * c.dk..(tt + 1) * c.hqk * c.dk]);
+            p[tt * row + c.hqk * c.dk..tt * row + 2 * c.hqk * c.dk]
+                .copy_from_slice(&k[tt * c.hqk * c.dk..(tt + 1) * c.hqk * c.dk]);
+            p[tt * row + 2 * c.hqk * c.dk..(tt + 1) * row]
+                .copy_from_slice(&v[tt * c.hv * c.dv..(tt + 1) * c.hv * c.dv]);
         }
         packed_d = Some(testing::upload::<T>(rt, &p).unwrap());
         (qd, kd, vd) = (None, None, None);
@@ -195,7 +273,9 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
         vd = Some(testing::upload::<T>(rt, &v).unwrap());
     }
     let gd = testing::upload::<f32>(rt, &g).unwrap();
-    let betad_f = c.beta_f32.then(|| testing::upload::<f32>(rt, &beta).unwrap());
+    let betad_f = c
+        .beta_f32
+        .then(|| testing::upload::<f32>(rt, &beta).unwrap());
     let betad_t = (!c.beta_f32).then(|| testing::upload::<T>(rt, &beta).unwrap());
     let labd = labels.as_ref().map(|l| rt.stream().clone_htod(l).unwrap());
     // Pools with index maps (rows permuted, extra rows left poisoned).
@@ -219,8 +299,26 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
             Some(p) => (
                 TensorRef::strided(p, &[t, c.hqk, c.dk], &[row, c.dk, 1]),
                 // SAFETY: offsets inside the packed buffer; validation checks the extents.
-                unsafe { TensorRef::from_raw(TensorRef::new(p, &[t * row]).ptr() + (c.hqk * c.dk * T::DTYPE.size()) as u64, t * row - c.hqk * c.dk, T::DTYPE, &[t, c.hqk, c.dk], &[row, c.dk, 1]) },
-                unsafe { TensorRef::from_raw(TensorRef::new(p, &[t * row]).ptr() + (2 * c.hqk * c.dk * T::DTYPE.size()) as u64, t * row - 2 * c.hqk * c.dk, T::DTYPE, &[t, c.hv, c.dv], &[row, c.dv, 1]) },
+                unsafe {
+                    TensorRef::from_raw(
+                        TensorRef::new(p, &[t * row]).ptr()
+                            + (c.hqk * c.dk * T::DTYPE.size()) as u64,
+                        t * row - c.hqk * c.dk,
+                        T::DTYPE,
+                        &[t, c.hqk, c.dk],
+                        &[row, c.dk, 1],
+                    )
+                },
+                unsafe {
+                    TensorRef::from_raw(
+                        TensorRef::new(p, &[t * row]).ptr()
+                            + (2 * c.hqk * c.dk * T::DTYPE.size()) as u64,
+                        t * row - 2 * c.hqk * c.dk,
+                        T::DTYPE,
+                        &[t, c.hv, c.dv],
+                        &[row, c.dv, 1],
+                    )
+                },
             ),
             None => (
                 TensorRef::new(qd.as_ref().unwrap(), &[t, c.hqk, c.dk]),
@@ -239,21 +337,38 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
             v: v_t,
             g: TensorRef::new(&gd, &[t, c.hv]),
             beta: beta_t,
-            labels: labd.as_ref().map(|l| TensorRef::new(l, &[l.len() / c.hr, c.hr])),
-            h0: c.h0.then(|| PoolIn { pool: TensorRef::new(&h0d, &[rows, c.hv, c.dk, c.dv]), index: Some(perm.clone()) }),
+            labels: labd
+                .as_ref()
+                .map(|l| TensorRef::new(l, &[l.len() / c.hr, c.hr])),
+            h0: c.h0.then(|| PoolIn {
+                pool: TensorRef::new(&h0d, &[rows, c.hv, c.dk, c.dv]),
+                index: Some(perm.clone()),
+            }),
         };
         let mut out = GdnPrefillOutputs {
             o: TensorMut::new(&mut od, &[t, c.hv, c.dv]),
-            committed: Some(PoolOut { pool: TensorMut::new(&mut comd, &[rows, c.hv, c.dk, c.dv]), index: Some(perm.iter().rev().cloned().collect()) }),
-            running: Some(PoolOut { pool: TensorMut::new(&mut rund, &[n, c.hv, c.dk, c.dv]), index: None }),
+            committed: Some(PoolOut {
+                pool: TensorMut::new(&mut comd, &[rows, c.hv, c.dk, c.dv]),
+                index: Some(perm.iter().rev().cloned().collect()),
+            }),
+            running: Some(PoolOut {
+                pool: TensorMut::new(&mut rund, &[n, c.hv, c.dk, c.dv]),
+                index: None,
+            }),
             gsum_running: Some(TensorMut::new(&mut gsd, &[n, c.hv])),
         };
-        let opts = GdnOptions { scale: None, l2norm: c.l2norm };
+        let opts = GdnOptions {
+            scale: None,
+            l2norm: c.l2norm,
+        };
         let mut ws = GdnWorkspace::new();
         let t1 = std::time::Instant::now();
-        gdn_prefill(rt, &batch, &inp, &mut out, &opts, &mut ws).unwrap();
+        gdn_prefill_tiled(rt, &batch, &inp, &mut out, &opts, &mut ws, c.tile).unwrap();
         rt.synchronize().unwrap();
-        println!("  device: {:.2} ms (incl. first-use JIT)", t1.elapsed().as_secs_f64() * 1e3);
+        println!(
+            "  device: {:.2} ms (incl. first-use JIT)",
+            t1.elapsed().as_secs_f64() * 1e3
+        );
     }
 
     let tol = testing::tolerance(T::DTYPE);
@@ -274,24 +389,64 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
             }
         }
     }
-    println!("  o first chunks rel err {:.3e}, later chunks {:.3e}", testing::rel_err(&o1, &r1), if o2.is_empty() { 0.0 } else { testing::rel_err(&o2, &r2) });
+    println!(
+        "  o first chunks rel err {:.3e}, later chunks {:.3e}",
+        testing::rel_err(&o1, &r1),
+        if o2.is_empty() {
+            0.0
+        } else {
+            testing::rel_err(&o2, &r2)
+        }
+    );
     let com = testing::download(rt, &comd).unwrap();
     let cidx: Vec<i32> = perm.iter().rev().cloned().collect();
-    let com_g: Vec<f64> = (0..n).flat_map(|s| com[cidx[s] as usize * sd..(cidx[s] as usize + 1) * sd].to_vec()).collect();
-    rep.check("state_committed", &com_g, &want.state_committed, c.hv, c.dk * c.dv, tol);
+    let com_g: Vec<f64> = (0..n)
+        .flat_map(|s| com[cidx[s] as usize * sd..(cidx[s] as usize + 1) * sd].to_vec())
+        .collect();
+    rep.check(
+        "state_committed",
+        &com_g,
+        &want.state_committed,
+        c.hv,
+        c.dk * c.dv,
+        tol,
+    );
     let run = testing::download(rt, &rund).unwrap();
-    rep.check("state_running", &run, &want.state_running, c.hv, c.dk * c.dv, tol);
+    rep.check(
+        "state_running",
+        &run,
+        &want.state_running,
+        c.hv,
+        c.dk * c.dv,
+        tol,
+    );
     let gs = testing::download(rt, &gsd).unwrap();
-    let gs_err: f64 = gs.iter().zip(&want.gsum_running).map(|(a, b)| if a.is_finite() { (a - b).abs() } else { f64::INFINITY }).fold(0.0, f64::max);
+    let gs_err: f64 = gs
+        .iter()
+        .zip(&want.gsum_running)
+        .map(|(a, b)| {
+            if a.is_finite() {
+                (a - b).abs()
+            } else {
+                f64::INFINITY
+            }
+        })
+        .fold(0.0, f64::max);
     println!("  gsum_running: max abs err {gs_err:.3e}");
     if gs_err.is_nan() || gs_err > 1e-4 {
-        rep.failures.push(format!("gsum_running: max abs err {gs_err:.3e} > 1e-4 (got {:?}, want {:?})", &gs[..gs.len().min(8)], &want.gsum_running[..gs.len().min(8)]));
+        rep.failures.push(format!(
+            "gsum_running: max abs err {gs_err:.3e} > 1e-4 (got {:?}, want {:?})",
+            &gs[..gs.len().min(8)],
+            &want.gsum_running[..gs.len().min(8)]
+        ));
     }
     rep.finish(c.name);
 }
 
 fn for_arches(test: &str, f: impl Fn(&Runtime)) {
-    let Some(rt) = testing::gpu_or_skip(test) else { return };
+    let Some(rt) = testing::gpu_or_skip(test) else {
+        return;
+    };
     f(&rt);
     if rt.arch() != Arch::Sm80 {
         let rt80 = Runtime::with_arch(0, Arch::Sm80).unwrap();
@@ -305,8 +460,15 @@ const RAGGED: [usize; 6] = [1, 63, 64, 65, 200, 1000];
 fn prefill_ragged_plain_gdn_every_head_dim_pair() {
     for_arches("prefill_ragged_plain_gdn_every_head_dim_pair", |rt| {
         for (dk, dv) in [(64, 64), (128, 128), (256, 256), (128, 256), (192, 384)] {
-            let c = Case::new("plain", &RAGGED, 1, 2, dk, dv);
-            run_prefill::<bf16>(rt, &c);
+            let mut c = Case::new("plain", &RAGGED, 1, 2, dk, dv);
+            // Both scan tiles where dk = 128 ships two.
+            for tile in [ScanTile::Wide, ScanTile::Narrow] {
+                c.tile = tile;
+                run_prefill::<bf16>(rt, &c);
+                if dk != 128 {
+                    break;
+                }
+            }
         }
     });
 }
@@ -320,7 +482,11 @@ fn prefill_f16_and_bf16_gva_labels_l2norm() {
             c.hr = 2;
             c.l2norm = true;
             c.seed = 7;
-            run_prefill::<bf16>(rt, &c);
+            for tile in [ScanTile::Wide, ScanTile::Narrow] {
+                c.tile = tile;
+                run_prefill::<bf16>(rt, &c);
+            }
+            c.tile = ScanTile::Auto;
             c.l2norm = false;
             c.beta_f32 = false;
             run_prefill::<f16>(rt, &c);
@@ -330,7 +496,9 @@ fn prefill_f16_and_bf16_gva_labels_l2norm() {
 
 #[test]
 fn prefill_natsl_shapes_random_labels_no_h0_packed() {
-    let Some(rt) = testing::gpu_or_skip("prefill_natsl_shapes_random_labels_no_h0_packed") else { return };
+    let Some(rt) = testing::gpu_or_skip("prefill_natsl_shapes_random_labels_no_h0_packed") else {
+        return;
+    };
     for (dk, dv) in [(128, 256), (192, 384)] {
         let mut c = Case::new("natsl", &[300, 640, 37], 2, 2, dk, dv);
         c.labels = Labels::Random;
@@ -345,7 +513,9 @@ fn prefill_natsl_shapes_random_labels_no_h0_packed() {
 
 #[test]
 fn prefill_long_sequence_65536() {
-    let Some(rt) = testing::gpu_or_skip("prefill_long_sequence_65536") else { return };
+    let Some(rt) = testing::gpu_or_skip("prefill_long_sequence_65536") else {
+        return;
+    };
     let mut c = Case::new("long", &[65536], 1, 1, 128, 128);
     c.l2norm = true;
     c.g_lo = -0.02; // long memory: state errors would accumulate
@@ -375,7 +545,20 @@ struct DecodeCase {
 }
 
 fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
-    println!("decode case {} ({:?}, {}): pos {:?}, J {}, steps {}, heads {}/{}, d {}/{}, commit {}", c.name, rt.arch(), std::any::type_name::<T>(), c.pos, c.tokens_per_seq, c.steps, c.hqk, c.hv, c.dk, c.dv, c.commit);
+    println!(
+        "decode case {} ({:?}, {}): pos {:?}, J {}, steps {}, heads {}/{}, d {}/{}, commit {}",
+        c.name,
+        rt.arch(),
+        std::any::type_name::<T>(),
+        c.pos,
+        c.tokens_per_seq,
+        c.steps,
+        c.hqk,
+        c.hv,
+        c.dk,
+        c.dv,
+        c.commit
+    );
     let n = c.pos.len();
     let j = c.tokens_per_seq;
     let rows = n * j;
@@ -419,13 +602,25 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
     let mut rep = Report::default();
 
     for step in 0..c.steps {
-        let qk_scale = if c.l2norm { 1.0 } else { (3.0 / dk as f64).sqrt() };
+        let qk_scale = if c.l2norm {
+            1.0
+        } else {
+            (3.0 / dk as f64).sqrt()
+        };
         let q = testing::quantize::<T>(&testing::rand_vec(&mut rng, rows * hqk * dk, qk_scale));
         let k = testing::quantize::<T>(&testing::rand_vec(&mut rng, rows * hqk * dk, qk_scale));
         let v = testing::quantize::<T>(&testing::rand_vec(&mut rng, rows * hv * dv, 1.0));
         let g = testing::quantize::<f32>(&testing::rand_range(&mut rng, rows * hv, -0.1, -1e-4));
         let beta = testing::quantize::<T>(&testing::rand_range(&mut rng, rows * hv, 0.05, 0.95));
-        let labels: Vec<u8> = (0..n * c.hr).map(|_| if rng.gen_bool(0.5) { LABEL_ATTN } else { LABEL_GDN }).collect();
+        let labels: Vec<u8> = (0..n * c.hr)
+            .map(|_| {
+                if rng.gen_bool(0.5) {
+                    LABEL_ATTN
+                } else {
+                    LABEL_GDN
+                }
+            })
+            .collect();
 
         // Reference: the GDN part of reference::decode_step (hybrid.rs), token by token.
         let mut o_ref = vec![0.0; rows * hv * dv];
@@ -435,7 +630,16 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
                 for h in 0..hv {
                     let hq = h / (hv / hqk);
                     let st = &mut running[s * sd + h * hsd..s * sd + (h + 1) * hsd];
-                    let o = gdn_decode_step(st, &q[(r * hqk + hq) * dk..(r * hqk + hq + 1) * dk], &k[(r * hqk + hq) * dk..(r * hqk + hq + 1) * dk], &v[(r * hv + h) * dv..(r * hv + h + 1) * dv], g[r * hv + h], beta[r * hv + h], None, c.l2norm);
+                    let o = gdn_decode_step(
+                        st,
+                        &q[(r * hqk + hq) * dk..(r * hqk + hq + 1) * dk],
+                        &k[(r * hqk + hq) * dk..(r * hqk + hq + 1) * dk],
+                        &v[(r * hv + h) * dv..(r * hv + h + 1) * dv],
+                        g[r * hv + h],
+                        beta[r * hv + h],
+                        None,
+                        c.l2norm,
+                    );
                     o_ref[(r * hv + h) * dv..(r * hv + h + 1) * dv].copy_from_slice(&o);
                     gsum[s * hv + h] += g[r * hv + h];
                 }
@@ -482,17 +686,39 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
             let mut st = GdnDecodeState {
                 running: TensorMut::new(&mut rund, &[pool_rows, hv, dk, dv]),
                 running_index: TensorRef::new(&ridxd, &[n]),
-                committed: if c.commit { Some((TensorMut::new(&mut comd, &[pool_rows, hv, dk, dv]), TensorRef::new(&cidxd, &[n]))) } else { None },
+                committed: if c.commit {
+                    Some((
+                        TensorMut::new(&mut comd, &[pool_rows, hv, dk, dv]),
+                        TensorRef::new(&cidxd, &[n]),
+                    ))
+                } else {
+                    None
+                },
                 gsum: Some(TensorMut::new(&mut gsd, &[n, hv])),
                 pos: Some(TensorMut::new(&mut posd, &[n])),
             };
-            gdn_decode(rt, &inp, &mut o, &mut st, &GdnOptions { scale: None, l2norm: c.l2norm }, &mut ws).unwrap();
+            gdn_decode(
+                rt,
+                &inp,
+                &mut o,
+                &mut st,
+                &GdnOptions {
+                    scale: None,
+                    l2norm: c.l2norm,
+                },
+                &mut ws,
+            )
+            .unwrap();
         }
         rt.synchronize().unwrap();
         let o = testing::download(rt, &od).unwrap();
         rep.check(&format!("step {step} o"), &o, &o_ref, hv, dv, tol);
     }
-    let gather = |p: &[f64], idx: &[i32]| -> Vec<f64> { (0..n).flat_map(|s| p[idx[s] as usize * sd..(idx[s] as usize + 1) * sd].to_vec()).collect() };
+    let gather = |p: &[f64], idx: &[i32]| -> Vec<f64> {
+        (0..n)
+            .flat_map(|s| p[idx[s] as usize * sd..(idx[s] as usize + 1) * sd].to_vec())
+            .collect()
+    };
     let run_d = gather(&testing::download(rt, &rund).unwrap(), &ridx);
     rep.check("running state", &run_d, &running, hv, hsd, tol);
     if c.commit {
@@ -500,7 +726,11 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
         rep.check("committed state", &com_d, &committed, hv, hsd, tol);
     }
     let gs_d = testing::download(rt, &gsd).unwrap();
-    let gerr = gs_d.iter().zip(&gsum).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let gerr = gs_d
+        .iter()
+        .zip(&gsum)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     println!("  gsum max abs err {gerr:.3e}");
     if gerr.is_nan() || gerr > 1e-4 {
         rep.failures.push(format!("gsum: max abs err {gerr:.3e}"));
@@ -508,7 +738,8 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
     let pos_d: Vec<i32> = rt.stream().clone_dtoh(&posd).unwrap();
     println!("  pos {pos_d:?} (want {pos:?})");
     if pos_d != pos {
-        rep.failures.push(format!("pos: got {pos_d:?}, want {pos:?}"));
+        rep.failures
+            .push(format!("pos: got {pos_d:?}, want {pos:?}"));
     }
     rep.finish(c.name);
 }
@@ -516,7 +747,20 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
 #[test]
 fn decode_single_token_with_commit_across_positions() {
     for_arches("decode_single_token_with_commit_across_positions", |rt| {
-        let c = DecodeCase { name: "j1", pos: vec![0, 5, 62, 63, 64, 127, 200, 1023], tokens_per_seq: 1, steps: 3, hqk: 2, hv: 4, hr: 2, dk: 128, dv: 128, commit: true, l2norm: true, seed: 3 };
+        let c = DecodeCase {
+            name: "j1",
+            pos: vec![0, 5, 62, 63, 64, 127, 200, 1023],
+            tokens_per_seq: 1,
+            steps: 3,
+            hqk: 2,
+            hv: 4,
+            hr: 2,
+            dk: 128,
+            dv: 128,
+            commit: true,
+            l2norm: true,
+            seed: 3,
+        };
         run_decode::<bf16>(rt, &c);
         run_decode::<f16>(rt, &DecodeCase { l2norm: false, ..c });
     });
@@ -524,18 +768,61 @@ fn decode_single_token_with_commit_across_positions() {
 
 #[test]
 fn decode_speculative_tokens_cross_a_chunk_boundary() {
-    let Some(rt) = testing::gpu_or_skip("decode_speculative_tokens_cross_a_chunk_boundary") else { return };
+    let Some(rt) = testing::gpu_or_skip("decode_speculative_tokens_cross_a_chunk_boundary") else {
+        return;
+    };
     for (dk, dv) in [(64, 64), (128, 128), (256, 256), (128, 256), (192, 384)] {
-        let c = DecodeCase { name: "spec", pos: vec![60, 61, 3, 127, 64], tokens_per_seq: 3, steps: 2, hqk: 1, hv: 2, hr: 1, dk, dv, commit: true, l2norm: true, seed: 11 };
+        let c = DecodeCase {
+            name: "spec",
+            pos: vec![60, 61, 3, 127, 64],
+            tokens_per_seq: 3,
+            steps: 2,
+            hqk: 1,
+            hv: 2,
+            hr: 1,
+            dk,
+            dv,
+            commit: true,
+            l2norm: true,
+            seed: 11,
+        };
         run_decode::<bf16>(&rt, &c);
     }
-    let c = DecodeCase { name: "spec8", pos: vec![57, 120, 0], tokens_per_seq: 8, steps: 2, hqk: 2, hv: 4, hr: 4, dk: 128, dv: 128, commit: true, l2norm: false, seed: 12 };
+    let c = DecodeCase {
+        name: "spec8",
+        pos: vec![57, 120, 0],
+        tokens_per_seq: 8,
+        steps: 2,
+        hqk: 2,
+        hv: 4,
+        hr: 4,
+        dk: 128,
+        dv: 128,
+        commit: true,
+        l2norm: false,
+        seed: 12,
+    };
     run_decode::<f16>(&rt, &c);
 }
 
 #[test]
 fn decode_plain_gdn_without_commit() {
-    let Some(rt) = testing::gpu_or_skip("decode_plain_gdn_without_commit") else { return };
-    let c = DecodeCase { name: "plain", pos: vec![10, 63, 64, 300], tokens_per_seq: 2, steps: 3, hqk: 2, hv: 8, hr: 2, dk: 128, dv: 128, commit: false, l2norm: true, seed: 5 };
+    let Some(rt) = testing::gpu_or_skip("decode_plain_gdn_without_commit") else {
+        return;
+    };
+    let c = DecodeCase {
+        name: "plain",
+        pos: vec![10, 63, 64, 300],
+        tokens_per_seq: 2,
+        steps: 3,
+        hqk: 2,
+        hv: 8,
+        hr: 2,
+        dk: 128,
+        dv: 128,
+        commit: false,
+        l2norm: true,
+        seed: 5,
+    };
     run_decode::<bf16>(&rt, &c);
 }

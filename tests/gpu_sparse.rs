@@ -178,53 +178,58 @@ fn check_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
     let vd = upload_rows::<T>(rt, &v, t, hkv * dv, pad);
     let qwd = testing::upload::<T>(rt, &qw).unwrap();
     let kwd = testing::upload::<T>(rt, &kw).unwrap();
-    let mut od = testing::poisoned::<T>(rt, t * (hq * dv + pad)).unwrap();
-    let mut lsed = testing::poisoned::<f32>(rt, t * hq).unwrap();
     let la = rt.stream().clone_htod(&list_a).unwrap();
     let lb = rt.stream().clone_htod(&list_b).unwrap();
     let mask = match c.mask {
         Mask::Routed(_) => BlockMask::Routed { attn_list: TensorRef::new(&la, &[c.hr, slots]), attn_count: TensorRef::new(&lb, &[n, c.hr]) },
         _ => BlockMask::Blocks { kv_num_blocks: TensorRef::new(&la, &[n, hm_dims.0, hm_dims.1]), kv_indices: TensorRef::new(&lb, &[n, hm_dims.0, hm_dims.1, hm_dims.2]) },
     };
-    let opts = SparseOptions {
+    let opts0 = SparseOptions {
         q_norm_w: if c.norm { Some(TensorRef::new(&qwd, &[dk])) } else { None },
         k_norm_w: if c.norm { Some(TensorRef::new(&kwd, &[dk])) } else { None },
         ..Default::default()
     };
-    {
-        let qv = TensorRef::strided(&qd, &[t, hq, dk], &[hq * dk + pad, dk, 1]);
-        let kv = TensorRef::strided(&kd, &[t, hkv, dk], &[hkv * dk + pad, dk, 1]);
-        let vv = TensorRef::strided(&vd, &[t, hkv, dv], &[hkv * dv + pad, dv, 1]);
-        let mut ov = TensorMut::strided(&mut od, &[t, hq, dv], &[hq * dv + pad, dv, 1]);
-        let mut lv = TensorMut::new(&mut lsed, &[t, hq]);
-        sparse::prefill(rt, &batch, &qv, &kv, &vv, &mask, &opts, &mut ov, if c.lse { Some(&mut lv) } else { None }).unwrap();
-    }
-    rt.synchronize().unwrap();
-    let o = gather_rows(&testing::download(rt, &od).unwrap(), t, hq * dv, pad);
-    // Pad columns of o must be untouched (poison).
-    if pad > 0 {
-        let raw = testing::download(rt, &od).unwrap();
-        assert!(raw[hq * dv..hq * dv + pad].iter().all(|x| x.is_nan()), "{what}: wrote outside o's view");
-    }
-    let tol = testing::tolerance(T::DTYPE);
-    testing::assert_close(&format!("{what}: o"), &o, &reference.o, tol);
-    if c.lse {
-        let l = testing::download(rt, &lsed).unwrap();
-        // Rows with no visible key: -inf both sides; compare the rest.
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        for (x, y) in l.iter().zip(&reference.lse) {
-            if y.is_finite() {
-                a.push(*x);
-                b.push(*y);
-            } else {
-                assert!(*x == f64::NEG_INFINITY, "{what}: lse {x} where nothing is visible");
-            }
+    // Every prefill kernel the device has (mma.sync; wgmma on sm_90a).
+    for kernel in sparse::prefill_kernels(rt) {
+        let what = format!("{what} kernel {kernel:?}");
+        let opts = SparseOptions { kernel, ..opts0.clone() };
+        let mut od = testing::poisoned::<T>(rt, t * (hq * dv + pad)).unwrap();
+        let mut lsed = testing::poisoned::<f32>(rt, t * hq).unwrap();
+        {
+            let qv = TensorRef::strided(&qd, &[t, hq, dk], &[hq * dk + pad, dk, 1]);
+            let kv = TensorRef::strided(&kd, &[t, hkv, dk], &[hkv * dk + pad, dk, 1]);
+            let vv = TensorRef::strided(&vd, &[t, hkv, dv], &[hkv * dv + pad, dv, 1]);
+            let mut ov = TensorMut::strided(&mut od, &[t, hq, dv], &[hq * dv + pad, dv, 1]);
+            let mut lv = TensorMut::new(&mut lsed, &[t, hq]);
+            sparse::prefill(rt, &batch, &qv, &kv, &vv, &mask, &opts, &mut ov, if c.lse { Some(&mut lv) } else { None }).unwrap();
         }
-        testing::assert_close(&format!("{what}: lse"), &a, &b, 2e-3);
-    }
-    if c.dense_check {
-        let dense = r::dense_causal_attention(&prob);
-        testing::assert_close(&format!("{what}: o vs dense causal"), &o, &dense.o, tol);
+        rt.synchronize().unwrap();
+        let o = gather_rows(&testing::download(rt, &od).unwrap(), t, hq * dv, pad);
+        // Pad columns of o must be untouched (poison).
+        if pad > 0 {
+            let raw = testing::download(rt, &od).unwrap();
+            assert!(raw[hq * dv..hq * dv + pad].iter().all(|x| x.is_nan()), "{what}: wrote outside o's view");
+        }
+        let tol = testing::tolerance(T::DTYPE);
+        testing::assert_close(&format!("{what}: o"), &o, &reference.o, tol);
+        if c.lse {
+            let l = testing::download(rt, &lsed).unwrap();
+            // Rows with no visible key: -inf both sides; compare the rest.
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for (x, y) in l.iter().zip(&reference.lse) {
+                if y.is_finite() {
+                    a.push(*x);
+                    b.push(*y);
+                } else {
+                    assert!(*x == f64::NEG_INFINITY, "{what}: lse {x} where nothing is visible");
+                }
+            }
+            testing::assert_close(&format!("{what}: lse"), &a, &b, 2e-3);
+        }
+        if c.dense_check {
+            let dense = r::dense_causal_attention(&prob);
+            testing::assert_close(&format!("{what}: o vs dense causal"), &o, &dense.o, tol);
+        }
     }
 }
 

@@ -14,16 +14,36 @@ fn strides_of(shape: &[usize]) -> Vec<usize> {
     }
     s
 }
-fn fake_at(ptr: u64, dtype: DType, shape: &[usize], strides: &[usize], avail: usize) -> TensorRef<'static> {
+fn fake_at(
+    ptr: u64,
+    dtype: DType,
+    shape: &[usize],
+    strides: &[usize],
+    avail: usize,
+) -> TensorRef<'static> {
     // SAFETY: validation never dereferences the pointer.
     unsafe { TensorRef::from_raw(ptr, avail, dtype, shape, strides) }
 }
 fn t(dtype: DType, shape: &[usize]) -> TensorRef<'static> {
-    fake_at(BASE, dtype, shape, &strides_of(shape), shape.iter().product())
+    fake_at(
+        BASE,
+        dtype,
+        shape,
+        &strides_of(shape),
+        shape.iter().product(),
+    )
 }
 fn tm(dtype: DType, shape: &[usize]) -> TensorMut<'static> {
     // SAFETY: as above.
-    unsafe { TensorMut::from_raw(BASE, shape.iter().product(), dtype, shape, &strides_of(shape)) }
+    unsafe {
+        TensorMut::from_raw(
+            BASE,
+            shape.iter().product(),
+            dtype,
+            shape,
+            &strides_of(shape),
+        )
+    }
 }
 
 fn arg_of(e: Error) -> &'static str {
@@ -50,18 +70,29 @@ fn good_inputs() -> GdnPrefillInputs<'static> {
         g: t(DType::F32, &[T, 4]),
         beta: t(DType::F32, &[T, 4]),
         labels: Some(t(DType::U8, &[SLOTS, 2])),
-        h0: Some(PoolIn { pool: t(DType::F32, &[5, 4, 128, 128]), index: Some(vec![4, 0]) }),
+        h0: Some(PoolIn {
+            pool: t(DType::F32, &[5, 4, 128, 128]),
+            index: Some(vec![4, 0]),
+        }),
     }
 }
 fn good_outputs() -> GdnPrefillOutputs<'static> {
     GdnPrefillOutputs {
         o: tm(DType::Bf16, &[T, 4, 128]),
-        committed: Some(PoolOut { pool: tm(DType::F32, &[3, 4, 128, 128]), index: Some(vec![2, 1]) }),
-        running: Some(PoolOut { pool: tm(DType::F32, &[2, 4, 128, 128]), index: None }),
+        committed: Some(PoolOut {
+            pool: tm(DType::F32, &[3, 4, 128, 128]),
+            index: Some(vec![2, 1]),
+        }),
+        running: Some(PoolOut {
+            pool: tm(DType::F32, &[2, 4, 128, 128]),
+            index: None,
+        }),
         gsum_running: Some(tm(DType::F32, &[N, 4])),
     }
 }
-fn prefill_err(f: impl FnOnce(&mut GdnPrefillInputs<'static>, &mut GdnPrefillOutputs<'static>, &mut GdnOptions)) -> Error {
+fn prefill_err(
+    f: impl FnOnce(&mut GdnPrefillInputs<'static>, &mut GdnPrefillOutputs<'static>, &mut GdnOptions),
+) -> Error {
     let (mut i, mut o, mut opts) = (good_inputs(), good_outputs(), GdnOptions::default());
     f(&mut i, &mut o, &mut opts);
     validate_prefill(&CU, &i, &o, &opts).unwrap_err()
@@ -70,7 +101,10 @@ fn prefill_err(f: impl FnOnce(&mut GdnPrefillInputs<'static>, &mut GdnPrefillOut
 #[test]
 fn prefill_accepts_a_good_call() {
     let d = validate_prefill(&CU, &good_inputs(), &good_outputs(), &GdnOptions::default()).unwrap();
-    assert_eq!((d.tokens, d.seqs, d.hqk, d.hv, d.hr, d.dk, d.dv), (T, N, 2, 4, 2, 128, 128));
+    assert_eq!(
+        (d.tokens, d.seqs, d.hqk, d.hv, d.hr, d.dk, d.dv),
+        (T, N, 2, 4, 2, 128, 128)
+    );
     assert!(d.beta_f32);
     // Minimal call: no labels, states or gsum; beta in the activation dtype; every shipped pair.
     for (dk, dv) in [(64, 64), (128, 128), (256, 256), (128, 256), (192, 384)] {
@@ -83,8 +117,22 @@ fn prefill_accepts_a_good_call() {
             labels: None,
             h0: None,
         };
-        let o = GdnPrefillOutputs { o: tm(DType::F16, &[T, 3, dv]), committed: None, running: None, gsum_running: None };
-        let d = validate_prefill(&CU, &i, &o, &GdnOptions { scale: Some(0.5), l2norm: true }).unwrap();
+        let o = GdnPrefillOutputs {
+            o: tm(DType::F16, &[T, 3, dv]),
+            committed: None,
+            running: None,
+            gsum_running: None,
+        };
+        let d = validate_prefill(
+            &CU,
+            &i,
+            &o,
+            &GdnOptions {
+                scale: Some(0.5),
+                l2norm: true,
+            },
+        )
+        .unwrap();
         assert!(!d.beta_f32);
     }
 }
@@ -95,36 +143,120 @@ fn prefill_accepts_strided_views_of_a_packed_projection() {
     let row = 8 * 128;
     let mut i = good_inputs();
     i.q = fake_at(BASE, DType::Bf16, &[T, 2, 128], &[row, 128, 1], T * row);
-    i.k = fake_at(BASE + 2 * 256, DType::Bf16, &[T, 2, 128], &[row, 128, 1], T * row - 256);
-    i.v = fake_at(BASE + 2 * 512, DType::Bf16, &[T, 4, 128], &[row, 128, 1], T * row - 512);
+    i.k = fake_at(
+        BASE + 2 * 256,
+        DType::Bf16,
+        &[T, 2, 128],
+        &[row, 128, 1],
+        T * row - 256,
+    );
+    i.v = fake_at(
+        BASE + 2 * 512,
+        DType::Bf16,
+        &[T, 4, 128],
+        &[row, 128, 1],
+        T * row - 512,
+    );
     validate_prefill(&CU, &i, &good_outputs(), &GdnOptions::default()).unwrap();
 }
 
 #[test]
 fn prefill_rejects_wrong_dtypes() {
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.q = t(DType::F32, &[T, 2, 128]))), "q");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.k = t(DType::F16, &[T, 2, 128]))), "k");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.v = t(DType::F16, &[T, 4, 128]))), "v");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.g = t(DType::Bf16, &[T, 4]))), "g");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.beta = t(DType::F16, &[T, 4]))), "beta");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.labels = Some(t(DType::I32, &[SLOTS, 2])))), "labels");
-    assert_eq!(arg_of(prefill_err(|_, o, _| o.o = tm(DType::F16, &[T, 4, 128]))), "o");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.h0 = Some(PoolIn { pool: t(DType::Bf16, &[5, 4, 128, 128]), index: None }))), "h0");
-    assert_eq!(arg_of(prefill_err(|_, o, _| o.gsum_running = Some(tm(DType::Bf16, &[N, 4])))), "gsum_running");
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.q = t(DType::F32, &[T, 2, 128]))),
+        "q"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.k = t(DType::F16, &[T, 2, 128]))),
+        "k"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.v = t(DType::F16, &[T, 4, 128]))),
+        "v"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.g = t(DType::Bf16, &[T, 4]))),
+        "g"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.beta = t(DType::F16, &[T, 4]))),
+        "beta"
+    );
+    assert_eq!(
+        arg_of(prefill_err(
+            |i, _, _| i.labels = Some(t(DType::I32, &[SLOTS, 2]))
+        )),
+        "labels"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|_, o, _| o.o = tm(DType::F16, &[T, 4, 128]))),
+        "o"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.h0 = Some(PoolIn {
+            pool: t(DType::Bf16, &[5, 4, 128, 128]),
+            index: None
+        }))),
+        "h0"
+    );
+    assert_eq!(
+        arg_of(prefill_err(
+            |_, o, _| o.gsum_running = Some(tm(DType::Bf16, &[N, 4]))
+        )),
+        "gsum_running"
+    );
 }
 
 #[test]
 fn prefill_rejects_wrong_shapes() {
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.q = t(DType::Bf16, &[T, 256]))), "q");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.q = t(DType::Bf16, &[T - 1, 2, 128]))), "q");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.k = t(DType::Bf16, &[T, 1, 128]))), "k");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.v = t(DType::Bf16, &[T - 1, 4, 128]))), "v");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.g = t(DType::F32, &[T, 2]))), "g");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.beta = t(DType::F32, &[T]))), "beta");
-    assert_eq!(arg_of(prefill_err(|_, o, _| o.o = tm(DType::Bf16, &[T, 4, 64]))), "o");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.h0 = Some(PoolIn { pool: t(DType::F32, &[5, 4, 128, 64]), index: None }))), "h0");
-    assert_eq!(arg_of(prefill_err(|_, o, _| o.running = Some(PoolOut { pool: tm(DType::F32, &[2, 2, 128, 128]), index: None }))), "running");
-    assert_eq!(arg_of(prefill_err(|_, o, _| o.gsum_running = Some(tm(DType::F32, &[N + 1, 4])))), "gsum_running");
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.q = t(DType::Bf16, &[T, 256]))),
+        "q"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.q = t(DType::Bf16, &[T - 1, 2, 128]))),
+        "q"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.k = t(DType::Bf16, &[T, 1, 128]))),
+        "k"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.v = t(DType::Bf16, &[T - 1, 4, 128]))),
+        "v"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.g = t(DType::F32, &[T, 2]))),
+        "g"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.beta = t(DType::F32, &[T]))),
+        "beta"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|_, o, _| o.o = tm(DType::Bf16, &[T, 4, 64]))),
+        "o"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.h0 = Some(PoolIn {
+            pool: t(DType::F32, &[5, 4, 128, 64]),
+            index: None
+        }))),
+        "h0"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|_, o, _| o.running = Some(PoolOut {
+            pool: tm(DType::F32, &[2, 2, 128, 128]),
+            index: None
+        }))),
+        "running"
+    );
+    assert_eq!(
+        arg_of(prefill_err(
+            |_, o, _| o.gsum_running = Some(tm(DType::F32, &[N + 1, 4]))
+        )),
+        "gsum_running"
+    );
 }
 
 #[test]
@@ -139,19 +271,60 @@ fn prefill_rejects_hv_not_a_multiple_of_hqk() {
 
 #[test]
 fn prefill_rejects_labels_of_the_wrong_size() {
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.labels = Some(t(DType::U8, &[SLOTS - 1, 2])))), "labels");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.labels = Some(t(DType::U8, &[SLOTS, 3])))), "labels");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.labels = Some(t(DType::U8, &[SLOTS * 2])))), "labels");
+    assert_eq!(
+        arg_of(prefill_err(
+            |i, _, _| i.labels = Some(t(DType::U8, &[SLOTS - 1, 2]))
+        )),
+        "labels"
+    );
+    assert_eq!(
+        arg_of(prefill_err(
+            |i, _, _| i.labels = Some(t(DType::U8, &[SLOTS, 3]))
+        )),
+        "labels"
+    );
+    assert_eq!(
+        arg_of(prefill_err(
+            |i, _, _| i.labels = Some(t(DType::U8, &[SLOTS * 2]))
+        )),
+        "labels"
+    );
 }
 
 #[test]
 fn prefill_rejects_state_pool_indices_out_of_range() {
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.h0.as_mut().unwrap().index = Some(vec![0, 5]))), "h0");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.h0.as_mut().unwrap().index = Some(vec![-1, 0]))), "h0");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.h0.as_mut().unwrap().index = Some(vec![0]))), "h0");
-    assert_eq!(arg_of(prefill_err(|_, o, _| o.committed.as_mut().unwrap().index = Some(vec![3, 0]))), "committed");
+    assert_eq!(
+        arg_of(prefill_err(
+            |i, _, _| i.h0.as_mut().unwrap().index = Some(vec![0, 5])
+        )),
+        "h0"
+    );
+    assert_eq!(
+        arg_of(prefill_err(
+            |i, _, _| i.h0.as_mut().unwrap().index = Some(vec![-1, 0])
+        )),
+        "h0"
+    );
+    assert_eq!(
+        arg_of(prefill_err(
+            |i, _, _| i.h0.as_mut().unwrap().index = Some(vec![0])
+        )),
+        "h0"
+    );
+    assert_eq!(
+        arg_of(prefill_err(
+            |_, o, _| o.committed.as_mut().unwrap().index = Some(vec![3, 0])
+        )),
+        "committed"
+    );
     // No index: the pool needs a row per sequence.
-    assert_eq!(arg_of(prefill_err(|_, o, _| o.running = Some(PoolOut { pool: tm(DType::F32, &[1, 4, 128, 128]), index: None }))), "running");
+    assert_eq!(
+        arg_of(prefill_err(|_, o, _| o.running = Some(PoolOut {
+            pool: tm(DType::F32, &[1, 4, 128, 128]),
+            index: None
+        }))),
+        "running"
+    );
 }
 
 #[test]
@@ -176,25 +349,92 @@ fn prefill_rejects_unsupported_head_dims() {
 
 #[test]
 fn prefill_rejects_misaligned_pointers_and_strides() {
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.q = fake_at(BASE + 2, DType::Bf16, &[T, 2, 128], &[256, 128, 1], T * 256))), "q");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.k = fake_at(BASE, DType::Bf16, &[T, 2, 128], &[260, 130, 1], T * 260))), "k");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.v = fake_at(BASE + 8, DType::Bf16, &[T, 4, 128], &[512, 128, 1], T * 512))), "v");
-    assert_eq!(arg_of(prefill_err(|_, o, _| o.o = unsafe { TensorMut::from_raw(BASE + 4, T * 512, DType::Bf16, &[T, 4, 128], &[512, 128, 1]) })), "o");
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.g = fake_at(BASE + 2, DType::F32, &[T, 4], &[4, 1], T * 4))), "g");
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.q = fake_at(
+            BASE + 2,
+            DType::Bf16,
+            &[T, 2, 128],
+            &[256, 128, 1],
+            T * 256
+        ))),
+        "q"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.k = fake_at(
+            BASE,
+            DType::Bf16,
+            &[T, 2, 128],
+            &[260, 130, 1],
+            T * 260
+        ))),
+        "k"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.v = fake_at(
+            BASE + 8,
+            DType::Bf16,
+            &[T, 4, 128],
+            &[512, 128, 1],
+            T * 512
+        ))),
+        "v"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|_, o, _| o.o = unsafe {
+            TensorMut::from_raw(BASE + 4, T * 512, DType::Bf16, &[T, 4, 128], &[512, 128, 1])
+        })),
+        "o"
+    );
+    assert_eq!(
+        arg_of(prefill_err(
+            |i, _, _| i.g = fake_at(BASE + 2, DType::F32, &[T, 4], &[4, 1], T * 4)
+        )),
+        "g"
+    );
     // Last dim not contiguous.
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.q = fake_at(BASE, DType::Bf16, &[T, 2, 128], &[512, 256, 2], T * 512))), "q");
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.q = fake_at(
+            BASE,
+            DType::Bf16,
+            &[T, 2, 128],
+            &[512, 256, 2],
+            T * 512
+        ))),
+        "q"
+    );
     // Strided view reaching past its buffer.
-    assert_eq!(arg_of(prefill_err(|i, _, _| i.v = fake_at(BASE, DType::Bf16, &[T, 4, 128], &[1024, 128, 1], T * 512))), "v");
+    assert_eq!(
+        arg_of(prefill_err(|i, _, _| i.v = fake_at(
+            BASE,
+            DType::Bf16,
+            &[T, 4, 128],
+            &[1024, 128, 1],
+            T * 512
+        ))),
+        "v"
+    );
 }
 
 #[test]
 fn prefill_rejects_bad_cu_seqlens_and_scale() {
     let (i, o) = (good_inputs(), good_outputs());
     let opts = GdnOptions::default();
-    assert_eq!(arg_of(validate_prefill(&[0, 72, 72, 200], &i, &o, &opts).unwrap_err()), "cu_seqlens");
-    assert_eq!(arg_of(validate_prefill(&[1, 200], &i, &o, &opts).unwrap_err()), "cu_seqlens");
-    assert_eq!(arg_of(validate_prefill(&[0, 72, 199], &i, &o, &opts).unwrap_err()), "q");
-    assert_eq!(arg_of(prefill_err(|_, _, o| o.scale = Some(f32::NAN))), "scale");
+    assert_eq!(
+        arg_of(validate_prefill(&[0, 72, 72, 200], &i, &o, &opts).unwrap_err()),
+        "cu_seqlens"
+    );
+    assert_eq!(
+        arg_of(validate_prefill(&[1, 200], &i, &o, &opts).unwrap_err()),
+        "cu_seqlens"
+    );
+    assert_eq!(
+        arg_of(validate_prefill(&[0, 72, 199], &i, &o, &opts).unwrap_err()),
+        "q"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|_, _, o| o.scale = Some(f32::NAN))),
+        "scale"
+    );
 }
 
 // ---- decode: 3 sequences, 2 tokens each, Hqk 2, Hv 4, dk = dv = 128.
@@ -202,7 +442,11 @@ fn prefill_rejects_bad_cu_seqlens_and_scale() {
 const DN: usize = 3;
 const DJ: usize = 2;
 
-fn decode_parts() -> (GdnDecodeInputs<'static>, TensorMut<'static>, GdnDecodeState<'static>) {
+fn decode_parts() -> (
+    GdnDecodeInputs<'static>,
+    TensorMut<'static>,
+    GdnDecodeState<'static>,
+) {
     let rows = DN * DJ;
     let inp = GdnDecodeInputs {
         q: t(DType::Bf16, &[rows, 2, 128]),
@@ -222,7 +466,9 @@ fn decode_parts() -> (GdnDecodeInputs<'static>, TensorMut<'static>, GdnDecodeSta
     };
     (inp, tm(DType::Bf16, &[rows, 4, 128]), st)
 }
-fn decode_err(f: impl FnOnce(&mut GdnDecodeInputs<'static>, &mut TensorMut<'static>, &mut GdnDecodeState<'static>)) -> Error {
+fn decode_err(
+    f: impl FnOnce(&mut GdnDecodeInputs<'static>, &mut TensorMut<'static>, &mut GdnDecodeState<'static>),
+) -> Error {
     let (mut i, mut o, mut s) = decode_parts();
     f(&mut i, &mut o, &mut s);
     validate_decode(&i, o.view(), &s, &GdnOptions::default()).unwrap_err()
@@ -244,23 +490,125 @@ fn decode_accepts_a_good_call() {
 
 #[test]
 fn decode_rejects_malformed_inputs() {
-    assert_eq!(arg_of(decode_err(|i, _, _| i.tokens_per_seq = 0)), "tokens_per_seq");
-    assert_eq!(arg_of(decode_err(|i, _, _| i.tokens_per_seq = 9)), "tokens_per_seq");
-    assert_eq!(arg_of(decode_err(|i, _, _| i.q = t(DType::Bf16, &[DN * DJ + 1, 2, 128]))), "q");
-    assert_eq!(arg_of(decode_err(|i, _, _| i.k = t(DType::Bf16, &[DN * DJ, 2, 64]))), "k");
-    assert_eq!(arg_of(decode_err(|i, _, _| i.g = t(DType::F16, &[DN * DJ, 4]))), "g");
-    assert_eq!(arg_of(decode_err(|i, _, _| i.labels = Some(t(DType::U8, &[DN, 3])))), "labels");
-    assert_eq!(arg_of(decode_err(|i, _, _| i.labels = Some(t(DType::U8, &[DN + 1, 4])))), "labels");
-    assert_eq!(arg_of(decode_err(|_, o, _| *o = tm(DType::Bf16, &[DN * DJ, 4, 256]))), "o");
-    assert_eq!(arg_of(decode_err(|_, _, s| s.running = tm(DType::F32, &[8, 4, 128, 256]))), "running");
-    assert_eq!(arg_of(decode_err(|_, _, s| s.running_index = t(DType::U8, &[DN]))), "running_index");
-    assert_eq!(arg_of(decode_err(|_, _, s| s.committed.as_mut().unwrap().1 = t(DType::I32, &[DN + 1]))), "committed_index");
+    assert_eq!(
+        arg_of(decode_err(|i, _, _| i.tokens_per_seq = 0)),
+        "tokens_per_seq"
+    );
+    assert_eq!(
+        arg_of(decode_err(|i, _, _| i.tokens_per_seq = 9)),
+        "tokens_per_seq"
+    );
+    assert_eq!(
+        arg_of(decode_err(
+            |i, _, _| i.q = t(DType::Bf16, &[DN * DJ + 1, 2, 128])
+        )),
+        "q"
+    );
+    assert_eq!(
+        arg_of(decode_err(|i, _, _| i.k = t(DType::Bf16, &[DN * DJ, 2, 64]))),
+        "k"
+    );
+    assert_eq!(
+        arg_of(decode_err(|i, _, _| i.g = t(DType::F16, &[DN * DJ, 4]))),
+        "g"
+    );
+    assert_eq!(
+        arg_of(decode_err(|i, _, _| i.labels = Some(t(DType::U8, &[DN, 3])))),
+        "labels"
+    );
+    assert_eq!(
+        arg_of(decode_err(
+            |i, _, _| i.labels = Some(t(DType::U8, &[DN + 1, 4]))
+        )),
+        "labels"
+    );
+    assert_eq!(
+        arg_of(decode_err(
+            |_, o, _| *o = tm(DType::Bf16, &[DN * DJ, 4, 256])
+        )),
+        "o"
+    );
+    assert_eq!(
+        arg_of(decode_err(
+            |_, _, s| s.running = tm(DType::F32, &[8, 4, 128, 256])
+        )),
+        "running"
+    );
+    assert_eq!(
+        arg_of(decode_err(|_, _, s| s.running_index = t(DType::U8, &[DN]))),
+        "running_index"
+    );
+    assert_eq!(
+        arg_of(decode_err(
+            |_, _, s| s.committed.as_mut().unwrap().1 = t(DType::I32, &[DN + 1])
+        )),
+        "committed_index"
+    );
     assert_eq!(arg_of(decode_err(|_, _, s| s.gsum = None)), "committed");
-    assert_eq!(arg_of(decode_err(|_, _, s| s.gsum = Some(tm(DType::F32, &[DN, 2])))), "gsum");
-    assert_eq!(arg_of(decode_err(|_, _, s| s.pos = Some(tm(DType::F32, &[DN])))), "pos");
-    assert_eq!(arg_of(decode_err(|i, _, s| {
-        s.committed = None;
-        i.labels = Some(t(DType::U8, &[DN, 4]));
-    })), "labels");
-    assert_eq!(arg_of(decode_err(|i, _, _| i.q = fake_at(BASE + 2, DType::Bf16, &[DN * DJ, 2, 128], &[256, 128, 1], DN * DJ * 256))), "q");
+    assert_eq!(
+        arg_of(decode_err(|_, _, s| s.gsum = Some(tm(DType::F32, &[DN, 2])))),
+        "gsum"
+    );
+    assert_eq!(
+        arg_of(decode_err(|_, _, s| s.pos = Some(tm(DType::F32, &[DN])))),
+        "pos"
+    );
+    assert_eq!(
+        arg_of(decode_err(|i, _, s| {
+            s.committed = None;
+            i.labels = Some(t(DType::U8, &[DN, 4]));
+        })),
+        "labels"
+    );
+    assert_eq!(
+        arg_of(decode_err(|i, _, _| i.q = fake_at(
+            BASE + 2,
+            DType::Bf16,
+            &[DN * DJ, 2, 128],
+            &[256, 128, 1],
+            DN * DJ * 256
+        ))),
+        "q"
+    );
+}
+
+/// Quick NVRTC check of the GDN specs only (the full sweep is tests/nvrtc.rs):
+///   NATSL_GDN_NVRTC=dk192 cargo test --release --test validation_gdn gdn_nvrtc_quick -- --ignored --nocapture
+/// compiles the GDN specs whose name contains the filter and fails on spills.
+#[test]
+#[ignore]
+fn gdn_nvrtc_quick() {
+    use natsl_codegen::{catalog, emit, Op};
+    if natsl::jit::ensure_nvrtc().is_err() {
+        eprintln!("skipped: NVRTC not available");
+        return;
+    }
+    let filter = std::env::var("NATSL_GDN_NVRTC").unwrap_or_default();
+    let mut failures = Vec::new();
+    for spec in catalog::shipped()
+        .iter()
+        .filter(|s| matches!(s.op, Op::GdnPrefill | Op::GdnDecode))
+    {
+        let unit = emit(spec).unwrap();
+        if !unit.name.contains(filter.as_str()) {
+            continue;
+        }
+        let src = format!(
+            "// nonce {:?}\n{}",
+            std::time::SystemTime::now(),
+            unit.source
+        );
+        let img = natsl::jit::compile_uncached(&unit.name, &src, &natsl::jit::options(spec.arch))
+            .unwrap();
+        for r in natsl::jit::parse_ptxas(&img.log) {
+            println!(
+                "{}: {} regs, {} B stack, spills {}/{}",
+                r.function, r.registers, r.stack_frame, r.spill_stores, r.spill_loads
+            );
+            if r.spill_stores > 0 || r.spill_loads > 0 {
+                failures.push(r.function.clone());
+            }
+        }
+    }
+    assert!(failures.is_empty(), "spills: {failures:?}");
 }

@@ -192,3 +192,19 @@ fn decode_rejects_each_malformed_argument() {
         assert_eq!(arg_of(drun(&d)), want);
     }
 }
+
+/// The sm_90a wgmma prefill assembles without ptxas serialising its wgmma
+/// (a "wgmma ... serialized" warning means the tensor cores wait on every step).
+#[test]
+fn wgmma_prefill_is_not_serialized() {
+    if natsl::jit::ensure_nvrtc().is_err() {
+        eprintln!("skipped: NVRTC not available");
+        return;
+    }
+    let spec = natsl_codegen::catalog::sparse_prefill_spec(natsl_codegen::DType::Bf16, natsl_codegen::HeadDims { dk: 128, dv: 128 }, natsl_codegen::Arch::Sm90a);
+    let unit = natsl_codegen::emit(&spec).unwrap();
+    let src = format!("// nonce {:?}\n{}", std::time::SystemTime::now(), unit.source);
+    let img = natsl::jit::compile_uncached(&unit.name, &src, &natsl::jit::options(spec.arch)).unwrap();
+    println!("{}", img.log);
+    assert!(!img.log.contains("serializ"), "{}", img.log);
+}

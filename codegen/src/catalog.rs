@@ -33,6 +33,7 @@ fn gdn_specs() -> Vec<KernelSpec> {
         for dtype in DTYPES {
             for (dk, dv) in GDN_DIMS {
                 v.push(gdn_prefill_spec(dtype, dk, dv, arch));
+                v.extend(gdn_prefill_narrow_spec(dtype, dk, dv, arch));
                 v.push(gdn_decode_spec(dtype, dk, dv, arch));
             }
         }
@@ -44,14 +45,30 @@ fn gdn_specs() -> Vec<KernelSpec> {
 pub const GDN_DIMS: [(u32, u32); 5] = [(64, 64), (128, 128), (256, 256), (128, 256), (192, 384)];
 
 /// GDN prefill scan tile: block_m = chunk, block_n = state columns per CTA,
-/// warps, smem stages of the chunk inputs (2 only where it fits beside a second CTA).
+/// warps, smem stages of the chunk inputs (always 1: the scan prefetches the next
+/// chunk's operands in two groups into the one stage as each group is consumed).
 pub fn gdn_prefill_tile(dk: u32, dv: u32) -> Tile {
     match (dk, dv) {
-        (64, _) => Tile::new(64, 32, 4, 2),
+        (64, _) => Tile::new(64, 32, 4, 1),
         (192, _) => Tile::new(64, 32, 4, 1),
         (256, _) => Tile::new(64, 64, 8, 1),
         _ => Tile::new(64, 64, 4, 1),
     }
+}
+
+/// Narrow GDN prefill scan tile (32 state columns per CTA: twice the CTAs) for
+/// launches with few (sequence, value head) pairs, where the default tile leaves SMs
+/// idle; `None` where the default tile is already the narrow one.
+pub fn gdn_prefill_narrow_tile(dk: u32, dv: u32) -> Option<Tile> {
+    match (dk, dv) {
+        (128, _) => Some(Tile::new(64, 32, 4, 1)),
+        _ => None,
+    }
+}
+
+/// The narrow-tile GDN prefill spec (see [`gdn_prefill_narrow_tile`]).
+pub fn gdn_prefill_narrow_spec(dtype: DType, dk: u32, dv: u32, arch: Arch) -> Option<KernelSpec> {
+    gdn_prefill_narrow_tile(dk, dv).map(|tile| KernelSpec { tile, ..gdn_prefill_spec(dtype, dk, dv, arch) })
 }
 
 /// GDN decode tile: 32 state columns per CTA, 4 warps.

@@ -9,10 +9,15 @@
 //   S'    = e^{G_L} S + (e^{G_L-G} o K)^T v_new
 // Commit: GDN chunk: S <- S'; ATTN chunk: S <- e^{G_L} S (outputs use S' either way).
 //
-// prep: fully parallel over (chunk slot, value head): W, U, P, G to the workspace.
+// prep: fully parallel over (chunk slot, value head): W, U, P and the per-row
+//       factors F = (fq, fk, G) to the workspace, with
+//         fq_i = scale e^{G_i} / |q_i|,  fk_j = e^{G_L - G_j} / |k_j|  (norms: l2norm only)
 //       T is solved column by column (thread m owns column m: no barriers).
 // scan: one CTA per (sequence, value head, dv tile); the dk x BV state slice stays
-//       in f32 registers, a bf16/f16 copy in smem feeds the tensor cores.
+//       in f32 registers, a bf16/f16 copy in smem feeds the tensor cores. The scan
+//       reads raw q, k and applies the row factors to its f32 accumulators / v_new,
+//       so it does no per-row normalisation work of its own:
+//         o = diag(fq) (Q S) + P v_new,   S' = e^{G_L} S + K^T (diag(fk) v_new).
 #pragma once
 #include "common/dtype.cuh"
 #include "common/mma_sm80.cuh"
@@ -39,6 +44,7 @@ __device__ void prep(const NatslGdnPrefillParams& p) {
     T* sT = reinterpret_cast<T*>(sA + C * LDA);
     float* sG = reinterpret_cast<float*>(sT + C * LDT);
     float* sB = sG + C;
+    float* sInv = sB + C;  // [2][C]: 1/|q_i|, 1/|k_j| (1 without l2norm)
 
     const int slot = blockIdx.x, h = blockIdx.y;
     int c;
@@ -62,9 +68,30 @@ __device__ void prep(const NatslGdnPrefillParams& p) {
     cp_async_wait<0>();
     __syncthreads();
 
+    // L2 norms: one thread per row (threads 0..63: Q rows, 64..127: K rows); the
+    // 16-byte row reads of a quarter warp hit distinct banks (row pitch 68 words).
+    static_assert(NT == 2 * C, "prep: one thread per q row and per k row");
     if (p.l2norm) {
-        scale_rows<T, C, DK, NW>(sQ, LDK, true, [](int) { return 1.f; });
-        scale_rows<T, C, DK, NW>(sK, LDK, true, [](int) { return 1.f; });
+        T* row = (tid < C ? sQ + tid * LDK : sK + (tid - C) * LDK);
+        float ss = 0.f;
+#pragma unroll
+        for (int cc = 0; cc < DK; cc += 8) {
+            float x[8];
+            unpack8<T>(*reinterpret_cast<const vec8*>(row + cc), x);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) ss = fmaf(x[e], x[e], ss);
+        }
+        const float inv = rsqrtf(ss + 1e-6f);
+        sInv[tid] = inv;
+#pragma unroll
+        for (int cc = 0; cc < DK; cc += 8) {
+            vec8 v = *reinterpret_cast<const vec8*>(row + cc);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) v.w[e] = pack2<T>(lo_f32<T>(v.w[e]) * inv, hi_f32<T>(v.w[e]) * inv);
+            *reinterpret_cast<vec8*>(row + cc) = v;
+        }
+    } else {
+        sInv[tid] = 1.f;
     }
     const i64 wrow = (i64)slot * Hv + h;
     if (warp == 0) {  // inclusive cumsum of g, two tokens per lane
@@ -78,10 +105,15 @@ __device__ void prep(const NatslGdnPrefillParams& p) {
         const float excl = s - (a + b);
         sG[2 * lane] = excl + a;
         sG[2 * lane + 1] = excl + a + b;
-        p.ws_g[wrow * C + 2 * lane] = excl + a;
-        p.ws_g[wrow * C + 2 * lane + 1] = excl + a + b;
     }
     __syncthreads();
+    if (tid < C) {  // row factors of the scan: F = [fq | fk | G]
+        const float gi = sG[tid], gl = sG[C - 1];
+        float* f = p.ws_g + wrow * (3 * C);
+        f[tid] = p.scale * __expf(gi) * sInv[tid];
+        f[C + tid] = __expf(gl - gi) * sInv[C + tid];
+        f[2 * C + tid] = gi;
+    }
 
     // K K^T and Q K^T for this warp's 16 rows (lower-triangular tiles only).
     const int m0 = warp * 16;
@@ -143,16 +175,17 @@ __device__ void prep(const NatslGdnPrefillParams& p) {
         float t[C];
 #pragma unroll
         for (int i = 0; i < C; ++i) {
-            float s = 0.f;
+            // Four independent partial sums: the dependent chain is i/4 long, not i.
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma unroll
             for (int j = 0; j < i; j += 4) {
                 const float4 a = *reinterpret_cast<const float4*>(sA + i * LDA + j);
-                s = fmaf(a.x, t[j], s);
-                if (j + 1 < i) s = fmaf(a.y, t[j + 1], s);
-                if (j + 2 < i) s = fmaf(a.z, t[j + 2], s);
-                if (j + 3 < i) s = fmaf(a.w, t[j + 3], s);
+                s0 = fmaf(a.x, t[j], s0);
+                if (j + 1 < i) s1 = fmaf(a.y, t[j + 1], s1);
+                if (j + 2 < i) s2 = fmaf(a.z, t[j + 2], s2);
+                if (j + 3 < i) s3 = fmaf(a.w, t[j + 3], s3);
             }
-            t[i] = i == m ? 1.f : -s;
+            t[i] = i == m ? 1.f : -((s0 + s1) + (s2 + s3));
         }
 #pragma unroll
         for (int i = 0; i < C; ++i) sT[i * LDT + m] = from_f32<T>(t[i]);
@@ -213,30 +246,46 @@ __device__ void prep(const NatslGdnPrefillParams& p) {
 // Dynamic shared memory of prep (mirrored by src/ops/gdn.rs).
 template <int DK, int DV>
 constexpr int prep_smem_bytes() {
-    return 2 * C * (DK + PAD) * 2 + C * (DV + PAD) * 2 + C * (C + 4) * 4 + C * (C + PAD) * 2 + 2 * C * 4;
+    return 2 * C * (DK + PAD) * 2 + C * (DV + PAD) * 2 + C * (C + 4) * 4 + C * (C + PAD) * 2 + 4 * C * 4;
 }
 
 // ---------------------------------------------------------------- scan
 
+// Per-chunk cost of one CTA (dk = 128, BV = 64, 4 warps, mma.sync m16n8k16, ~2 GHz):
+//   phase 1  W S and Q S, 2 x (64x128)(128x64): 128 mma per warp, 16 independent
+//            accumulators per k-step -> ~1.0-1.3k cycles at one warp per SM sub-partition.
+//   phase 2  P v_new (lower triangle, 8..32 mma per warp) + K^T (fk v_new) (64 mma per
+//            warp, 16 accumulators) -> ~0.6-0.8k cycles.
+//   loads    70 KB per chunk: Q, W, U, F (42 KB) are issued at barrier B1 and land during
+//            phase 2; K, P (26 KB) are issued at B2 and are exposed (~1-1.5k cycles from
+//            L2). Two CTAs per SM (108 KB smem each) hide much of that under the other's
+//            math.
+//   => ~3k cycles (~1.5 us) per chunk and CTA pair, against ~24 us before: the previous
+//   version re-normalised and gate-scaled every Q and K row inside the scan (a warp per
+//   row, 32 rows per warp and matrix, shuffle reductions: ~30k cycles per chunk) and
+//   exposed all 70 KB of loads (STAGES = 1, issued after the last barrier).
+// Barriers per chunk: 3 (S0: operands landed; B1: v_new written / Q, W, U, F free;
+// B2: K, P, state copy free).
 template <typename T, int DK, int DV, int BV, int NW, int STAGES>
 __device__ void scan(const NatslGdnPrefillParams& p) {
     constexpr int NT = NW * 32;
     constexpr int LDK = DK + PAD, LDB = BV + PAD, LDP = C + PAD;
     constexpr int ST_Q = 0, ST_K = C * LDK, ST_W = 2 * C * LDK, ST_P = 3 * C * LDK, ST_U = ST_P + C * LDP;
-    constexpr int STAGE = ST_U + C * LDB;  // elements of T per stage
+    constexpr int STAGE = ST_U + C * LDB;  // elements of T in the operand stage
     // Token phase: warps as 4 (16-row tiles) x NG (column groups of the BV tile).
     constexpr int NG = NW / 4, NTV = BV / NG / 8;
     // State phase: warp w owns state rows [w * RW, (w + 1) * RW), all BV columns.
     constexpr int RW = DK / NW, MTS = RW / 16, NTS = BV / 8;
     static_assert(NW % 4 == 0 && BV % (NG * 16) == 0 && RW % 16 == 0 && DV % BV == 0, "bad scan tile");
-    static_assert(STAGES >= 1 && STAGES <= 2, "1 or 2 stages");
+    static_assert(STAGES == 1, "scan: one operand stage with split prefetch");
+    static_assert(NT >= 3 * C / 4, "scan: F copy needs 48 threads");
 
     extern __shared__ __align__(16) unsigned char smem[];
-    T* stages = reinterpret_cast<T*>(smem);
-    T* sS = stages + STAGES * STAGE;  // [DK][LDB] state slice, storage dtype
-    T* sVn = sS + DK * LDB;           // [C][LDB] v_new
-    T* sO = sVn + C * LDB;            // [C][LDB] output staging
-    float* sGall = reinterpret_cast<float*>(sO + C * LDB);  // [STAGES][C]
+    T* st = reinterpret_cast<T*>(smem);
+    T* sS = st + STAGE;                                   // [DK][LDB] state slice, storage dtype
+    T* sVn = sS + DK * LDB;                               // [C][LDB] v_new
+    T* sVk = sVn + C * LDB;                               // [C][LDB] diag(fk) v_new
+    float* sF = reinterpret_cast<float*>(sVk + C * LDB);  // [3][C] fq, fk, G
 
     const int vt = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -249,18 +298,29 @@ __device__ void scan(const NatslGdnPrefillParams& p) {
     const int col0 = vt * BV;
     const T* gq = reinterpret_cast<const T*>(p.q) + (i64)hq * p.q_stride_h;
     const T* gk = reinterpret_cast<const T*>(p.k) + (i64)hq * p.k_stride_h;
+    const T* gw = reinterpret_cast<const T*>(p.ws_w);
+    const T* gu = reinterpret_cast<const T*>(p.ws_u);
+    const T* gp = reinterpret_cast<const T*>(p.ws_p);
 
-    auto issue = [&](int cc) {
+    // Group A (Q, W, U, F): read only in phase 1, so it is issued at B1.
+    auto issue_a = [&](int cc) {
         if (cc < nch) {
-            T* st = stages + (cc % STAGES) * STAGE;
             const int tt = bos + cc * C, ln = min(C, len_seq - cc * C);
             const i64 wrow = (i64)(base + cc) * Hv + h;
             load_rows_async<T, C, DK, NT>(st + ST_Q, LDK, gq + (i64)tt * p.q_stride_t, p.q_stride_t, ln);
+            load_rows_async<T, C, DK, NT>(st + ST_W, LDK, gw + wrow * C * DK, DK, C);
+            load_rows_async<T, C, BV, NT>(st + ST_U, LDB, gu + wrow * C * DV + col0, DV, C);
+            if (tid < 3 * C / 4) cp_async16(sF + tid * 4, p.ws_g + wrow * (3 * C) + tid * 4);
+        }
+        cp_async_commit();
+    };
+    // Group B (K, P): read in phase 2, issued at B2.
+    auto issue_b = [&](int cc) {
+        if (cc < nch) {
+            const int tt = bos + cc * C, ln = min(C, len_seq - cc * C);
+            const i64 wrow = (i64)(base + cc) * Hv + h;
             load_rows_async<T, C, DK, NT>(st + ST_K, LDK, gk + (i64)tt * p.k_stride_t, p.k_stride_t, ln);
-            load_rows_async<T, C, DK, NT>(st + ST_W, LDK, reinterpret_cast<const T*>(p.ws_w) + wrow * C * DK, DK, C);
-            load_rows_async<T, C, C, NT>(st + ST_P, LDP, reinterpret_cast<const T*>(p.ws_p) + wrow * C * C, C, C);
-            load_rows_async<T, C, BV, NT>(st + ST_U, LDB, reinterpret_cast<const T*>(p.ws_u) + wrow * C * DV + col0, DV, C);
-            if (tid < C / 4) cp_async16(sGall + (cc % STAGES) * C + tid * 4, p.ws_g + wrow * C + tid * 4);
+            load_rows_async<T, C, C, NT>(st + ST_P, LDP, gp + wrow * C * C, C, C);
         }
         cp_async_commit();
     };
@@ -308,8 +368,8 @@ __device__ void scan(const NatslGdnPrefillParams& p) {
             }
     };
 
-#pragma unroll
-    for (int s = 0; s < STAGES; ++s) issue(s);
+    issue_a(0);
+    issue_b(0);
     write_smem_state();
 
     const int mt = warp % 4, ng = warp / 4;
@@ -317,22 +377,16 @@ __device__ void scan(const NatslGdnPrefillParams& p) {
     const int hr = p.labels ? h / (Hv / p.num_r_heads) : 0;
     float glast_final = 0.f;
     bool last_complete = true;
+    T* go_seq = reinterpret_cast<T*>(p.o) + (i64)bos * p.o_stride_t + (i64)h * p.o_stride_h + col0;
 
     for (int c = 0; c < nch; ++c) {
-        T* st = stages + (c % STAGES) * STAGE;
-        const float* sG = sGall + (c % STAGES) * C;
         const int ln = min(C, len_seq - c * C);
-        cp_async_wait<STAGES - 1>();
-        __syncthreads();
+        const bool complete = ln == C, last = c == nch - 1;
+        cp_async_wait<0>();
+        __syncthreads();  // S0
+        const float GL = sF[2 * C + C - 1];
 
-        // Q rows *= scale e^{G_i}; K rows *= e^{G_L - G_j} (after the optional L2 norm).
-        const float GL = sG[C - 1];
-        const float scale = p.scale;
-        scale_rows<T, C, DK, NW>(st + ST_Q, LDK, p.l2norm, [&](int r) { return scale * __expf(sG[r]); });
-        scale_rows<T, C, DK, NW>(st + ST_K, LDK, p.l2norm, [&](int r) { return __expf(GL - sG[r]); });
-        __syncthreads();
-
-        // v_new = U - W S and o = Q S (shared B fragments of S).
+        // Phase 1: v_new = U - W S and o = Q S (shared B fragments of S).
         float aw[NTV][4], ao[NTV][4];
 #pragma unroll
         for (int i = 0; i < NTV; ++i)
@@ -353,18 +407,28 @@ __device__ void scan(const NatslGdnPrefillParams& p) {
                 mma_16816<T>(ao[nt + 1], a2, b + 2);
             }
         }
-        const T* sU = st + ST_U;
-#pragma unroll
-        for (int nt = 0; nt < NTV; ++nt)
+        {
+            const T* sU = st + ST_U;
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-                const int r = tm0 + lane / 4 + hf * 8, cc = tn0 + nt * 8 + (lane % 4) * 2;
-                const u32 u = *reinterpret_cast<const u32*>(sU + r * LDB + cc);
-                *reinterpret_cast<u32*>(sVn + r * LDB + cc) = pack2<T>(lo_f32<T>(u) - aw[nt][hf * 2], hi_f32<T>(u) - aw[nt][hf * 2 + 1]);
+                const int r = tm0 + lane / 4 + hf * 8;
+                const float fq = sF[r], fk = sF[C + r];
+#pragma unroll
+                for (int nt = 0; nt < NTV; ++nt) {
+                    const int cc = tn0 + nt * 8 + (lane % 4) * 2;
+                    const u32 u = *reinterpret_cast<const u32*>(sU + r * LDB + cc);
+                    const float v0 = lo_f32<T>(u) - aw[nt][hf * 2], v1 = hi_f32<T>(u) - aw[nt][hf * 2 + 1];
+                    *reinterpret_cast<u32*>(sVn + r * LDB + cc) = pack2<T>(v0, v1);
+                    *reinterpret_cast<u32*>(sVk + r * LDB + cc) = pack2<T>(v0 * fk, v1 * fk);
+                    ao[nt][hf * 2] *= fq;
+                    ao[nt][hf * 2 + 1] *= fq;
+                }
             }
-        __syncthreads();
+        }
+        __syncthreads();  // B1
+        issue_a(c + 1);
 
-        // o += P v_new.
+        // Phase 2: o += P v_new, straight to global (4-byte stores, 16 bytes per row and quad).
 #pragma unroll
         for (int k0 = 0; k0 < C; k0 += 16) {
             if (k0 > tm0 + 15) break;  // P is lower triangular
@@ -378,16 +442,22 @@ __device__ void scan(const NatslGdnPrefillParams& p) {
                 mma_16816<T>(ao[nt + 1], a, b + 2);
             }
         }
-#pragma unroll
-        for (int nt = 0; nt < NTV; ++nt)
+        {
+            T* go = go_seq + (i64)(c * C) * p.o_stride_t;
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
-                const int r = tm0 + lane / 4 + hf * 8, cc = tn0 + nt * 8 + (lane % 4) * 2;
-                *reinterpret_cast<u32*>(sO + r * LDB + cc) = pack2<T>(ao[nt][hf * 2], ao[nt][hf * 2 + 1]);
+                const int r = tm0 + lane / 4 + hf * 8;
+                if (r < ln) {
+#pragma unroll
+                    for (int nt = 0; nt < NTV; ++nt) {
+                        const int cc = tn0 + nt * 8 + (lane % 4) * 2;
+                        *reinterpret_cast<u32*>(go + (i64)r * p.o_stride_t + cc) = pack2<T>(ao[nt][hf * 2], ao[nt][hf * 2 + 1]);
+                    }
+                }
             }
+        }
 
-        // State update with the commit rule.
-        const bool complete = ln == C, last = c == nch - 1;
+        // State update with the commit rule: S <- e^{G_L} S (+ K^T diag(fk) v_new for GDN).
         int label = NATSL_LABEL_GDN;
         if (complete && p.labels) label = p.labels[(i64)(base + c) * p.num_r_heads + hr];
         if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
@@ -403,7 +473,7 @@ __device__ void scan(const NatslGdnPrefillParams& p) {
             for (int k0 = 0; k0 < C; k0 += 16) {
                 u32 b[NTS / 2][4];
 #pragma unroll
-                for (int ni = 0; ni < NTS; ni += 2) frag_b2_kn(b[ni / 2], sVn, LDB * 2, k0, ni * 8 * 2);
+                for (int ni = 0; ni < NTS; ni += 2) frag_b2_kn(b[ni / 2], sVk, LDB * 2, k0, ni * 8 * 2);
 #pragma unroll
                 for (int mi = 0; mi < MTS; ++mi) {
                     u32 a[4];
@@ -416,16 +486,13 @@ __device__ void scan(const NatslGdnPrefillParams& p) {
                 }
             }
         }
-        if (!last) write_smem_state();
+        if (!last) write_smem_state();  // phase-1 reads of sS all finished before B1
         if (last) {
             last_complete = complete;
             glast_final = complete ? 0.f : GL;
         }
-        __syncthreads();
-
-        T* go = reinterpret_cast<T*>(p.o) + (i64)(bos + c * C) * p.o_stride_t + (i64)h * p.o_stride_h + col0;
-        store_rows<T, C, BV, NT>(go, p.o_stride_t, sO, LDB, ln);
-        issue(c + STAGES);
+        __syncthreads();  // B2
+        issue_b(c + 1);
     }
     cp_async_wait<0>();
 
@@ -434,10 +501,11 @@ __device__ void scan(const NatslGdnPrefillParams& p) {
     if (p.gsum_running && vt == 0 && tid == 0) p.gsum_running[(i64)n * Hv + h] = glast_final;
 }
 
-// Dynamic shared memory of scan (mirrored by src/ops/gdn.rs).
+// Dynamic shared memory of scan (mirrored by src/ops/gdn.rs): one operand stage
+// (Q, K, W, P, U), the state copy, v_new, diag(fk) v_new, F.
 template <int DK, int BV, int STAGES>
 constexpr int scan_smem_bytes() {
-    return STAGES * (3 * C * (DK + PAD) + C * (C + PAD) + C * (BV + PAD)) * 2 + (DK + 2 * C) * (BV + PAD) * 2 + STAGES * C * 4;
+    return STAGES * (3 * C * (DK + PAD) + C * (C + PAD) + C * (BV + PAD)) * 2 + (DK + 2 * C) * (BV + PAD) * 2 + 3 * C * 4;
 }
 
 } // namespace gdn

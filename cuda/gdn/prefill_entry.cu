@@ -6,6 +6,6 @@ extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS) NATSL_KER
     natsl::gdn::prep<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(NATSL_THREADS) NATSL_KERNEL(scan)(const NatslGdnPrefillParams p) {
+extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(scan)(const NatslGdnPrefillParams p) {
     natsl::gdn::scan<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_BLOCK_N, NATSL_WARPS, NATSL_STAGES>(p);
 }

@@ -108,15 +108,27 @@ pub struct GdnDims {
 }
 
 fn check_dims(dk: usize, dv: usize) -> Result<()> {
-    if GDN_DIMS.iter().any(|&(a, b)| a as usize == dk && b as usize == dv) {
+    if GDN_DIMS
+        .iter()
+        .any(|&(a, b)| a as usize == dk && b as usize == dv)
+    {
         Ok(())
     } else {
         let list: Vec<String> = GDN_DIMS.iter().map(|(a, b)| format!("{a}/{b}")).collect();
-        Err(Error::Unsupported(format!("GDN head dims dk {dk} / dv {dv} (shipped: {})", list.join(", "))))
+        Err(Error::Unsupported(format!(
+            "GDN head dims dk {dk} / dv {dv} (shipped: {})",
+            list.join(", ")
+        )))
     }
 }
 
-fn check_pool(arg: &'static str, pool: &TensorRef, hv: usize, dk: usize, dv: usize) -> Result<usize> {
+fn check_pool(
+    arg: &'static str,
+    pool: &TensorRef,
+    hv: usize,
+    dk: usize,
+    dv: usize,
+) -> Result<usize> {
     pool.check_dtype(arg, &[DType::F32])?;
     pool.check_shape(arg, &[None, Some(hv), Some(dk), Some(dv)])?;
     pool.check_contiguous(arg)?;
@@ -135,10 +147,23 @@ fn check_index(arg: &'static str, index: &Option<Vec<i32>>, n: usize, rows: usiz
         }
         Some(ix) => {
             if ix.len() != n {
-                return Err(Error::invalid(arg, format!("index has {} entries, expected one per sequence ({n})", ix.len())));
+                return Err(Error::invalid(
+                    arg,
+                    format!(
+                        "index has {} entries, expected one per sequence ({n})",
+                        ix.len()
+                    ),
+                ));
             }
-            if let Some((s, &r)) = ix.iter().enumerate().find(|(_, &r)| r < 0 || r as usize >= rows) {
-                return Err(Error::invalid(arg, format!("index[{s}] = {r} is outside the pool's {rows} rows")));
+            if let Some((s, &r)) = ix
+                .iter()
+                .enumerate()
+                .find(|(_, &r)| r < 0 || r as usize >= rows)
+            {
+                return Err(Error::invalid(
+                    arg,
+                    format!("index[{s}] = {r} is outside the pool's {rows} rows"),
+                ));
             }
             Ok(())
         }
@@ -146,7 +171,15 @@ fn check_index(arg: &'static str, index: &Option<Vec<i32>>, n: usize, rows: usiz
 }
 
 /// Check q, k, v, g, beta, o of `t` tokens; returns (hqk, hv, dk, dv, dtype, beta_f32).
-fn check_qkv(q: &TensorRef, k: &TensorRef, v: &TensorRef, g: &TensorRef, beta: &TensorRef, o: &TensorRef, t: Option<usize>) -> Result<(usize, usize, usize, usize, natsl_codegen::DType, bool)> {
+fn check_qkv(
+    q: &TensorRef,
+    k: &TensorRef,
+    v: &TensorRef,
+    g: &TensorRef,
+    beta: &TensorRef,
+    o: &TensorRef,
+    t: Option<usize>,
+) -> Result<(usize, usize, usize, usize, natsl_codegen::DType, bool)> {
     q.check_dtype("q", &[DType::Bf16, DType::F16])?;
     q.check_shape("q", &[t, None, None])?;
     q.check_layout("q", 16)?;
@@ -159,10 +192,16 @@ fn check_qkv(q: &TensorRef, k: &TensorRef, v: &TensorRef, g: &TensorRef, beta: &
     v.check_layout("v", 16)?;
     let (hv, dv) = (v.dim(1), v.dim(2));
     if !hv.is_multiple_of(hqk) {
-        return Err(Error::invalid("v", format!("{hv} value heads is not a multiple of the {hqk} q/k heads")));
+        return Err(Error::invalid(
+            "v",
+            format!("{hv} value heads is not a multiple of the {hqk} q/k heads"),
+        ));
     }
     if hv > 65535 {
-        return Err(Error::invalid("v", format!("{hv} value heads (at most 65535)")));
+        return Err(Error::invalid(
+            "v",
+            format!("{hv} value heads (at most 65535)"),
+        ));
     }
     check_dims(dk, dv)?;
     g.check_dtype("g", &[DType::F32])?;
@@ -174,7 +213,14 @@ fn check_qkv(q: &TensorRef, k: &TensorRef, v: &TensorRef, g: &TensorRef, beta: &
     o.check_dtype("o", &[q.dtype()])?;
     o.check_shape("o", &[Some(t), Some(hv), Some(dv)])?;
     o.check_layout("o", 16)?;
-    Ok((hqk, hv, dk, dv, q.dtype().activation().unwrap(), beta.dtype() == DType::F32))
+    Ok((
+        hqk,
+        hv,
+        dk,
+        dv,
+        q.dtype().activation().unwrap(),
+        beta.dtype() == DType::F32,
+    ))
 }
 
 fn check_labels(arg: &'static str, labels: &TensorRef, rows: usize, hv: usize) -> Result<usize> {
@@ -184,7 +230,10 @@ fn check_labels(arg: &'static str, labels: &TensorRef, rows: usize, hv: usize) -
     labels.check_layout(arg, 1)?;
     let hr = labels.dim(1);
     if !hv.is_multiple_of(hr) {
-        return Err(Error::invalid(arg, format!("{hr} routing heads: the {hv} value heads are not a multiple")));
+        return Err(Error::invalid(
+            arg,
+            format!("{hr} routing heads: the {hv} value heads are not a multiple"),
+        ));
     }
     Ok(hr)
 }
@@ -198,17 +247,39 @@ fn resolve_scale(opts: &GdnOptions, dk: usize) -> Result<f32> {
 }
 
 /// Validate a prefill call without touching a device.
-pub fn validate_prefill(cu_seqlens: &[i32], inp: &GdnPrefillInputs, out: &GdnPrefillOutputs, opts: &GdnOptions) -> Result<GdnDims> {
+pub fn validate_prefill(
+    cu_seqlens: &[i32],
+    inp: &GdnPrefillInputs,
+    out: &GdnPrefillOutputs,
+    opts: &GdnOptions,
+) -> Result<GdnDims> {
     validate_cu_seqlens(cu_seqlens)?;
     let n = cu_seqlens.len() - 1;
     if n > 65535 {
-        return Err(Error::invalid("cu_seqlens", format!("{n} sequences (at most 65535 per call)")));
+        return Err(Error::invalid(
+            "cu_seqlens",
+            format!("{n} sequences (at most 65535 per call)"),
+        ));
     }
     let total = *cu_seqlens.last().unwrap() as usize;
     if inp.q.shape().len() == 3 && inp.q.dim(0) != total {
-        return Err(Error::invalid("q", format!("has {} tokens, but cu_seqlens ends at {total}", inp.q.dim(0))));
+        return Err(Error::invalid(
+            "q",
+            format!(
+                "has {} tokens, but cu_seqlens ends at {total}",
+                inp.q.dim(0)
+            ),
+        ));
     }
-    let (hqk, hv, dk, dv, dtype, beta_f32) = check_qkv(&inp.q, &inp.k, &inp.v, &inp.g, &inp.beta, out.o.view(), Some(total))?;
+    let (hqk, hv, dk, dv, dtype, beta_f32) = check_qkv(
+        &inp.q,
+        &inp.k,
+        &inp.v,
+        &inp.g,
+        &inp.beta,
+        out.o.view(),
+        Some(total),
+    )?;
     resolve_scale(opts, dk)?;
     let hr = match &inp.labels {
         Some(l) => check_labels("labels", l, crate::batch::num_slots(total, n), hv)?,
@@ -232,24 +303,41 @@ pub fn validate_prefill(cu_seqlens: &[i32], inp: &GdnPrefillInputs, out: &GdnPre
         gs.check_contiguous("gsum_running")?;
         gs.check_layout("gsum_running", 4)?;
     }
-    Ok(GdnDims { tokens: total, seqs: n, hqk, hv, hr, dk, dv, dtype, beta_f32 })
+    Ok(GdnDims {
+        tokens: total,
+        seqs: n,
+        hqk,
+        hv,
+        hr,
+        dk,
+        dv,
+        dtype,
+        beta_f32,
+    })
 }
 
 /// Dynamic shared memory of the prep kernel (mirror of `prep_smem_bytes`).
 pub fn prep_smem_bytes(dk: usize, dv: usize) -> usize {
-    2 * CHUNK * (dk + PAD) * 2 + CHUNK * (dv + PAD) * 2 + CHUNK * (CHUNK + 4) * 4 + CHUNK * (CHUNK + PAD) * 2 + 2 * CHUNK * 4
+    2 * CHUNK * (dk + PAD) * 2
+        + CHUNK * (dv + PAD) * 2
+        + CHUNK * (CHUNK + 4) * 4
+        + CHUNK * (CHUNK + PAD) * 2
+        + 4 * CHUNK * 4
 }
 
 /// Dynamic shared memory of the scan kernel (mirror of `scan_smem_bytes`).
 pub fn scan_smem_bytes(dk: usize, bv: usize, stages: usize) -> usize {
-    stages * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD)) * 2 + (dk + 2 * CHUNK) * (bv + PAD) * 2 + stages * CHUNK * 4
+    stages * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD)) * 2
+        + (dk + 2 * CHUNK) * (bv + PAD) * 2
+        + 3 * CHUNK * 4
 }
 
-/// Workspace bytes of a prefill: W, U, P (activation dtype) and G (f32) per (slot, value head).
+/// Workspace bytes of a prefill: W, U, P (activation dtype) and the row factors
+/// F = (fq, fk, G) (f32) per (slot, value head).
 pub fn workspace_bytes(num_slots: usize, hv: usize, dk: usize, dv: usize) -> usize {
     let rows = num_slots * hv * CHUNK;
     let a = |x: usize| x.div_ceil(256) * 256;
-    a(rows * dk * 2) + a(rows * dv * 2) + a(rows * CHUNK * 2) + a(rows * 4)
+    a(rows * dk * 2) + a(rows * dv * 2) + a(rows * CHUNK * 2) + a(rows * 3 * 4)
 }
 
 fn ptr_mut(t: &TensorMut) -> u64 {
@@ -257,10 +345,104 @@ fn ptr_mut(t: &TensorMut) -> u64 {
 }
 
 /// Run the GDN prefill over a packed batch.
-pub fn gdn_prefill(rt: &Runtime, batch: &Batch, inp: &GdnPrefillInputs, out: &mut GdnPrefillOutputs, opts: &GdnOptions, ws: &mut GdnWorkspace) -> Result<()> {
+pub fn gdn_prefill(
+    rt: &Runtime,
+    batch: &Batch,
+    inp: &GdnPrefillInputs,
+    out: &mut GdnPrefillOutputs,
+    opts: &GdnOptions,
+    ws: &mut GdnWorkspace,
+) -> Result<()> {
+    prefill_launch(rt, batch, inp, out, opts, ws, true, true, ScanTile::Auto)
+}
+
+/// Scan tile choice (tests force each path; [`gdn_prefill`] uses `Auto`).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScanTile {
+    /// Narrow where the default tile would give at most one CTA per SM.
+    #[default]
+    Auto,
+    /// The catalog's default tile.
+    Wide,
+    /// The narrow tile where the catalog has one (else the default).
+    Narrow,
+}
+
+/// Test hook: [`gdn_prefill`] with the scan tile forced.
+#[doc(hidden)]
+pub fn gdn_prefill_tiled(
+    rt: &Runtime,
+    batch: &Batch,
+    inp: &GdnPrefillInputs,
+    out: &mut GdnPrefillOutputs,
+    opts: &GdnOptions,
+    ws: &mut GdnWorkspace,
+    tile: ScanTile,
+) -> Result<()> {
+    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile)
+}
+
+/// Which launches of the prefill [`gdn_prefill_parts`] queues.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillPart {
+    /// Only `prep` (fills the workspace).
+    Prep,
+    /// Only `scan` (reads the workspace a previous full call with the same
+    /// arguments and workspace left there).
+    Scan,
+}
+
+/// Benchmark hook: queue one of the two prefill launches (see [`PrefillPart`]).
+#[doc(hidden)]
+pub fn gdn_prefill_parts(
+    rt: &Runtime,
+    batch: &Batch,
+    inp: &GdnPrefillInputs,
+    out: &mut GdnPrefillOutputs,
+    opts: &GdnOptions,
+    ws: &mut GdnWorkspace,
+    part: PrefillPart,
+) -> Result<()> {
+    prefill_launch(
+        rt,
+        batch,
+        inp,
+        out,
+        opts,
+        ws,
+        part == PrefillPart::Prep,
+        part == PrefillPart::Scan,
+        ScanTile::Auto,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prefill_launch(
+    rt: &Runtime,
+    batch: &Batch,
+    inp: &GdnPrefillInputs,
+    out: &mut GdnPrefillOutputs,
+    opts: &GdnOptions,
+    ws: &mut GdnWorkspace,
+    run_prep: bool,
+    run_scan: bool,
+    tile: ScanTile,
+) -> Result<()> {
     let d = validate_prefill(batch.cu_seqlens(), inp, out, opts)?;
     let scale = resolve_scale(opts, d.dk)?;
-    let spec = catalog::gdn_prefill_spec(d.dtype, d.dk as u32, d.dv as u32, rt.arch());
+    let wide = catalog::gdn_prefill_spec(d.dtype, d.dk as u32, d.dv as u32, rt.arch());
+    // The scan runs one CTA per (sequence, value head, dv tile), sequentially over the
+    // chunks: with at most one wide CTA per SM (e.g. one long sequence), halving the
+    // tile doubles the CTAs (each re-reads Q, K, W, P: more L2 traffic, same HBM).
+    let narrow = catalog::gdn_prefill_narrow_spec(d.dtype, d.dk as u32, d.dv as u32, rt.arch());
+    let wide_ctas = d.seqs * d.hv * (d.dv / wide.tile.block_n as usize);
+    let spec = match (tile, narrow) {
+        (ScanTile::Narrow, Some(s)) => s,
+        (ScanTile::Auto, Some(s)) if wide_ctas <= rt.sm_count() as usize => s,
+        _ => wide,
+    };
     let tile = spec.tile;
     let prep_smem = prep_smem_bytes(d.dk, d.dv) as u32;
     let scan_smem = scan_smem_bytes(d.dk, tile.block_n as usize, tile.stages as usize) as u32;
@@ -278,7 +460,14 @@ pub fn gdn_prefill(rt: &Runtime, batch: &Batch, inp: &GdnPrefillInputs, out: &mu
     let n = d.seqs;
     let mut idx: Vec<i32> = Vec::new();
     let mut has = [false; 3];
-    for (i, ix) in [inp.h0.as_ref().and_then(|h| h.index.as_ref()), out.committed.as_ref().and_then(|c| c.index.as_ref()), out.running.as_ref().and_then(|r| r.index.as_ref())].into_iter().enumerate() {
+    for (i, ix) in [
+        inp.h0.as_ref().and_then(|h| h.index.as_ref()),
+        out.committed.as_ref().and_then(|c| c.index.as_ref()),
+        out.running.as_ref().and_then(|r| r.index.as_ref()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         match ix {
             Some(v) => {
                 idx.extend_from_slice(v);
@@ -297,7 +486,13 @@ pub fn gdn_prefill(rt: &Runtime, batch: &Batch, inp: &GdnPrefillInputs, out: &mu
         }
         _ => (0, None),
     };
-    let idx_ptr = |i: usize| if has[i] { (ibase + (i * n * 4) as u64) as *const i32 } else { std::ptr::null() };
+    let idx_ptr = |i: usize| {
+        if has[i] {
+            (ibase + (i * n * 4) as u64) as *const i32
+        } else {
+            std::ptr::null()
+        }
+    };
     let buf = ws.buf.as_mut().unwrap();
     let (wsb, _gw) = buf.device_ptr_mut(s);
     let rows = ns * d.hv * CHUNK;
@@ -331,14 +526,29 @@ pub fn gdn_prefill(rt: &Runtime, batch: &Batch, inp: &GdnPrefillInputs, out: &mu
         num_v_heads: d.hv as i32,
         num_r_heads: d.hr as i32,
         scale,
-        labels: inp.labels.as_ref().map_or(std::ptr::null(), |l| l.ptr() as *const u8),
-        h0_pool: inp.h0.as_ref().map_or(std::ptr::null(), |h| h.pool.ptr() as *const f32),
+        labels: inp
+            .labels
+            .as_ref()
+            .map_or(std::ptr::null(), |l| l.ptr() as *const u8),
+        h0_pool: inp
+            .h0
+            .as_ref()
+            .map_or(std::ptr::null(), |h| h.pool.ptr() as *const f32),
         h0_index: idx_ptr(0),
-        committed_pool: out.committed.as_ref().map_or(std::ptr::null_mut(), |c| c.pool.ptr() as *mut f32),
+        committed_pool: out
+            .committed
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |c| c.pool.ptr() as *mut f32),
         committed_index: idx_ptr(1),
-        running_pool: out.running.as_ref().map_or(std::ptr::null_mut(), |r| r.pool.ptr() as *mut f32),
+        running_pool: out
+            .running
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |r| r.pool.ptr() as *mut f32),
         running_index: idx_ptr(2),
-        gsum_running: out.gsum_running.as_ref().map_or(std::ptr::null_mut(), |g| g.ptr() as *mut f32),
+        gsum_running: out
+            .gsum_running
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |g| g.ptr() as *mut f32),
         ws_w: ws_w as *mut _,
         ws_u: ws_u as *mut _,
         ws_p: ws_p as *mut _,
@@ -349,8 +559,20 @@ pub fn gdn_prefill(rt: &Runtime, batch: &Batch, inp: &GdnPrefillInputs, out: &mu
     // alignment, index ranges) or allocated here for exactly this problem; the
     // kernels read `p` by value and stay inside those bounds.
     unsafe {
-        s.launch_builder(&f_prep).arg(&p).launch(LaunchConfig { grid_dim: (ns as u32, d.hv as u32, 1), block_dim: (PREP_THREADS, 1, 1), shared_mem_bytes: prep_smem })?;
-        s.launch_builder(&f_scan).arg(&p).launch(LaunchConfig { grid_dim: ((d.dv / bv) as u32, d.hv as u32, n as u32), block_dim: (tile.threads(), 1, 1), shared_mem_bytes: scan_smem })?;
+        if run_prep {
+            s.launch_builder(&f_prep).arg(&p).launch(LaunchConfig {
+                grid_dim: (ns as u32, d.hv as u32, 1),
+                block_dim: (PREP_THREADS, 1, 1),
+                shared_mem_bytes: prep_smem,
+            })?;
+        }
+        if run_scan {
+            s.launch_builder(&f_scan).arg(&p).launch(LaunchConfig {
+                grid_dim: ((d.dv / bv) as u32, d.hv as u32, n as u32),
+                block_dim: (tile.threads(), 1, 1),
+                shared_mem_bytes: scan_smem,
+            })?;
+        }
     }
     Ok(())
 }
@@ -414,23 +636,38 @@ fn check_index_tensor(arg: &'static str, t: &TensorRef, n: usize) -> Result<()> 
 
 /// Validate a decode call without touching a device; returns the dimensions
 /// (`tokens` = rows, `seqs` = N).
-pub fn validate_decode(inp: &GdnDecodeInputs, o: &TensorRef, st: &GdnDecodeState, opts: &GdnOptions) -> Result<GdnDims> {
+pub fn validate_decode(
+    inp: &GdnDecodeInputs,
+    o: &TensorRef,
+    st: &GdnDecodeState,
+    opts: &GdnOptions,
+) -> Result<GdnDims> {
     let j = inp.tokens_per_seq;
     if j == 0 || j > MAX_DECODE_TOKENS {
-        return Err(Error::invalid("tokens_per_seq", format!("{j}: must be 1..={MAX_DECODE_TOKENS}")));
+        return Err(Error::invalid(
+            "tokens_per_seq",
+            format!("{j}: must be 1..={MAX_DECODE_TOKENS}"),
+        ));
     }
     let n = st.running_index.dim(0);
     check_index_tensor("running_index", &st.running_index, n)?;
     if n > 65535 {
-        return Err(Error::invalid("running_index", format!("{n} sequences (at most 65535 per call)")));
+        return Err(Error::invalid(
+            "running_index",
+            format!("{n} sequences (at most 65535 per call)"),
+        ));
     }
-    let (hqk, hv, dk, dv, dtype, beta_f32) = check_qkv(&inp.q, &inp.k, &inp.v, &inp.g, &inp.beta, o, Some(n * j))?;
+    let (hqk, hv, dk, dv, dtype, beta_f32) =
+        check_qkv(&inp.q, &inp.k, &inp.v, &inp.g, &inp.beta, o, Some(n * j))?;
     resolve_scale(opts, dk)?;
     check_pool("running", st.running.view(), hv, dk, dv)?;
     let hr = match &inp.labels {
         Some(l) => {
             if st.committed.is_none() {
-                return Err(Error::invalid("labels", "labels need the committed state (plain GDN decode has no commit)"));
+                return Err(Error::invalid(
+                    "labels",
+                    "labels need the committed state (plain GDN decode has no commit)",
+                ));
             }
             check_labels("labels", l, n, hv)?
         }
@@ -440,7 +677,10 @@ pub fn validate_decode(inp: &GdnDecodeInputs, o: &TensorRef, st: &GdnDecodeState
         check_pool("committed", pool.view(), hv, dk, dv)?;
         check_index_tensor("committed_index", index, n)?;
         if st.gsum.is_none() || st.pos.is_none() {
-            return Err(Error::invalid("committed", "the chunk commit needs gsum [N, Hv] and pos [N]"));
+            return Err(Error::invalid(
+                "committed",
+                "the chunk commit needs gsum [N, Hv] and pos [N]",
+            ));
         }
     }
     if let Some(gs) = &st.gsum {
@@ -449,18 +689,38 @@ pub fn validate_decode(inp: &GdnDecodeInputs, o: &TensorRef, st: &GdnDecodeState
         gs.check_contiguous("gsum")?;
         gs.check_layout("gsum", 4)?;
         if st.pos.is_none() {
-            return Err(Error::invalid("gsum", "gsum is reset at chunk boundaries, which needs pos [N]"));
+            return Err(Error::invalid(
+                "gsum",
+                "gsum is reset at chunk boundaries, which needs pos [N]",
+            ));
         }
     }
     if let Some(p) = &st.pos {
         check_index_tensor("pos", p.view(), n)?;
     }
-    Ok(GdnDims { tokens: n * j, seqs: n, hqk, hv, hr, dk, dv, dtype, beta_f32 })
+    Ok(GdnDims {
+        tokens: n * j,
+        seqs: n,
+        hqk,
+        hv,
+        hr,
+        dk,
+        dv,
+        dtype,
+        beta_f32,
+    })
 }
 
 /// One decode step (1..=8 tokens per sequence). Queued on the runtime's stream;
 /// no host synchronisation and no allocation once `ws` is reserved.
-pub fn gdn_decode(rt: &Runtime, inp: &GdnDecodeInputs, o: &mut TensorMut, st: &mut GdnDecodeState, opts: &GdnOptions, ws: &mut GdnDecodeWorkspace) -> Result<()> {
+pub fn gdn_decode(
+    rt: &Runtime,
+    inp: &GdnDecodeInputs,
+    o: &mut TensorMut,
+    st: &mut GdnDecodeState,
+    opts: &GdnOptions,
+    ws: &mut GdnDecodeWorkspace,
+) -> Result<()> {
     let d = validate_decode(inp, o.view(), st, opts)?;
     let scale = resolve_scale(opts, d.dk)?;
     let spec = catalog::gdn_decode_spec(d.dtype, d.dk as u32, d.dv as u32, rt.arch());
@@ -493,15 +753,30 @@ pub fn gdn_decode(rt: &Runtime, inp: &GdnDecodeInputs, o: &mut TensorMut, st: &m
         num_v_heads: d.hv as i32,
         num_r_heads: d.hr as i32,
         scale,
-        labels: inp.labels.as_ref().map_or(std::ptr::null(), |l| l.ptr() as *const u8),
+        labels: inp
+            .labels
+            .as_ref()
+            .map_or(std::ptr::null(), |l| l.ptr() as *const u8),
         running_pool: st.running.ptr() as *mut f32,
         running_index: st.running_index.ptr() as *const i32,
         running_pool_rows: st.running.dim(0) as i32,
-        committed_pool: st.committed.as_ref().map_or(std::ptr::null_mut(), |c| c.0.ptr() as *mut f32),
-        committed_index: st.committed.as_ref().map_or(std::ptr::null(), |c| c.1.ptr() as *const i32),
+        committed_pool: st
+            .committed
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |c| c.0.ptr() as *mut f32),
+        committed_index: st
+            .committed
+            .as_ref()
+            .map_or(std::ptr::null(), |c| c.1.ptr() as *const i32),
         committed_pool_rows: st.committed.as_ref().map_or(0, |c| c.0.dim(0) as i32),
-        gsum: st.gsum.as_ref().map_or(std::ptr::null_mut(), |g| g.ptr() as *mut f32),
-        pos: st.pos.as_ref().map_or(std::ptr::null_mut(), |p| p.ptr() as *mut i32),
+        gsum: st
+            .gsum
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |g| g.ptr() as *mut f32),
+        pos: st
+            .pos
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |p| p.ptr() as *mut i32),
         counter: counter as *mut u32,
     };
     let tile = spec.tile;
@@ -509,7 +784,15 @@ pub fn gdn_decode(rt: &Runtime, inp: &GdnDecodeInputs, o: &mut TensorMut, st: &m
     // come from device indices that the kernel bounds-checks against the pool sizes
     // passed here; the counter holds one entry per sequence.
     unsafe {
-        s.launch_builder(&f).arg(&p).launch(LaunchConfig { grid_dim: ((d.dv / tile.block_n as usize) as u32, d.hv as u32, d.seqs as u32), block_dim: (tile.threads(), 1, 1), shared_mem_bytes: 0 })?;
+        s.launch_builder(&f).arg(&p).launch(LaunchConfig {
+            grid_dim: (
+                (d.dv / tile.block_n as usize) as u32,
+                d.hv as u32,
+                d.seqs as u32,
+            ),
+            block_dim: (tile.threads(), 1, 1),
+            shared_mem_bytes: 0,
+        })?;
     }
     Ok(())
 }

@@ -54,6 +54,27 @@ pub enum BlockMask<'a> {
     Blocks { kv_num_blocks: TensorRef<'a>, kv_indices: TensorRef<'a> },
 }
 
+/// Which prefill kernel runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// The best proven kernel for the device (today: [`PrefillKernel::MmaSync`]).
+    #[default]
+    Auto,
+    /// FlashAttention-2 style on mma.sync (every arch).
+    MmaSync,
+    /// wgmma (sm_90a only; an error on other code paths).
+    Wgmma,
+}
+
+/// The prefill kernels a runtime can run (the explicit choices, Auto excluded).
+pub fn prefill_kernels(rt: &Runtime) -> Vec<PrefillKernel> {
+    let mut v = vec![PrefillKernel::MmaSync];
+    if rt.arch() == natsl_codegen::Arch::Sm90a {
+        v.push(PrefillKernel::Wgmma);
+    }
+    v
+}
+
 /// Options shared by prefill and decode.
 #[derive(Clone, Debug, Default)]
 pub struct SparseOptions<'a> {
@@ -65,6 +86,8 @@ pub struct SparseOptions<'a> {
     pub k_norm_w: Option<TensorRef<'a>>,
     /// Decode only: force the number of KV splits (`None` = chosen to fill the GPU).
     pub num_splits: Option<usize>,
+    /// Prefill only: which kernel runs.
+    pub kernel: PrefillKernel,
 }
 
 /// What validation of a prefill call found.
@@ -130,6 +153,13 @@ fn check_lse(lse: Option<&TensorRef>, rows: usize, hq: usize) -> Result<()> {
 /// Prefill smem bytes: Q, K, V tiles and the per-key RMS scales.
 pub fn prefill_smem(dims: HeadDims) -> u32 {
     64 * (2 * dims.dk + dims.dv) * 2 + 64 * 4
+}
+
+/// Smem bytes of the sm_90a wgmma prefill: Q, a ring of K/V tiles and per-key RMS
+/// scales, plus 1 KB to align the tiles to 1024 bytes.
+pub fn prefill_wgmma_smem(dims: HeadDims) -> u32 {
+    let st = crate::params::NATSL_SPARSE_WGMMA_STAGES;
+    64 * dims.dk * 2 + st * 64 * (dims.dk + dims.dv) * 2 + st * 64 * 4 + 1024
 }
 
 /// Validate a prefill call on the host (no GPU needed). `cu_seqlens` as for [`Batch`].
@@ -203,7 +233,16 @@ fn ptr_or_null(t: &Option<TensorRef>) -> *const std::ffi::c_void {
 pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &TensorRef, mask: &BlockMask, opts: &SparseOptions, o: &mut TensorMut, lse: Option<&mut TensorMut>) -> Result<()> {
     let plan = validate_prefill(batch.cu_seqlens(), q, k, v, mask, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
     let spec = catalog::sparse_prefill_spec(plan.dtype, plan.dims, rt.arch());
-    let f = rt.function(&spec, "prefill", plan.smem_bytes)?;
+    let (entry, smem_bytes) = match opts.kernel {
+        PrefillKernel::Auto | PrefillKernel::MmaSync => ("prefill", plan.smem_bytes),
+        PrefillKernel::Wgmma => {
+            if rt.arch() != natsl_codegen::Arch::Sm90a {
+                return Err(Error::Unsupported(format!("the wgmma prefill needs the sm_90a code path, not {:?}", rt.arch())));
+            }
+            ("prefill_wgmma", prefill_wgmma_smem(plan.dims))
+        }
+    };
+    let f = rt.function(&spec, entry, smem_bytes)?;
     let null = std::ptr::null::<i32>();
     let (mode, attn_list, attn_count, kvn, kvi) = match mask {
         BlockMask::Routed { attn_list, attn_count } => (NATSL_SPARSE_ROUTED, attn_list.ptr() as *const i32, attn_count.ptr() as *const i32, null, null),
@@ -242,7 +281,7 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
         max_q_blocks: qb as i32,
         max_kv_blocks: kb as i32,
     };
-    let cfg = LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: plan.smem_bytes };
+    let cfg = LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem_bytes };
     // SAFETY: every tensor in `p` was validated above (dtype, shape, bounds of every
     // element, 16-byte alignment of rows); list contents are bounds-checked in the kernel.
     unsafe { rt.stream().launch_builder(&f).arg(&p).launch(cfg)? };

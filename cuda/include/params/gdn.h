@@ -5,7 +5,7 @@
 /*
  * Prefill: two launches over a packed batch.
  *   prep: grid (num_slots, num_v_heads). Chunk-local WY transform of one 64-token
- *         chunk and value head into the workspace (W, U, P, G).
+ *         chunk and value head into the workspace (W, U, P and the row factors F).
  *   scan: grid (dv / BLOCK_N, num_v_heads, num_seqs). Walks the chunks of one
  *         sequence in order with a dk x BLOCK_N slice of the f32 state in registers.
  * Workspace rows are addressed by chunk slot (see NatslVarlen): row (slot * Hv + h).
@@ -45,7 +45,7 @@ typedef struct NatslGdnPrefillParams {
     void* ws_w;                 /* workspace [num_slots, Hv, 64, dk] activation dtype: W = T diag(beta e^G) K */
     void* ws_u;                 /* workspace [num_slots, Hv, 64, dv] activation dtype: U = T diag(beta) V */
     void* ws_p;                 /* workspace [num_slots, Hv, 64, 64] activation dtype: scale (Q K^T o decay), lower incl. diagonal */
-    float* ws_g;                /* workspace [num_slots, Hv, 64] f32: cumulative g inside the chunk (pads repeat the last) */
+    float* ws_g;                /* workspace [num_slots, Hv, 3, 64] f32 row factors: scale e^G / |q|, e^(G_last - G) / |k|, G (cumulative g inside the chunk; pads repeat the last) */
 } NatslGdnPrefillParams;
 
 /*

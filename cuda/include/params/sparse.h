@@ -7,6 +7,9 @@
 #define NATSL_SPARSE_ROUTED 0 /* the router's compact ATTN lists */
 #define NATSL_SPARSE_BLOCKS 1 /* per (sequence, mask head, query block) KV block lists */
 
+/* K/V ring depth of the sm_90a wgmma prefill (prefill_wgmma entry). */
+#define NATSL_SPARSE_WGMMA_STAGES 2
+
 /* Most new queries per sequence in one decode call (1 + up to 7 speculative). */
 #define NATSL_SPARSE_MAX_QUERIES 8
 
