@@ -50,17 +50,42 @@ fn kernels() -> Res {
     Ok(())
 }
 
-/// Compile every shipped unit through NVRTC; returns (units, seconds).
+/// Compile every shipped unit through NVRTC, one unit per core at a time (NVRTC
+/// is thread-safe); returns (units, seconds). With `verbose`, prints ptxas' report.
 fn compile_all(verbose: bool) -> Result<(usize, f64), Box<dyn std::error::Error>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let t0 = std::time::Instant::now();
     let specs = catalog::shipped();
-    for s in &specs {
-        let u = emit(s)?;
-        let img = jit::compile_uncached(&u.name, &u.source, &jit::options(s.arch))?;
-        if verbose {
-            for rep in jit::parse_ptxas(&img.log) {
-                println!("  {:<72} {:>3} regs {:>6} B smem  spills {}/{}", rep.function, rep.registers, rep.smem, rep.spill_stores, rep.spill_loads);
+    let next = AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(specs.len().max(1));
+    let results: Vec<Result<Vec<jit::PtxasReport>, String>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(s) = specs.get(i) else { break };
+                        let r = emit(s).map_err(|e| e.to_string()).and_then(|u| jit::compile_uncached(&u.name, &u.source, &jit::options(s.arch)).map_err(|e| e.to_string()));
+                        done.push((i, r.map(|img| jit::parse_ptxas(&img.log))));
+                    }
+                    done
+                })
+            })
+            .collect();
+        let mut all: Vec<_> = workers.into_iter().flat_map(|w| w.join().unwrap_or_default()).collect();
+        all.sort_by_key(|(i, _)| *i);
+        all.into_iter().map(|(_, r)| r).collect()
+    });
+    for r in &results {
+        match r {
+            Err(e) => return Err(e.clone().into()),
+            Ok(reports) if verbose => {
+                for rep in reports {
+                    println!("  {:<72} {:>3} regs {:>6} B smem  spills {}/{}", rep.function, rep.registers, rep.smem, rep.spill_stores, rep.spill_loads);
+                }
             }
+            Ok(_) => {}
         }
     }
     Ok((specs.len(), t0.elapsed().as_secs_f64()))

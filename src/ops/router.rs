@@ -191,12 +191,14 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     let dtype = x.dtype().activation().unwrap();
     let spec = catalog::router_spec(dtype, sparsity, rt.arch());
     let score_smem = THREADS * 8 * 4 + per as u32 * 4;
-    // Measured on the H200 (bench/results/router-2026-11-28.jsonl): the fused
-    // launch wins only while few chunks per sequence make its serial select tail short.
+    // Measured on the H200 (bench/results/2026-11-28-h200-c-natsl.jsonl, graph
+    // replays): with <= 8 heads the fused launch won at 64, 512 and 2048 chunks
+    // (8.9 vs 9.5, 36.7 vs 41.1, 113 vs 128 us) but lost at 256 (24.7 vs 21.6 us);
+    // with 32 heads its one-CTA select tail lost everywhere (119 vs 96 us at 16k).
     let fused = match opts.launch {
         RouterLaunch::Fused => true,
         RouterLaunch::Split => false,
-        RouterLaunch::Auto => batch.max_chunks() <= 32,
+        RouterLaunch::Auto => hr <= 8 && !(129..512).contains(&batch.max_chunks()),
     };
     let s = rt.stream();
     let (labels, _g1) = out.labels.device_ptr_mut(s);

