@@ -159,4 +159,20 @@ pub fn write_results(family: &str, records: &[Record]) -> Result<std::path::Path
     Ok(path)
 }
 
+/// A device buffer of `n` values in [lo, hi): a random block of 64k repeated, so
+/// GB-sized inputs fill quickly and are never zeros.
+pub fn fill<T: crate::testing::TestElem>(rt: &Runtime, n: usize, lo: f64, hi: f64, seed: u64) -> cudarc::driver::CudaSlice<T> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let block: Vec<T> = (0..(1 << 16).min(n)).map(|_| T::from_f64(rng.gen_range(lo..hi))).collect();
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        let m = (n - v.len()).min(block.len());
+        v.extend_from_slice(&block[..m]);
+    }
+    rt.stream().clone_htod(&v).expect("upload benchmark input")
+}
+
+pub mod gdn;
 pub mod router;
+pub mod sparse;

@@ -5,8 +5,9 @@
 //!                        a GPU, compile the kernels through NVRTC and run the CPU reference
 //!   natsl kernels        list every shipped specialisation
 //!   natsl compile        compile every shipped specialisation (NVRTC) and print ptxas' report
-//!   natsl bench [FAMILY] time the kernels (router, gdn, sparse, all), print a table and
-//!                        append JSON lines to bench/results/
+//!   natsl bench [FAMILY] [FILTER...]
+//!                        time the kernels (router, gdn, sparse, all; shapes whose name
+//!                        contains a filter), print a table, append JSON lines to bench/results/
 
 use natsl::bench::{self, Record};
 use natsl::ops::router::{route_into, RouterOptions, RouterOutput};
@@ -22,9 +23,9 @@ fn main() -> ExitCode {
         "run" => run(),
         "kernels" => kernels(),
         "compile" => compile(),
-        "bench" => bench_cmd(args.get(1).map(String::as_str).unwrap_or("all")),
+        "bench" => bench_cmd(args.get(1).map(String::as_str).unwrap_or("all"), args.get(2..).unwrap_or(&[])),
         "-h" | "--help" | "help" => {
-            println!("usage: natsl [run | kernels | compile | bench [router|gdn|sparse|all]]");
+            println!("usage: natsl [run | kernels | compile | bench [router|gdn|sparse|all] [SHAPE FILTERS...]]");
             Ok(())
         }
         other => Err(format!("unknown command `{other}` (try `natsl help`)").into()),
@@ -310,7 +311,10 @@ fn run_gpu(rt: &Runtime) -> Res {
     Ok(())
 }
 
-fn bench_cmd(family: &str) -> Res {
+fn bench_cmd(family: &str, filters: &[String]) -> Res {
+    if !matches!(family, "router" | "gdn" | "sparse" | "all") {
+        return Err(format!("unknown bench family `{family}` (router, gdn, sparse, all)").into());
+    }
     let rt = match Runtime::new(0) {
         Ok(rt) => rt,
         Err(e) => {
@@ -319,10 +323,17 @@ fn bench_cmd(family: &str) -> Res {
         }
     };
     let mut all = Vec::new();
-    if matches!(family, "router" | "all") {
-        let recs = bench::router::run(&rt, bench::router::SHAPES)?;
-        println!("results: {}", bench::write_results("router", &recs)?.display());
-        all.extend(recs);
+    let families: [(&str, fn(&Runtime, &[String]) -> Result<Vec<Record>, natsl::Error>); 3] = [
+        ("router", |rt, _| bench::router::run(rt, bench::router::SHAPES)),
+        ("gdn", |rt, f| Ok(bench::gdn::run(rt, f))),
+        ("sparse", |rt, f| Ok(bench::sparse::run(rt, f))),
+    ];
+    for (name, run) in families {
+        if family == name || family == "all" {
+            let recs = run(&rt, filters)?;
+            println!("results: {}", bench::write_results(name, &recs)?.display());
+            all.extend(recs);
+        }
     }
     bench::print_table(&all);
     Ok(())

@@ -1,0 +1,257 @@
+//! GDN prefill and decode timings (BENCH.md shapes P1..P9, the NAtS-L shapes, decode
+//! batches), used by `cargo bench --bench gdn` and `natsl bench gdn`. Panics on a
+//! device error (a benchmark tool, not API).
+
+use half::bf16;
+use super::{fill, time_it, Record};
+use crate::ops::gdn::*;
+use crate::{testing, Batch, Runtime, TensorMut, TensorRef};
+use rand::{Rng, SeedableRng};
+
+const CHUNK: usize = 64;
+
+
+struct Prefill {
+    name: String,
+    lens: Vec<usize>,
+    hqk: usize,
+    hv: usize,
+    dk: usize,
+    dv: usize,
+    attn_frac: Option<f64>,
+}
+
+fn flops_prefill(t: usize, hv: usize, dk: usize, dv: usize) -> f64 {
+    (t * hv) as f64 * (6.0 * (dk * dv) as f64 + 4.0 * CHUNK as f64 * (dk + dv) as f64)
+}
+
+/// The full prefill, then (`split`) prep alone and scan alone (the scan reads the
+/// workspace the full call left).
+fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool) -> Vec<Record> {
+    let cu = testing::cu_seqlens(&s.lens);
+    let t = *cu.last().unwrap() as usize;
+    let n = s.lens.len();
+    let (hqk, hv, dk, dv) = (s.hqk, s.hv, s.dk, s.dv);
+    let batch = Batch::new(rt, &cu).unwrap();
+    let q = fill::<bf16>(rt, t * hqk * dk, -1.0, 1.0, 1);
+    let k = fill::<bf16>(rt, t * hqk * dk, -1.0, 1.0, 2);
+    let v = fill::<bf16>(rt, t * hv * dv, -1.0, 1.0, 3);
+    let g = fill::<f32>(rt, t * hv, -0.1, -0.001, 4);
+    let beta = fill::<f32>(rt, t * hv, 0.05, 0.95, 5);
+    let h0 = fill::<f32>(rt, n * hv * dk * dv, -0.5, 0.5, 6);
+    let ns = crate::batch::num_slots(t, n);
+    let labels: Option<cudarc::driver::CudaSlice<u8>> = s.attn_frac.map(|f| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let l: Vec<u8> = (0..ns * hv).map(|_| rng.gen_bool(f) as u8).collect();
+        rt.stream().clone_htod(&l).unwrap()
+    });
+    let mut o = rt.stream().alloc_zeros::<bf16>(t * hv * dv).unwrap();
+    let mut st = rt.stream().alloc_zeros::<f32>(n * hv * dk * dv).unwrap();
+    let mut ws = GdnWorkspace::new();
+    let inp = GdnPrefillInputs {
+        q: TensorRef::new(&q, &[t, hqk, dk]),
+        k: TensorRef::new(&k, &[t, hqk, dk]),
+        v: TensorRef::new(&v, &[t, hv, dv]),
+        g: TensorRef::new(&g, &[t, hv]),
+        beta: TensorRef::new(&beta, &[t, hv]),
+        labels: labels.as_ref().map(|l| TensorRef::new(l, &[ns, hv])),
+        h0: Some(PoolIn {
+            pool: TensorRef::new(&h0, &[n, hv, dk, dv]),
+            index: None,
+        }),
+    };
+    let mut out = GdnPrefillOutputs {
+        o: TensorMut::new(&mut o, &[t, hv, dv]),
+        committed: Some(PoolOut {
+            pool: TensorMut::new(&mut st, &[n, hv, dk, dv]),
+            index: None,
+        }),
+        running: None,
+        gsum_running: None,
+    };
+    let opts = GdnOptions {
+        scale: None,
+        l2norm: true,
+    };
+    let timing = time_it(rt, 3, 10, |_| {
+        gdn_prefill(rt, &batch, &inp, &mut out, &opts, &mut ws)
+    })
+    .unwrap();
+    let flops = flops_prefill(t, hv, dk, dv);
+    let bytes =
+        (2 * t * hqk * dk * 2 + t * hv * dv * 2 * 2 + t * hv * 8 + 2 * n * hv * dk * dv * 4) as f64;
+    let variant = match s.attn_frac {
+        Some(f) => format!("bf16 attn{:.2}", f),
+        None => "bf16".into(),
+    };
+    let mut recs = vec![Record::new(
+        rt,
+        "gdn_prefill",
+        s.name.clone(),
+        variant.clone(),
+        &timing,
+        flops,
+        bytes,
+    )];
+    if split {
+        for (part, tag) in [(PrefillPart::Prep, "prep"), (PrefillPart::Scan, "scan")] {
+            let tm = time_it(rt, 3, 10, |_| {
+                gdn_prefill_parts(rt, &batch, &inp, &mut out, &opts, &mut ws, part)
+            })
+            .unwrap();
+            recs.push(Record::new(
+                rt,
+                "gdn_prefill",
+                s.name.clone(),
+                format!("{variant} {tag} only"),
+                &tm,
+                flops,
+                bytes,
+            ));
+        }
+    }
+    recs
+}
+
+fn bench_decode(rt: &Runtime, b: usize, hqk: usize, hv: usize, d: usize, commit: bool) -> Record {
+    let (dk, dv) = (d, d);
+    let q = fill::<bf16>(rt, b * hqk * dk, -1.0, 1.0, 1);
+    let k = fill::<bf16>(rt, b * hqk * dk, -1.0, 1.0, 2);
+    let v = fill::<bf16>(rt, b * hv * dv, -1.0, 1.0, 3);
+    let g = fill::<f32>(rt, b * hv, -0.1, -0.001, 4);
+    let beta = fill::<f32>(rt, b * hv, 0.05, 0.95, 5);
+    let mut run = fill::<f32>(rt, b * hv * dk * dv, -0.5, 0.5, 6);
+    let mut com = fill::<f32>(rt, if commit { b * hv * dk * dv } else { 1 }, -0.5, 0.5, 7);
+    let idx: Vec<i32> = (0..b as i32).collect();
+    let idx_d = rt.stream().clone_htod(&idx).unwrap();
+    let mut gs = rt.stream().alloc_zeros::<f32>(b * hv).unwrap();
+    let mut pos = rt.stream().clone_htod(&idx).unwrap();
+    let labels = rt.stream().alloc_zeros::<u8>(b * hv).unwrap();
+    let mut o = rt.stream().alloc_zeros::<bf16>(b * hv * dv).unwrap();
+    let mut ws = GdnDecodeWorkspace::new();
+    ws.reserve(rt, b).unwrap();
+    let inp = GdnDecodeInputs {
+        q: TensorRef::new(&q, &[b, hqk, dk]),
+        k: TensorRef::new(&k, &[b, hqk, dk]),
+        v: TensorRef::new(&v, &[b, hv, dv]),
+        g: TensorRef::new(&g, &[b, hv]),
+        beta: TensorRef::new(&beta, &[b, hv]),
+        labels: commit.then(|| TensorRef::new(&labels, &[b, hv])),
+        tokens_per_seq: 1,
+    };
+    let mut ot = TensorMut::new(&mut o, &[b, hv, dv]);
+    let mut st = GdnDecodeState {
+        running: TensorMut::new(&mut run, &[b, hv, dk, dv]),
+        running_index: TensorRef::new(&idx_d, &[b]),
+        committed: if commit {
+            Some((
+                TensorMut::new(&mut com, &[b, hv, dk, dv]),
+                TensorRef::new(&idx_d, &[b]),
+            ))
+        } else {
+            None
+        },
+        gsum: commit.then(|| TensorMut::new(&mut gs, &[b, hv])),
+        pos: commit.then(|| TensorMut::new(&mut pos, &[b])),
+    };
+    let opts = GdnOptions {
+        scale: None,
+        l2norm: true,
+    };
+    let timing = time_it(rt, 5, 50, |_| {
+        gdn_decode(rt, &inp, &mut ot, &mut st, &opts, &mut ws)
+    })
+    .unwrap();
+    let flops = (b * hv) as f64 * 6.0 * (dk * dv) as f64;
+    let bytes =
+        (b * hv * dk * dv * 4 * 2 + b * (2 * hqk * dk + 2 * hv * dv) * 2 + b * hv * 8) as f64;
+    Record::new(
+        rt,
+        "gdn_decode",
+        format!("B{b} h{hqk}/{hv} d{d}"),
+        if commit {
+            "bf16 commit".into()
+        } else {
+            "bf16".into()
+        },
+        &timing,
+        flops,
+        bytes,
+    )
+}
+
+/// Every shape whose name contains one of `filters` (all if empty).
+pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
+    let want = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
+    let p = |name: &str, lens: &[usize], hqk, hv| Prefill {
+        name: name.into(),
+        lens: lens.to_vec(),
+        hqk,
+        hv,
+        dk: 128,
+        dv: 128,
+        attn_frac: None,
+    };
+    let mut shapes = vec![
+        p("P1 8x8192 16/16", &[8192; 8], 16, 16),
+        p("P2 8x8192 16/32", &[8192; 8], 16, 32),
+        p("P3 8x8192 16/64", &[8192; 8], 16, 64),
+        p("P4 1x32768 16/32", &[32768], 16, 32),
+        p("P5 1x32768 2/8", &[32768], 2, 8),
+        p("P6 1x8192 16/64", &[8192], 16, 64),
+        p("P7 1024+7168 16/32", &[1024, 7168], 16, 32),
+        p("P8 1x2048 16/32", &[2048], 16, 32),
+        p("P9 1x65536 16/32", &[65536], 16, 32),
+        Prefill {
+            name: "d64 8x8192 16/16".into(),
+            lens: vec![8192; 8],
+            hqk: 16,
+            hv: 16,
+            dk: 64,
+            dv: 64,
+            attn_frac: None,
+        },
+    ];
+    for f in [0.0, 0.25, 1.0] {
+        shapes.push(Prefill {
+            name: "natsl-340M 1x32768 6 128/256".into(),
+            lens: vec![32768],
+            hqk: 6,
+            hv: 6,
+            dk: 128,
+            dv: 256,
+            attn_frac: Some(f),
+        });
+        shapes.push(Prefill {
+            name: "natsl-760M 1x32768 6 192/384".into(),
+            lens: vec![32768],
+            hqk: 6,
+            hv: 6,
+            dk: 192,
+            dv: 384,
+            attn_frac: Some(f),
+        });
+    }
+    let mut recs = Vec::new();
+    for s in &shapes {
+        if want(&s.name) {
+            // Prep / scan split for the plain shapes (the lead's profile of where time goes).
+            for r in bench_prefill(rt, s, s.attn_frac.is_none_or(|f| f == 0.0)) {
+                println!("{:<34} {:<22} {:>9.4} ms", r.shape, r.variant, r.ms);
+                recs.push(r);
+            }
+        }
+    }
+    for (hqk, hv) in [(16, 16), (16, 32)] {
+        for b in [1, 32, 128, 512] {
+            for commit in [false, true] {
+                if want(&format!("decode B{b} h{hqk}/{hv}")) {
+                    let r = bench_decode(rt, b, hqk, hv, 128, commit);
+                    println!("{:<34} {:>9.4} ms", r.shape, r.ms);
+                    recs.push(r);
+                }
+            }
+        }
+    }
+    recs
+}
