@@ -165,3 +165,31 @@ pub fn tolerance(dtype: crate::DType) -> f64 {
         _ => 1e-2,
     }
 }
+
+/// A view over a fake, 256-byte-aligned device address holding `avail` elements,
+/// for validation tests that run without a device (validation never dereferences it).
+pub fn fake_view(dtype: crate::DType, shape: &[usize], strides: &[usize], avail: usize) -> crate::TensorRef<'static> {
+    // SAFETY: the view is only ever validated, never launched on.
+    unsafe { crate::TensorRef::from_raw(0x7f00_0000_0000, avail, dtype, shape, strides) }
+}
+
+/// A contiguous [`fake_view`] of exactly `shape`.
+pub fn fake_contiguous(dtype: crate::DType, shape: &[usize]) -> crate::TensorRef<'static> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    fake_view(dtype, shape, &strides, shape.iter().product())
+}
+
+/// The argument an `InvalidArgument` error names (printing its reason); panics on
+/// any other error, so a test can assert which argument was rejected.
+pub fn invalid_arg(e: crate::Error) -> &'static str {
+    match e {
+        crate::Error::InvalidArgument { arg, reason } => {
+            println!("{arg}: {reason}");
+            arg
+        }
+        other => panic!("expected InvalidArgument, got {other}"),
+    }
+}

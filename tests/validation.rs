@@ -3,29 +3,16 @@
 //! device addresses are never dereferenced).
 
 use natsl::ops::router::{validate, RouterOptions, RouterPolicy};
-use natsl::{DType, Error, SeqLayout, TensorRef};
+use natsl::{testing, DType, SeqLayout, TensorRef};
 
-/// A view over a fake, 256-byte-aligned device address holding `avail` elements.
 fn fake(dtype: DType, shape: &[usize], strides: &[usize], avail: usize) -> TensorRef<'static> {
-    // SAFETY: validation never dereferences the pointer.
-    unsafe { TensorRef::from_raw(0x7f00_0000_0000, avail, dtype, shape, strides) }
+    testing::fake_view(dtype, shape, strides, avail)
 }
 fn contiguous(dtype: DType, shape: &[usize]) -> TensorRef<'static> {
-    let mut strides = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    fake(dtype, shape, &strides, shape.iter().product())
+    testing::fake_contiguous(dtype, shape)
 }
-
-fn arg_of(e: Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, reason } => {
-            println!("{arg}: {reason}");
-            arg
-        }
-        other => panic!("expected InvalidArgument, got {other}"),
-    }
+fn arg_of(e: natsl::Error) -> &'static str {
+    testing::invalid_arg(e)
 }
 
 #[test]
