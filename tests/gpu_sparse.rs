@@ -189,7 +189,7 @@ fn check_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
         k_norm_w: if c.norm { Some(TensorRef::new(&kwd, &[dk])) } else { None },
         ..Default::default()
     };
-    // Every prefill kernel the device has (mma.sync; wgmma on sm_90a).
+    // Every prefill kernel the device has (mma.sync; wgmma and pipelined wgmma on sm_90a).
     for kernel in sparse::prefill_kernels(rt) {
         let what = format!("{what} kernel {kernel:?}");
         let opts = SparseOptions { kernel, ..opts0.clone() };

@@ -1,9 +1,11 @@
-// Sparse softmax prefill entries (see sparse/prefill.cuh, sparse/prefill_wgmma.cuh).
-// Spec macros come from natsl-codegen. `prefill_wgmma` exists on every arch so the
+// Sparse softmax prefill entries (see sparse/prefill.cuh, sparse/prefill_wgmma.cuh,
+// sparse/prefill_wgmma2.cuh). Spec macros come from natsl-codegen. `prefill_wgmma`
+// and `prefill_wgmma2` exist on every arch so the
 // entry list is the same; off sm_90a it is an empty stub the host never launches.
 #include "include/natsl_params.h"
 #include "sparse/prefill.cuh"
 #include "sparse/prefill_wgmma.cuh"
+#include "sparse/prefill_wgmma2.cuh"
 
 extern "C" __global__ void __launch_bounds__(NATSL_THREADS) NATSL_KERNEL(prefill)(const NatslSparsePrefillParams p) {
     natsl::sparse::sparse_prefill<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_WARPS>(p);
@@ -12,6 +14,14 @@ extern "C" __global__ void __launch_bounds__(NATSL_THREADS) NATSL_KERNEL(prefill
 extern "C" __global__ void __launch_bounds__(128) NATSL_KERNEL(prefill_wgmma)(const NatslSparsePrefillParams p) {
 #if NATSL_SM90A
     natsl::sparse::sparse_prefill_wgmma<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_SPARSE_WGMMA_STAGES>(p);
+#else
+    (void)p;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(128) NATSL_KERNEL(prefill_wgmma2)(const NatslSparsePrefillParams p) {
+#if NATSL_SM90A
+    natsl::sparse::sparse_prefill_wgmma2<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);
 #else
     (void)p;
 #endif

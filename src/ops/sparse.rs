@@ -66,6 +66,11 @@ pub enum PrefillKernel {
     MmaSync,
     /// wgmma (sm_90a only; an error on other code paths).
     Wgmma,
+    /// wgmma with intra-warpgroup pipelining (sm_90a only): the next block's QK^T
+    /// and the previous block's PV run on the tensor cores while the warpgroup does
+    /// the softmax (entry `prefill_wgmma2`). Not yet proven on a device: Auto does
+    /// not pick it.
+    WgmmaPipelined,
 }
 
 /// The prefill kernels a runtime can run (the explicit choices, Auto excluded).
@@ -73,6 +78,7 @@ pub fn prefill_kernels(rt: &Runtime) -> Vec<PrefillKernel> {
     let mut v = vec![PrefillKernel::MmaSync];
     if rt.arch() == natsl_codegen::Arch::Sm90a {
         v.push(PrefillKernel::Wgmma);
+        v.push(PrefillKernel::WgmmaPipelined);
     }
     v
 }
@@ -164,6 +170,12 @@ pub fn prefill_wgmma_smem(dims: HeadDims) -> u32 {
     64 * dims.dk * 2 + st * 64 * (dims.dk + dims.dv) * 2 + st * 64 * 4 + 1024
 }
 
+/// Smem bytes of the pipelined sm_90a prefill (`prefill_wgmma2`): Q, two K slots,
+/// two V slots, two per-key RMS scale rows, plus 1 KB to align the tiles.
+pub fn prefill_wgmma2_smem(dims: HeadDims) -> u32 {
+    64 * dims.dk * 2 + 2 * 64 * (dims.dk + dims.dv) * 2 + 2 * 64 * 4 + 1024
+}
+
 /// Validate a prefill call on the host (no GPU needed). `cu_seqlens` as for [`Batch`].
 #[allow(clippy::too_many_arguments)]
 pub fn validate_prefill(cu_seqlens: &[i32], q: &TensorRef, k: &TensorRef, v: &TensorRef, mask: &BlockMask, opts: &SparseOptions, o: &TensorRef, lse: Option<&TensorRef>) -> Result<PrefillPlan> {
@@ -247,6 +259,12 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
                 return Err(Error::Unsupported(format!("the wgmma prefill needs the sm_90a code path, not {:?}", rt.arch())));
             }
             ("prefill_wgmma", prefill_wgmma_smem(plan.dims))
+        }
+        PrefillKernel::WgmmaPipelined => {
+            if rt.arch() != natsl_codegen::Arch::Sm90a {
+                return Err(Error::Unsupported(format!("the pipelined wgmma prefill needs the sm_90a code path, not {:?}", rt.arch())));
+            }
+            ("prefill_wgmma2", prefill_wgmma2_smem(plan.dims))
         }
     };
     let f = rt.function(&spec, entry, smem_bytes)?;
