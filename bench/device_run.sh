@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One device call: tests, compute-sanitizer, natsl benches and the peers, logs under $OUT.
 # Run from the repository root on the GPU host after `../shared/gpu/pack --peers`:
-#   bash bench/device_run.sh [tests|sanitize|bench|peers]...   (default: all four)
+#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile]...   (default: the first four)
 set -uo pipefail
 OUT=${OUT:-/tmp/natsl-out}
 mkdir -p "$OUT" bench/results
 export NATSL_REQUIRE_GPU=1 NATSL_CACHE_DIR=/tmp/natsl-cache
 eval "$(.gpu/run env)"
 steps=${*:-tests sanitize bench peers}
+NCU="ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section LaunchStats"
 for step in $steps; do
   case $step in
     tests)
@@ -35,5 +36,11 @@ for step in $steps; do
       timeout 150 .gpu/run py bench/peers/sparse_peers.py "$OUT/sparse-peers.jsonl" > "$OUT/sparse_peers.log" 2>&1
       timeout 300 .gpu/run py bench/peers/gdn_peers.py "$OUT/gdn-peers.jsonl" > "$OUT/gdn_peers.log" 2>&1
       grep -vi warn "$OUT/gdn_peers.log" | tail -20 ;;
+    profile)
+      # One launch of each kernel the notes name as the next bottleneck.
+      timeout 120 $NCU -k regex:natsl_router -c 2 .gpu/bin/natsl bench router "T=131072" > "$OUT/ncu_router.txt" 2>&1
+      timeout 150 $NCU -k regex:natsl_gdn_prefill -c 2 .gpu/tests/gdn "P1 " > "$OUT/ncu_gdn.txt" 2>&1
+      timeout 150 $NCU -k regex:natsl_sparse_prefill -c 2 .gpu/tests/sparse "dense causal" > "$OUT/ncu_sparse.txt" 2>&1
+      grep -hE "^  [a-z_]+.*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT"/ncu_*.txt | head -60 ;;
   esac
 done

@@ -2,32 +2,22 @@
 //! `Error::InvalidArgument` naming the argument, before anything is launched.
 
 use natsl::ops::sparse::{validate_decode, validate_prefill, BlockMask, PagedKv, SparseOptions};
-use natsl::{DType, Error, TensorRef};
-
-const BASE: u64 = 1 << 32; // a fake, well-aligned device address: validation never dereferences it
+use natsl::{testing, DType, TensorRef};
 
 type Edit<X> = Box<dyn Fn(&mut X)>;
 
 fn t(dtype: DType, shape: &[usize]) -> TensorRef<'static> {
-    let mut st = vec![1usize; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        st[i] = st[i + 1] * shape[i + 1];
-    }
-    ts(dtype, shape, &st)
+    testing::fake_contiguous(dtype, shape)
 }
 fn ts(dtype: DType, shape: &[usize], strides: &[usize]) -> TensorRef<'static> {
     let avail = shape.iter().zip(strides).map(|(s, st)| (s - 1) * st).sum::<usize>() + 1;
-    // SAFETY: only validated, never used for a launch.
-    unsafe { TensorRef::from_raw(BASE, avail, dtype, shape, strides) }
+    testing::fake_view(dtype, shape, strides, avail)
 }
 
 fn arg_of<T: std::fmt::Debug>(r: natsl::Result<T>) -> &'static str {
     match r {
-        Err(Error::InvalidArgument { arg, reason }) => {
-            println!("  rejected `{arg}`: {reason}");
-            arg
-        }
-        other => panic!("expected InvalidArgument, got {other:?}"),
+        Err(e) => testing::invalid_arg(e),
+        Ok(v) => panic!("expected InvalidArgument, got Ok({v:?})"),
     }
 }
 

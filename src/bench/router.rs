@@ -10,6 +10,11 @@ use half::bf16;
 /// (T, D, Hr) shapes: NAtS-L 340M / 760M widths and a large model width.
 pub const SHAPES: &[(usize, usize, usize)] = &[(4096, 1024, 6), (16384, 1024, 6), (32768, 1024, 6), (131072, 1024, 6), (32768, 1536, 6), (16384, 4096, 32), (65536, 4096, 32)];
 
+/// The shapes of [`SHAPES`] whose name (`T=.. D=.. Hr=..`) contains one of `filters` (all if empty).
+pub fn shapes_matching(filters: &[String]) -> Vec<(usize, usize, usize)> {
+    SHAPES.iter().copied().filter(|&(t, d, hr)| filters.is_empty() || filters.iter().any(|f| format!("T={t} D={d} Hr={hr}").contains(f.as_str()))).collect()
+}
+
 pub fn run(rt: &Runtime, shapes: &[(usize, usize, usize)]) -> Result<Vec<Record>> {
     let mut out = Vec::new();
     let mut rng = testing::rng(1);

@@ -324,7 +324,7 @@ fn bench_cmd(family: &str, filters: &[String]) -> Res {
     };
     let mut all = Vec::new();
     let families: [(&str, fn(&Runtime, &[String]) -> Result<Vec<Record>, natsl::Error>); 3] = [
-        ("router", |rt, _| bench::router::run(rt, bench::router::SHAPES)),
+        ("router", |rt, f| bench::router::run(rt, &bench::router::shapes_matching(f))),
         ("gdn", |rt, f| Ok(bench::gdn::run(rt, f))),
         ("sparse", |rt, f| Ok(bench::sparse::run(rt, f))),
     ];
