@@ -9,7 +9,7 @@
 // share K/V run side by side and share it through L2).
 #pragma once
 #include "sparse/flash.cuh"
-#include "common/varlen.cuh"
+#include "sparse/prefill_work.cuh"
 
 namespace natsl {
 namespace sparse {
@@ -22,16 +22,6 @@ struct PrefillSmem {
     static constexpr int KSCALE = V + 64 * DV * 2;   // [64] f32 1/rms(k)
     static constexpr int BYTES = KSCALE + 64 * 4;
 };
-
-// First position of `list[0..len)` whose entry is >= c (the list is ascending).
-__device__ __forceinline__ int lower_bound_i32(const int* list, int len, int c) {
-    int lo = 0, hi = len;
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (list[mid] < c) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-}
 
 template <typename T, int DK, int DV, int WARPS>
 __device__ void sparse_prefill(const NatslSparsePrefillParams& p) {
@@ -49,48 +39,12 @@ __device__ void sparse_prefill(const NatslSparsePrefillParams& p) {
     float* kscale = reinterpret_cast<float*>(smem + S::KSCALE);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int Hq = p.num_q_heads;
-    const int nseq = p.batch.num_seqs;
-    int lin = blockIdx.x;
-    const int j = lin % Hq;
-    lin /= Hq;
-    const int n = lin % nseq;
-    const int c = p.batch.max_chunks - 1 - lin / nseq;
-    const int seq0 = p.batch.cu_seqlens[n];
-    const int len = p.batch.cu_seqlens[n + 1] - seq0;
-    if (c < 0 || c * 64 >= len) return;
-    const int kvh = j / (Hq / p.num_kv_heads);
-    const int mh = j / (Hq / p.num_mask_heads);
-    const int q_rows = min(64, len - c * 64);
-
-    // The block list of this query chunk (see NatslSparsePrefillParams).
-    const bool routed = p.mode == NATSL_SPARSE_ROUTED;
-    const int* list;
-    int list_len;
-    if (routed) {
-        list = p.attn_list + (i64)mh * p.batch.num_slots + slot_base(p.batch.cu_seqlens, n);
-        const int cnt = min(max(p.attn_count[n * p.num_mask_heads + mh], 0), c);
-        list_len = lower_bound_i32(list, cnt, c);
-    } else {
-        const i64 qb = ((i64)n * p.num_mask_heads + mh) * p.max_q_blocks + c;
-        list = p.kv_indices + qb * p.max_kv_blocks;
-        list_len = c < p.max_q_blocks ? min(max(p.kv_num_blocks[qb], 0), p.max_kv_blocks) : 0;
-    }
-    const int total = list_len + (routed ? 1 : 0);
-    // Block of list position `it` (-1: skip it).
-    auto block_at = [&](int it) -> int {
-        if (routed) {
-            if (it == 0) return c;
-            const int b = list[it - 1];
-            return (b >= 0 && b < c) ? b : -1;
-        }
-        const int b = list[it];
-        return (b >= 0 && b <= c) ? b : -1;
-    };
-    auto next_valid = [&](int it) -> int {
-        while (it < total && block_at(it) < 0) ++it;
-        return it;
-    };
+    PrefillWork w;
+    if (!w.init(p)) return;
+    const int j = w.j, c = w.c, seq0 = w.seq0, len = w.len, kvh = w.kvh, q_rows = w.q_rows;
+    const int total = w.total;
+    auto block_at = [&](int it) { return w.block_at(it); };
+    auto next_valid = [&](int it) { return w.next_valid(it); };
 
     const T* qg = reinterpret_cast<const T*>(p.q) + (i64)(seq0 + c * 64) * p.q_stride_t + (i64)j * p.q_stride_h;
     const T* kg = reinterpret_cast<const T*>(p.k) + (i64)seq0 * p.k_stride_t + (i64)kvh * p.k_stride_h;

@@ -1,0 +1,76 @@
+// prefill_work.cuh: what one prefill CTA works on, shared by every prefill kernel
+// (mma.sync, wgmma, pipelined wgmma): the (query head, sequence, chunk) of the
+// CTA and the list of 64-key blocks it visits (see NatslSparsePrefillParams).
+#pragma once
+#include "common/varlen.cuh"
+
+namespace natsl {
+namespace sparse {
+
+// First position of `list[0..len)` whose entry is >= c (the list is ascending).
+__device__ __forceinline__ int lower_bound_i32(const int* list, int len, int c) {
+    int lo = 0, hi = len;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (list[mid] < c) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+struct PrefillWork {
+    int j, n, c;      // query head, sequence, query chunk
+    int seq0, len;    // the sequence's first token and length
+    int kvh, mh;      // kv head, mask (routing) head
+    int q_rows;       // real query rows of the chunk (<= 64)
+    bool routed;      // router lists (else FlexAttention-style block lists)
+    const int* list;  // this chunk's block list
+    int list_len;     // usable entries of `list`
+    int total;        // positions to visit (the own block first when routed)
+
+    // Grid order: latest chunks (heaviest) first, heads fastest. False: no work.
+    __device__ __forceinline__ bool init(const NatslSparsePrefillParams& p) {
+        const int Hq = p.num_q_heads;
+        const int nseq = p.batch.num_seqs;
+        int lin = blockIdx.x;
+        j = lin % Hq;
+        lin /= Hq;
+        n = lin % nseq;
+        c = p.batch.max_chunks - 1 - lin / nseq;
+        seq0 = p.batch.cu_seqlens[n];
+        len = p.batch.cu_seqlens[n + 1] - seq0;
+        if (c < 0 || c * 64 >= len) return false;
+        kvh = j / (Hq / p.num_kv_heads);
+        mh = j / (Hq / p.num_mask_heads);
+        q_rows = min(64, len - c * 64);
+        routed = p.mode == NATSL_SPARSE_ROUTED;
+        if (routed) {
+            list = p.attn_list + (i64)mh * p.batch.num_slots + slot_base(p.batch.cu_seqlens, n);
+            const int cnt = min(max(p.attn_count[n * p.num_mask_heads + mh], 0), c);
+            list_len = lower_bound_i32(list, cnt, c);
+        } else {
+            const i64 qb = ((i64)n * p.num_mask_heads + mh) * p.max_q_blocks + c;
+            list = p.kv_indices + qb * p.max_kv_blocks;
+            list_len = c < p.max_q_blocks ? min(max(p.kv_num_blocks[qb], 0), p.max_kv_blocks) : 0;
+        }
+        total = list_len + (routed ? 1 : 0);
+        return true;
+    }
+    // Block of list position `it` (-1: skip it).
+    __device__ __forceinline__ int block_at(int it) const {
+        if (routed) {
+            if (it == 0) return c;
+            const int b = list[it - 1];
+            return (b >= 0 && b < c) ? b : -1;
+        }
+        const int b = list[it];
+        return (b >= 0 && b <= c) ? b : -1;
+    }
+    // The first position >= it with a valid block (`total` if none).
+    __device__ __forceinline__ int next_valid(int it) const {
+        while (it < total && block_at(it) < 0) ++it;
+        return it;
+    }
+};
+
+} // namespace sparse
+} // namespace natsl
