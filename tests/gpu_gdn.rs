@@ -289,158 +289,168 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
         }
     }
     let h0d = testing::upload::<f32>(rt, &h0_pool).unwrap();
-    let mut od = testing::poisoned::<T>(rt, t * c.hv * c.dv).unwrap();
-    let mut comd = testing::poisoned::<f32>(rt, rows * sd).unwrap();
-    let mut rund = testing::poisoned::<f32>(rt, n * sd).unwrap();
-    let mut gsd = testing::poisoned::<f32>(rt, n * c.hv).unwrap();
+    // Every check runs once per prep kernel (outputs re-poisoned for each).
+    let mut failures = Vec::new();
+    for prep in [PrepKernel::Substitution, PrepKernel::Blocked] {
+        println!("  prep kernel {prep:?}");
+        let mut od = testing::poisoned::<T>(rt, t * c.hv * c.dv).unwrap();
+        let mut comd = testing::poisoned::<f32>(rt, rows * sd).unwrap();
+        let mut rund = testing::poisoned::<f32>(rt, n * sd).unwrap();
+        let mut gsd = testing::poisoned::<f32>(rt, n * c.hv).unwrap();
 
-    {
-        let (q_t, k_t, v_t) = match &packed_d {
-            Some(p) => (
-                TensorRef::strided(p, &[t, c.hqk, c.dk], &[row, c.dk, 1]),
-                // SAFETY: offsets inside the packed buffer; validation checks the extents.
-                unsafe {
-                    TensorRef::from_raw(
-                        TensorRef::new(p, &[t * row]).ptr()
-                            + (c.hqk * c.dk * T::DTYPE.size()) as u64,
-                        t * row - c.hqk * c.dk,
-                        T::DTYPE,
-                        &[t, c.hqk, c.dk],
-                        &[row, c.dk, 1],
-                    )
-                },
-                unsafe {
-                    TensorRef::from_raw(
-                        TensorRef::new(p, &[t * row]).ptr()
-                            + (2 * c.hqk * c.dk * T::DTYPE.size()) as u64,
-                        t * row - 2 * c.hqk * c.dk,
-                        T::DTYPE,
-                        &[t, c.hv, c.dv],
-                        &[row, c.dv, 1],
-                    )
-                },
-            ),
-            None => (
-                TensorRef::new(qd.as_ref().unwrap(), &[t, c.hqk, c.dk]),
-                TensorRef::new(kd.as_ref().unwrap(), &[t, c.hqk, c.dk]),
-                TensorRef::new(vd.as_ref().unwrap(), &[t, c.hv, c.dv]),
-            ),
-        };
-        let beta_t = match (&betad_f, &betad_t) {
-            (Some(b), _) => TensorRef::new(b, &[t, c.hv]),
-            (_, Some(b)) => TensorRef::new(b, &[t, c.hv]),
-            _ => unreachable!(),
-        };
-        let inp = GdnPrefillInputs {
-            q: q_t,
-            k: k_t,
-            v: v_t,
-            g: TensorRef::new(&gd, &[t, c.hv]),
-            beta: beta_t,
-            labels: labd
-                .as_ref()
-                .map(|l| TensorRef::new(l, &[l.len() / c.hr, c.hr])),
-            h0: c.h0.then(|| PoolIn {
-                pool: TensorRef::new(&h0d, &[rows, c.hv, c.dk, c.dv]),
-                index: Some(perm.clone()),
-            }),
-        };
-        let mut out = GdnPrefillOutputs {
-            o: TensorMut::new(&mut od, &[t, c.hv, c.dv]),
-            committed: Some(PoolOut {
-                pool: TensorMut::new(&mut comd, &[rows, c.hv, c.dk, c.dv]),
-                index: Some(perm.iter().rev().cloned().collect()),
-            }),
-            running: Some(PoolOut {
-                pool: TensorMut::new(&mut rund, &[n, c.hv, c.dk, c.dv]),
-                index: None,
-            }),
-            gsum_running: Some(TensorMut::new(&mut gsd, &[n, c.hv])),
-        };
-        let opts = GdnOptions {
-            scale: None,
-            l2norm: c.l2norm,
-        };
-        let mut ws = GdnWorkspace::new();
-        let t1 = std::time::Instant::now();
-        gdn_prefill_tiled(rt, &batch, &inp, &mut out, &opts, &mut ws, c.tile).unwrap();
-        rt.synchronize().unwrap();
+        {
+            let (q_t, k_t, v_t) = match &packed_d {
+                Some(p) => (
+                    TensorRef::strided(p, &[t, c.hqk, c.dk], &[row, c.dk, 1]),
+                    // SAFETY: offsets inside the packed buffer; validation checks the extents.
+                    unsafe {
+                        TensorRef::from_raw(
+                            TensorRef::new(p, &[t * row]).ptr()
+                                + (c.hqk * c.dk * T::DTYPE.size()) as u64,
+                            t * row - c.hqk * c.dk,
+                            T::DTYPE,
+                            &[t, c.hqk, c.dk],
+                            &[row, c.dk, 1],
+                        )
+                    },
+                    unsafe {
+                        TensorRef::from_raw(
+                            TensorRef::new(p, &[t * row]).ptr()
+                                + (2 * c.hqk * c.dk * T::DTYPE.size()) as u64,
+                            t * row - 2 * c.hqk * c.dk,
+                            T::DTYPE,
+                            &[t, c.hv, c.dv],
+                            &[row, c.dv, 1],
+                        )
+                    },
+                ),
+                None => (
+                    TensorRef::new(qd.as_ref().unwrap(), &[t, c.hqk, c.dk]),
+                    TensorRef::new(kd.as_ref().unwrap(), &[t, c.hqk, c.dk]),
+                    TensorRef::new(vd.as_ref().unwrap(), &[t, c.hv, c.dv]),
+                ),
+            };
+            let beta_t = match (&betad_f, &betad_t) {
+                (Some(b), _) => TensorRef::new(b, &[t, c.hv]),
+                (_, Some(b)) => TensorRef::new(b, &[t, c.hv]),
+                _ => unreachable!(),
+            };
+            let inp = GdnPrefillInputs {
+                q: q_t,
+                k: k_t,
+                v: v_t,
+                g: TensorRef::new(&gd, &[t, c.hv]),
+                beta: beta_t,
+                labels: labd
+                    .as_ref()
+                    .map(|l| TensorRef::new(l, &[l.len() / c.hr, c.hr])),
+                h0: c.h0.then(|| PoolIn {
+                    pool: TensorRef::new(&h0d, &[rows, c.hv, c.dk, c.dv]),
+                    index: Some(perm.clone()),
+                }),
+            };
+            let mut out = GdnPrefillOutputs {
+                o: TensorMut::new(&mut od, &[t, c.hv, c.dv]),
+                committed: Some(PoolOut {
+                    pool: TensorMut::new(&mut comd, &[rows, c.hv, c.dk, c.dv]),
+                    index: Some(perm.iter().rev().cloned().collect()),
+                }),
+                running: Some(PoolOut {
+                    pool: TensorMut::new(&mut rund, &[n, c.hv, c.dk, c.dv]),
+                    index: None,
+                }),
+                gsum_running: Some(TensorMut::new(&mut gsd, &[n, c.hv])),
+            };
+            let opts = GdnOptions {
+                scale: None,
+                l2norm: c.l2norm,
+            };
+            let mut ws = GdnWorkspace::new();
+            let t1 = std::time::Instant::now();
+            gdn_prefill_with(rt, &batch, &inp, &mut out, &opts, &mut ws, c.tile, prep).unwrap();
+            rt.synchronize().unwrap();
+            println!(
+                "  device: {:.2} ms (incl. first-use JIT)",
+                t1.elapsed().as_secs_f64() * 1e3
+            );
+        }
+
+        let tol = testing::tolerance(T::DTYPE);
+        let mut rep = Report::default();
+        let o = testing::download(rt, &od).unwrap();
+        rep.check("o", &o, &want.o, c.hv, c.dv, tol);
+        // Split o into first chunks (intra-chunk path + h0) and later chunks (state path).
+        let (mut o1, mut r1, mut o2, mut r2) = (vec![], vec![], vec![], vec![]);
+        for s in 0..n {
+            for tt in cu[s] as usize..cu[s + 1] as usize {
+                let sl = tt * c.hv * c.dv..(tt + 1) * c.hv * c.dv;
+                if tt - (cu[s] as usize) < 64 {
+                    o1.extend_from_slice(&o[sl.clone()]);
+                    r1.extend_from_slice(&want.o[sl]);
+                } else {
+                    o2.extend_from_slice(&o[sl.clone()]);
+                    r2.extend_from_slice(&want.o[sl]);
+                }
+            }
+        }
         println!(
-            "  device: {:.2} ms (incl. first-use JIT)",
-            t1.elapsed().as_secs_f64() * 1e3
+            "  o first chunks rel err {:.3e}, later chunks {:.3e}",
+            testing::rel_err(&o1, &r1),
+            if o2.is_empty() {
+                0.0
+            } else {
+                testing::rel_err(&o2, &r2)
+            }
+        );
+        let com = testing::download(rt, &comd).unwrap();
+        let cidx: Vec<i32> = perm.iter().rev().cloned().collect();
+        let com_g: Vec<f64> = (0..n)
+            .flat_map(|s| com[cidx[s] as usize * sd..(cidx[s] as usize + 1) * sd].to_vec())
+            .collect();
+        rep.check(
+            "state_committed",
+            &com_g,
+            &want.state_committed,
+            c.hv,
+            c.dk * c.dv,
+            tol,
+        );
+        let run = testing::download(rt, &rund).unwrap();
+        rep.check(
+            "state_running",
+            &run,
+            &want.state_running,
+            c.hv,
+            c.dk * c.dv,
+            tol,
+        );
+        let gs = testing::download(rt, &gsd).unwrap();
+        let gs_err: f64 = gs
+            .iter()
+            .zip(&want.gsum_running)
+            .map(|(a, b)| {
+                if a.is_finite() {
+                    (a - b).abs()
+                } else {
+                    f64::INFINITY
+                }
+            })
+            .fold(0.0, f64::max);
+        println!("  gsum_running: max abs err {gs_err:.3e}");
+        if gs_err.is_nan() || gs_err > 1e-4 {
+            rep.failures.push(format!(
+                "gsum_running: max abs err {gs_err:.3e} > 1e-4 (got {:?}, want {:?})",
+                &gs[..gs.len().min(8)],
+                &want.gsum_running[..gs.len().min(8)]
+            ));
+        }
+        failures.extend(
+            rep.failures
+                .into_iter()
+                .map(|f| format!("[prep {prep:?}] {f}")),
         );
     }
-
-    let tol = testing::tolerance(T::DTYPE);
-    let mut rep = Report::default();
-    let o = testing::download(rt, &od).unwrap();
-    rep.check("o", &o, &want.o, c.hv, c.dv, tol);
-    // Split o into first chunks (intra-chunk path + h0) and later chunks (state path).
-    let (mut o1, mut r1, mut o2, mut r2) = (vec![], vec![], vec![], vec![]);
-    for s in 0..n {
-        for tt in cu[s] as usize..cu[s + 1] as usize {
-            let sl = tt * c.hv * c.dv..(tt + 1) * c.hv * c.dv;
-            if tt - (cu[s] as usize) < 64 {
-                o1.extend_from_slice(&o[sl.clone()]);
-                r1.extend_from_slice(&want.o[sl]);
-            } else {
-                o2.extend_from_slice(&o[sl.clone()]);
-                r2.extend_from_slice(&want.o[sl]);
-            }
-        }
-    }
-    println!(
-        "  o first chunks rel err {:.3e}, later chunks {:.3e}",
-        testing::rel_err(&o1, &r1),
-        if o2.is_empty() {
-            0.0
-        } else {
-            testing::rel_err(&o2, &r2)
-        }
-    );
-    let com = testing::download(rt, &comd).unwrap();
-    let cidx: Vec<i32> = perm.iter().rev().cloned().collect();
-    let com_g: Vec<f64> = (0..n)
-        .flat_map(|s| com[cidx[s] as usize * sd..(cidx[s] as usize + 1) * sd].to_vec())
-        .collect();
-    rep.check(
-        "state_committed",
-        &com_g,
-        &want.state_committed,
-        c.hv,
-        c.dk * c.dv,
-        tol,
-    );
-    let run = testing::download(rt, &rund).unwrap();
-    rep.check(
-        "state_running",
-        &run,
-        &want.state_running,
-        c.hv,
-        c.dk * c.dv,
-        tol,
-    );
-    let gs = testing::download(rt, &gsd).unwrap();
-    let gs_err: f64 = gs
-        .iter()
-        .zip(&want.gsum_running)
-        .map(|(a, b)| {
-            if a.is_finite() {
-                (a - b).abs()
-            } else {
-                f64::INFINITY
-            }
-        })
-        .fold(0.0, f64::max);
-    println!("  gsum_running: max abs err {gs_err:.3e}");
-    if gs_err.is_nan() || gs_err > 1e-4 {
-        rep.failures.push(format!(
-            "gsum_running: max abs err {gs_err:.3e} > 1e-4 (got {:?}, want {:?})",
-            &gs[..gs.len().min(8)],
-            &want.gsum_running[..gs.len().min(8)]
-        ));
-    }
-    rep.finish(c.name);
+    Report { failures }.finish(c.name);
 }
 
 fn for_arches(test: &str, f: impl Fn(&Runtime)) {

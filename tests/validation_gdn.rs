@@ -612,3 +612,19 @@ fn gdn_nvrtc_quick() {
     }
     assert!(failures.is_empty(), "spills: {failures:?}");
 }
+
+/// The blocked prep keeps A in Q's smem rows where they are wide enough (dk >= 128):
+/// never more smem than the substitution prep, and within one SM's opt-in limit.
+#[test]
+fn prep_kernel_smem() {
+    use natsl::ops::gdn::{prep_kernel_smem_bytes, prep_smem_bytes, PrepKernel};
+    for (dk, dv) in natsl_codegen::catalog::GDN_DIMS {
+        let (dk, dv) = (dk as usize, dv as usize);
+        let sub = prep_kernel_smem_bytes(dk, dv, PrepKernel::Substitution);
+        let blk = prep_kernel_smem_bytes(dk, dv, PrepKernel::Blocked);
+        assert_eq!(sub, prep_smem_bytes(dk, dv));
+        let saved = if dk >= 128 { 64 * 68 * 4 } else { 0 };
+        assert_eq!(blk + saved, sub, "dk {dk} dv {dv}");
+        assert!(sub <= 227 * 1024, "dk {dk} dv {dv}: {sub} B");
+    }
+}

@@ -94,9 +94,13 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool) -> Vec<Record> {
         bytes,
     )];
     if split {
-        for (part, tag) in [(PrefillPart::Prep, "prep"), (PrefillPart::Scan, "scan")] {
+        for (part, prep, tag) in [
+            (PrefillPart::Prep, PrepKernel::Substitution, "prep"),
+            (PrefillPart::Scan, PrepKernel::Substitution, "scan"),
+            (PrefillPart::Prep, PrepKernel::Blocked, "prep blocked"),
+        ] {
             let tm = time_it(rt, 3, 10, |_| {
-                gdn_prefill_parts(rt, &batch, &inp, &mut out, &opts, &mut ws, part)
+                gdn_prefill_parts_with(rt, &batch, &inp, &mut out, &opts, &mut ws, part, prep)
             })
             .unwrap();
             recs.push(Record::new(

@@ -316,11 +316,21 @@ pub fn validate_prefill(
     })
 }
 
-/// Dynamic shared memory of the prep kernel (mirror of `prep_smem_bytes`).
+/// Dynamic shared memory of the prep kernel (mirror of `prep_smem_bytes<DK, DV, false>`).
 pub fn prep_smem_bytes(dk: usize, dv: usize) -> usize {
+    prep_kernel_smem_bytes(dk, dv, PrepKernel::Substitution)
+}
+
+/// Dynamic shared memory of a prep kernel (mirror of `prep_smem_bytes<DK, DV, BLOCKED>`):
+/// the blocked kernel keeps the f32 A in Q's rows where they are wide enough
+/// (`prep_alias_a`: dk >= 128).
+#[doc(hidden)]
+pub fn prep_kernel_smem_bytes(dk: usize, dv: usize, kernel: PrepKernel) -> usize {
+    let a = CHUNK * (CHUNK + 4) * 4;
+    let alias = kernel == PrepKernel::Blocked && (dk + PAD) * 2 >= (CHUNK + 4) * 4;
     2 * CHUNK * (dk + PAD) * 2
         + CHUNK * (dv + PAD) * 2
-        + CHUNK * (CHUNK + 4) * 4
+        + if alias { 0 } else { a }
         + CHUNK * (CHUNK + PAD) * 2
         + 4 * CHUNK * 4
 }
@@ -353,7 +363,30 @@ pub fn gdn_prefill(
     opts: &GdnOptions,
     ws: &mut GdnWorkspace,
 ) -> Result<()> {
-    prefill_launch(rt, batch, inp, out, opts, ws, true, true, ScanTile::Auto)
+    prefill_launch(rt, batch, inp, out, opts, ws, true, true, ScanTile::Auto, PrepKernel::default())
+}
+
+/// How `prep` inverts the chunk's (I + A) (tests and benches force each;
+/// [`gdn_prefill`] uses the default). Both write the same workspace.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrepKernel {
+    /// Entry `prep`: per-column forward substitution (64-long dependent chains).
+    #[default]
+    Substitution,
+    /// Entry `prep_blocked`: 16x16 diagonal blocks by substitution, off-diagonal
+    /// blocks by split-bf16 mma (16 -> 32 -> 64); A aliases Q's smem at dk >= 128.
+    /// Not yet validated on a device: off by default.
+    Blocked,
+}
+
+impl PrepKernel {
+    fn entry(self) -> &'static str {
+        match self {
+            PrepKernel::Substitution => "prep",
+            PrepKernel::Blocked => "prep_blocked",
+        }
+    }
 }
 
 /// Scan tile choice (tests force each path; [`gdn_prefill`] uses `Auto`).
@@ -380,7 +413,23 @@ pub fn gdn_prefill_tiled(
     ws: &mut GdnWorkspace,
     tile: ScanTile,
 ) -> Result<()> {
-    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile)
+    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile, PrepKernel::default())
+}
+
+/// Test hook: [`gdn_prefill`] with the scan tile and the prep kernel forced.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn gdn_prefill_with(
+    rt: &Runtime,
+    batch: &Batch,
+    inp: &GdnPrefillInputs,
+    out: &mut GdnPrefillOutputs,
+    opts: &GdnOptions,
+    ws: &mut GdnWorkspace,
+    tile: ScanTile,
+    prep: PrepKernel,
+) -> Result<()> {
+    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile, prep)
 }
 
 /// Which launches of the prefill [`gdn_prefill_parts`] queues.
@@ -405,6 +454,22 @@ pub fn gdn_prefill_parts(
     ws: &mut GdnWorkspace,
     part: PrefillPart,
 ) -> Result<()> {
+    gdn_prefill_parts_with(rt, batch, inp, out, opts, ws, part, PrepKernel::default())
+}
+
+/// Benchmark hook: [`gdn_prefill_parts`] with the prep kernel forced.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn gdn_prefill_parts_with(
+    rt: &Runtime,
+    batch: &Batch,
+    inp: &GdnPrefillInputs,
+    out: &mut GdnPrefillOutputs,
+    opts: &GdnOptions,
+    ws: &mut GdnWorkspace,
+    part: PrefillPart,
+    prep: PrepKernel,
+) -> Result<()> {
     prefill_launch(
         rt,
         batch,
@@ -415,6 +480,7 @@ pub fn gdn_prefill_parts(
         part == PrefillPart::Prep,
         part == PrefillPart::Scan,
         ScanTile::Auto,
+        prep,
     )
 }
 
@@ -429,6 +495,7 @@ fn prefill_launch(
     run_prep: bool,
     run_scan: bool,
     tile: ScanTile,
+    prep: PrepKernel,
 ) -> Result<()> {
     let d = validate_prefill(batch.cu_seqlens(), inp, out, opts)?;
     let scale = resolve_scale(opts, d.dk)?;
@@ -444,9 +511,9 @@ fn prefill_launch(
         _ => wide,
     };
     let tile = spec.tile;
-    let prep_smem = prep_smem_bytes(d.dk, d.dv) as u32;
+    let prep_smem = prep_kernel_smem_bytes(d.dk, d.dv, prep) as u32;
     let scan_smem = scan_smem_bytes(d.dk, tile.block_n as usize, tile.stages as usize) as u32;
-    let f_prep = rt.function(&spec, "prep", prep_smem)?;
+    let f_prep = rt.function(&spec, prep.entry(), prep_smem)?;
     let f_scan = rt.function(&spec, "scan", scan_smem)?;
     let s = rt.stream();
 
