@@ -3,7 +3,7 @@
 //! never dereferenced).
 
 use natsl::ops::gdn::*;
-use natsl::{DType, Error, TensorMut, TensorRef};
+use natsl::{testing, DType, Error, TensorMut, TensorRef};
 
 const BASE: u64 = 0x7f00_0000_0000;
 
@@ -25,13 +25,7 @@ fn fake_at(
     unsafe { TensorRef::from_raw(ptr, avail, dtype, shape, strides) }
 }
 fn t(dtype: DType, shape: &[usize]) -> TensorRef<'static> {
-    fake_at(
-        BASE,
-        dtype,
-        shape,
-        &strides_of(shape),
-        shape.iter().product(),
-    )
+    testing::fake_contiguous(dtype, shape)
 }
 fn tm(dtype: DType, shape: &[usize]) -> TensorMut<'static> {
     // SAFETY: as above.
@@ -47,13 +41,7 @@ fn tm(dtype: DType, shape: &[usize]) -> TensorMut<'static> {
 }
 
 fn arg_of(e: Error) -> &'static str {
-    match e {
-        Error::InvalidArgument { arg, reason } => {
-            println!("{arg}: {reason}");
-            arg
-        }
-        other => panic!("expected InvalidArgument, got {other}"),
-    }
+    testing::invalid_arg(e)
 }
 
 // A good prefill: 2 sequences (72 + 128 tokens), Hqk 2, Hv 4, dk = dv = 128, bf16.
