@@ -43,7 +43,9 @@ fn main() {
                     fs::write(&cu, &unit.source).unwrap();
                     let arch = spec.arch.nvrtc_arch().trim_start_matches("sm_");
                     let status = Command::new(&nvcc)
-                        .args(["-cubin", "-std=c++17", "-O3", "-DNATSL_NVRTC=0"])
+                        // NVRTC compiles with --device-as-default-execution-space; nvcc needs
+                        // relaxed constexpr for the same undecorated constexpr helpers.
+                        .args(["-cubin", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DNATSL_NVRTC=0"])
                         .arg(format!("-gencode=arch=compute_{arch},code=sm_{arch}"))
                         .arg("-o")
                         .arg(&cubin)
