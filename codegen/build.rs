@@ -8,6 +8,8 @@ fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, String)>) {
     for e in entries {
         let p = e.path();
         if p.is_dir() {
+            // A directory's mtime changes when a file is added or removed in it.
+            println!("cargo:rerun-if-changed={}", p.display());
             walk(&p, root, out);
         } else if matches!(p.extension().and_then(|s| s.to_str()), Some("h" | "cuh" | "cu")) {
             let rel = p.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");

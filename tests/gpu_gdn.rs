@@ -42,6 +42,8 @@ struct Case {
     seed: u64,
     /// Scan tile (forced wide / narrow, or the production choice).
     tile: ScanTile,
+    /// Context parallelism of the scan (forced segments, or off).
+    cp: ScanParallel,
 }
 
 impl Case {
@@ -69,6 +71,7 @@ impl Case {
             g_lo: -0.1,
             seed: 1,
             tile: ScanTile::Auto,
+            cp: ScanParallel::Off,
         }
     }
 }
@@ -367,7 +370,7 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
             };
             let mut ws = GdnWorkspace::new();
             let t1 = std::time::Instant::now();
-            gdn_prefill_with(rt, &batch, &inp, &mut out, &opts, &mut ws, c.tile, prep).unwrap();
+            gdn_prefill_cp(rt, &batch, &inp, &mut out, &opts, &mut ws, c.tile, prep, c.cp).unwrap();
             rt.synchronize().unwrap();
             println!(
                 "  device: {:.2} ms (incl. first-use JIT)",
@@ -533,6 +536,81 @@ fn prefill_long_sequence_65536() {
     c.labels = Labels::Random;
     c.hr = 1;
     c.l2norm = false;
+    run_prefill::<f16>(&rt, &c);
+}
+
+// ------------------------------------------- context-parallel scan (ScanParallel)
+
+/// One sequence of 1000 tokens (15 full chunks + 40 tokens) split into 2, 3, 4, 7 and
+/// 16 segments (16 > chunks: one chunk per segment), random labels incl. ATTN chunks,
+/// h0, committed / running / gsum checked; both tiles.
+#[test]
+fn prefill_cp_segments_single_sequence() {
+    for_arches("prefill_cp_segments_single_sequence", |rt| {
+        for segs in [2, 3, 4, 7, 16] {
+            let mut c = Case::new("cp-single", &[1000], 1, 2, 128, 128);
+            c.labels = Labels::Random;
+            c.hr = 1;
+            c.seed = 11 + segs as u64;
+            c.cp = ScanParallel::Segments(segs);
+            for tile in [ScanTile::Wide, ScanTile::Narrow] {
+                c.tile = tile;
+                run_prefill::<bf16>(rt, &c);
+            }
+        }
+    });
+}
+
+/// Ragged batch (sequences of 1..1000 tokens: some shorter than the segment count,
+/// some ending on a chunk boundary) with 4 segments, every head-dim pair, GVA,
+/// random labels, l2norm, h0.
+#[test]
+fn prefill_cp_segments_ragged_every_head_dim_pair() {
+    for_arches("prefill_cp_segments_ragged_every_head_dim_pair", |rt| {
+        for (dk, dv) in [(64, 64), (128, 128), (256, 256), (128, 256), (192, 384)] {
+            let mut c = Case::new("cp-ragged", &[1, 63, 64, 65, 200, 1000, 640], 1, 2, dk, dv);
+            c.labels = Labels::Random;
+            c.hr = 1;
+            c.l2norm = true;
+            c.seed = 23;
+            c.cp = ScanParallel::Segments(4);
+            run_prefill::<bf16>(rt, &c);
+        }
+        let mut c = Case::new("cp-ragged-f16", &RAGGED, 2, 4, 128, 128);
+        c.labels = Labels::Random;
+        c.hr = 2;
+        c.beta_f32 = false;
+        c.cp = ScanParallel::Segments(3);
+        run_prefill::<f16>(rt, &c);
+        // All-ATTN chunks: the transitions are pure decays.
+        c.labels = Labels::AllAttn;
+        c.cp = ScanParallel::Segments(5);
+        run_prefill::<bf16>(rt, &c);
+        // No labels, no h0.
+        c.labels = Labels::None;
+        c.h0 = false;
+        c.cp = ScanParallel::Segments(8);
+        run_prefill::<bf16>(rt, &c);
+    });
+}
+
+/// A long sequence with long memory (state errors would accumulate through the
+/// segment chain): 16384 tokens in 8 and 32 segments, and the Auto choice.
+#[test]
+fn prefill_cp_long_sequence() {
+    let Some(rt) = testing::gpu_or_skip("prefill_cp_long_sequence") else {
+        return;
+    };
+    let mut c = Case::new("cp-long", &[16384], 1, 2, 128, 128);
+    c.l2norm = true;
+    c.g_lo = -0.02;
+    for cp in [ScanParallel::Segments(8), ScanParallel::Segments(32), ScanParallel::Auto] {
+        c.cp = cp;
+        run_prefill::<bf16>(&rt, &c);
+    }
+    c.labels = Labels::Random;
+    c.l2norm = false;
+    c.cp = ScanParallel::Segments(8);
     run_prefill::<f16>(&rt, &c);
 }
 

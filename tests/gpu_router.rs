@@ -2,7 +2,7 @@
 //! Skips with `skipped: no CUDA device` when there is no GPU.
 
 use half::{bf16, f16};
-use natsl::ops::router::{route_into, RouterLaunch, RouterOptions, RouterOutput, RouterPolicy};
+use natsl::ops::router::{route_into, PoolKernel, RouterLaunch, RouterOptions, RouterOutput, RouterPolicy};
 use natsl::reference::{self as r, router as rr};
 use natsl::testing::{self, TestElem};
 use natsl::{Arch, Batch, Runtime, TensorRef};
@@ -17,7 +17,7 @@ struct Case {
 }
 
 /// Run one case for element type T; returns the number of near-tie label flips.
-fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: u64, round: fn(f64) -> f64, launch: RouterLaunch) -> usize {
+fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: u64, round: fn(f64) -> f64, launch: RouterLaunch, pool: PoolKernel) -> usize {
     let mut rng = testing::rng(seed);
     let cu = testing::cu_seqlens(&case.lens);
     let t = *cu.last().unwrap() as usize;
@@ -41,7 +41,7 @@ fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: 
     out.attn_list = testing::poisoned::<i32>(rt, ns * hr).unwrap();
     out.attn_count = testing::poisoned::<i32>(rt, batch.num_seqs() * hr).unwrap();
     out.logits = Some(testing::poisoned::<f32>(rt, ns * hr * 2).unwrap());
-    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k, launch, d_split: case.d_split };
+    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k, launch, d_split: case.d_split, pool };
     route_into(rt, &batch, &TensorRef::new(&xd, &[t, d]), &TensorRef::new(&wd, &[2 * hr, d]), &opts, &mut out).unwrap();
     rt.synchronize().unwrap();
 
@@ -131,6 +131,10 @@ fn cases() -> Vec<Case> {
     // Tuning knob: forced D splits (uneven last split at 5).
     v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::Argmax, compile_time_k: false, d_split: Some(5) });
     v.push(Case { lens: long, d: 4096, hr: 8, policy: RouterPolicy::KeepFraction(0.5), compile_time_k: false, d_split: Some(1) });
+    // Enough chunk slots that the streaming pool's persistent CTAs walk several items each
+    // (with gap slots between sequences), and a tile stream crossing item boundaries.
+    v.push(Case { lens: vec![1, 20000, 63, 64, 20001, 130], d: 256, hr: 6, policy: RouterPolicy::Argmax, compile_time_k: false, d_split: None });
+    v.push(Case { lens: vec![70, 33000], d: 1024, hr: 6, policy: RouterPolicy::KeepFraction(0.25), compile_time_k: false, d_split: None });
     v
 }
 
@@ -138,10 +142,12 @@ fn run_all(rt: &Runtime, tag: &str) {
     let mut flips = 0;
     let mut labels = 0;
     for (i, case) in cases().iter().enumerate() {
-        for launch in [RouterLaunch::Fused, RouterLaunch::Split] {
-            labels += case.lens.iter().map(|l| r::n_chunks(*l)).sum::<usize>() * case.hr * 2;
-            flips += check::<bf16>(rt, case, 100 + i as u64, rr::round_bf16, launch);
-            flips += check::<f16>(rt, case, 200 + i as u64, rr::round_f16, launch);
+        for pool in [PoolKernel::Blocked, PoolKernel::Streaming] {
+            for launch in [RouterLaunch::Fused, RouterLaunch::Split] {
+                labels += case.lens.iter().map(|l| r::n_chunks(*l)).sum::<usize>() * case.hr * 2;
+                flips += check::<bf16>(rt, case, 100 + i as u64, rr::round_bf16, launch, pool);
+                flips += check::<f16>(rt, case, 200 + i as u64, rr::round_f16, launch, pool);
+            }
         }
     }
     println!("{tag}: {} near-tie label flips out of {labels} labels", flips);
@@ -175,14 +181,17 @@ fn router_strided_x_view() {
     let batch = Batch::new(&rt, &cu).unwrap();
     let xd = testing::upload::<bf16>(&rt, &xw).unwrap();
     let wd = testing::upload::<bf16>(&rt, &w).unwrap();
-    let mut out = RouterOutput::alloc(&rt, &batch, hr, d, true).unwrap();
-    route_into(&rt, &batch, &TensorRef::strided(&xd, &[t, d], &[stride, 1]), &TensorRef::new(&wd, &[2 * hr, d]), &RouterOptions::default(), &mut out).unwrap();
-    let logits = testing::download(&rt, out.logits.as_ref().unwrap()).unwrap();
-    let used: Vec<usize> = (0..2).flat_map(|n| {
-        let base = r::slot_base(&cu, n);
-        (0..r::n_chunks([100, 200][n])).flat_map(move |c| (0..hr * 2).map(move |j| (base + c) * hr * 2 + j))
-    }).collect();
-    let lo: Vec<f64> = used.iter().map(|&i| logits[i]).collect();
-    let lr: Vec<f64> = used.iter().map(|&i| reference.logits[i]).collect();
-    testing::assert_close("strided router logits", &lo, &lr, 2e-3);
+    for pool in [PoolKernel::Blocked, PoolKernel::Streaming] {
+        let mut out = RouterOutput::alloc(&rt, &batch, hr, d, true).unwrap();
+        let opts = RouterOptions { pool, ..Default::default() };
+        route_into(&rt, &batch, &TensorRef::strided(&xd, &[t, d], &[stride, 1]), &TensorRef::new(&wd, &[2 * hr, d]), &opts, &mut out).unwrap();
+        let logits = testing::download(&rt, out.logits.as_ref().unwrap()).unwrap();
+        let used: Vec<usize> = (0..2).flat_map(|n| {
+            let base = r::slot_base(&cu, n);
+            (0..r::n_chunks([100, 200][n])).flat_map(move |c| (0..hr * 2).map(move |j| (base + c) * hr * 2 + j))
+        }).collect();
+        let lo: Vec<f64> = used.iter().map(|&i| logits[i]).collect();
+        let lr: Vec<f64> = used.iter().map(|&i| reference.logits[i]).collect();
+        testing::assert_close("strided router logits", &lo, &lr, 2e-3);
+    }
 }

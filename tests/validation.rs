@@ -2,7 +2,7 @@
 //! argument. Runs without a GPU: validation needs only shapes (views over fake
 //! device addresses are never dereferenced).
 
-use natsl::ops::router::{validate, RouterOptions, RouterPolicy};
+use natsl::ops::router::{validate, PoolKernel, RouterOptions, RouterPolicy};
 use natsl::{testing, DType, SeqLayout, TensorRef};
 
 fn fake(dtype: DType, shape: &[usize], strides: &[usize], avail: usize) -> TensorRef<'static> {
@@ -38,6 +38,12 @@ fn router_accepts_a_good_call() {
     let plan = validate(&l, &x, &w, &RouterOptions::default()).unwrap();
     assert_eq!(plan.num_heads, 6);
     assert_eq!(plan.d_model, 1024);
+    // The pooling kernel is off by default and validates like the blocked one.
+    assert_eq!(RouterOptions::default().pool, PoolKernel::Blocked);
+    let streaming = RouterOptions { pool: PoolKernel::Streaming, ..Default::default() };
+    assert_eq!(validate(&l, &x, &w, &streaming).unwrap(), plan);
+    let bad = RouterOptions { pool: PoolKernel::Streaming, policy: RouterPolicy::TopK(5), ..Default::default() };
+    assert_eq!(arg_of(validate(&l, &x, &w, &bad).unwrap_err()), "policy");
 }
 
 #[test]

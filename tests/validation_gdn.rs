@@ -616,3 +616,92 @@ fn prep_kernel_smem() {
         assert!(sub <= 227 * 1024, "dk {dk} dv {dv}: {sub} B");
     }
 }
+
+/// The math of the context-parallel scan (`ScanParallel`, cuda/gdn/prefill.cuh) on the
+/// f64 reference: per segment of whole chunks, the end state is affine in the start
+/// state, S_end = A_s S_start + E_s, with E_s the segment run from a zero state and
+/// A_s the segment run with v = 0 from the identity (ATTN chunks included); chaining
+/// the segment states from h0 and rerunning every segment from its true start state
+/// reproduces the whole sequence's outputs and final states.
+#[test]
+fn context_parallel_segment_decomposition_matches_the_reference() {
+    use natsl::reference::{gdn_recurrent, GdnProblem, LABEL_ATTN, LABEL_GDN, LABEL_PARTIAL};
+    use rand::Rng;
+    let (dk, dv) = (16, 16); // dv = dk: the identity start state is dk x dv
+    let len: usize = 64 * 7 + 20;
+    let nch = len.div_ceil(64);
+    let mut rng = testing::rng(5);
+    let ks = (3.0 / dk as f64).sqrt();
+    let q = testing::rand_vec(&mut rng, len * dk, ks);
+    let k = testing::rand_vec(&mut rng, len * dk, ks);
+    let v = testing::rand_vec(&mut rng, len * dv, 1.0);
+    let g = testing::rand_range(&mut rng, len, -0.1, -1e-4);
+    let beta = testing::rand_range(&mut rng, len, 0.05, 0.95);
+    let h0 = testing::rand_vec(&mut rng, dk * dv, 0.5);
+    // num_slots(t, 1) = t / 64 + 1 rows: one spare (partial) slot after the chunks.
+    let labels: Vec<u8> = (0..nch + 1)
+        .map(|c| {
+            if (c + 1) * 64 > len {
+                LABEL_PARTIAL
+            } else if rng.gen_bool(0.4) {
+                LABEL_ATTN
+            } else {
+                LABEL_GDN
+            }
+        })
+        .collect();
+    let run = |a: usize, b: usize, vv: &[f64], h: &[f64]| {
+        let cu = [0i32, (b - a) as i32];
+        gdn_recurrent(&GdnProblem {
+            q: &q[a * dk..b * dk],
+            k: &k[a * dk..b * dk],
+            v: &vv[a * dv..b * dv],
+            g: &g[a..b],
+            beta: &beta[a..b],
+            cu_seqlens: &cu,
+            hqk: 1,
+            hv: 1,
+            dk,
+            dv,
+            labels: Some((&labels[a / 64..a / 64 + (b - a) / 64 + 1], 1)),
+            h0: Some(h),
+            scale: None,
+            l2norm: false,
+        })
+    };
+    let full = run(0, len, &v, &h0);
+    let zeros = vec![0.0; dk * dv];
+    let v0 = vec![0.0; len * dv];
+    let ident: Vec<f64> = (0..dk * dv).map(|i| if i / dv == i % dv { 1.0 } else { 0.0 }).collect();
+    for seg_len in [1, 2, 3] {
+        let mut start = h0.clone();
+        let mut o = Vec::new();
+        let mut c0 = 0;
+        loop {
+            let (a, b) = (c0 * 64, ((c0 + seg_len) * 64).min(len));
+            let seg = run(a, b, &v, &start);
+            o.extend_from_slice(&seg.o);
+            if b == len {
+                let tol = 1e-10;
+                assert!(testing::rel_err(&o, &full.o) < tol, "o, seg_len {seg_len}");
+                assert!(testing::rel_err(&seg.state_committed, &full.state_committed) < tol);
+                assert!(testing::rel_err(&seg.state_running, &full.state_running) < tol);
+                break;
+            }
+            // Next start state from the affine decomposition (not from `seg`).
+            let e = run(a, b, &v, &zeros).state_committed;
+            let am = run(a, b, &v0, &ident).state_committed;
+            let mut next = e.clone();
+            for r in 0..dk {
+                for kk in 0..dk {
+                    for c in 0..dv {
+                        next[r * dv + c] += am[r * dk + kk] * start[kk * dv + c];
+                    }
+                }
+            }
+            assert!(testing::rel_err(&next, &seg.state_committed) < 1e-10, "segment end state, seg_len {seg_len}, chunk {c0}");
+            start = next;
+            c0 += seg_len;
+        }
+    }
+}

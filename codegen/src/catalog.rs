@@ -74,7 +74,8 @@ pub fn gdn_prefill_narrow_spec(dtype: DType, dk: u32, dv: u32, arch: Arch) -> Op
 /// GDN decode tile: 32 state columns per CTA, 4 warps.
 pub const GDN_DECODE_TILE: Tile = Tile::new(1, 32, 4, 1);
 
-/// The GDN prefill spec (entries `prep` and `scan`); labels are read at run time.
+/// The GDN prefill spec (entries `prep`, `prep_blocked`, `scan`, and the context-parallel
+/// `scan_cp_a`, `cp_combine`, `scan_cp_c`); labels are read at run time.
 pub fn gdn_prefill_spec(dtype: DType, dk: u32, dv: u32, arch: Arch) -> KernelSpec {
     KernelSpec { op: Op::GdnPrefill, dtype, dims: HeadDims { dk, dv }, chunk: 64, tile: gdn_prefill_tile(dk, dv), sparsity: Sparsity::Dense, arch }
 }

@@ -14,3 +14,18 @@ extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS) NATSL_KER
 extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(scan)(const NatslGdnPrefillParams p) {
     natsl::gdn::scan<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_BLOCK_N, NATSL_WARPS, NATSL_STAGES>(p);
 }
+
+// Context parallelism (ScanParallel in src/ops/gdn.rs; see gdn/prefill.cuh): pass A
+// (segment 0 from h0, segment offsets E and transitions A), pass B (segment states),
+// pass C (segments >= 1 rerun from their true start states).
+extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(scan_cp_a)(const NatslGdnPrefillParams p) {
+    natsl::gdn::scan_cp<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_BLOCK_N, NATSL_WARPS, NATSL_STAGES, natsl::gdn::MODE_CP_A>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(natsl::gdn::CP_THREADS) NATSL_KERNEL(cp_combine)(const NatslGdnPrefillParams p) {
+    natsl::gdn::cp_combine<NATSL_DK, NATSL_DV>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(scan_cp_c)(const NatslGdnPrefillParams p) {
+    natsl::gdn::scan_cp<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_BLOCK_N, NATSL_WARPS, NATSL_STAGES, natsl::gdn::MODE_CP_C>(p);
+}

@@ -26,8 +26,9 @@ fn flops_prefill(t: usize, hv: usize, dk: usize, dv: usize) -> f64 {
 }
 
 /// The full prefill, then (`split`) prep alone and scan alone (the scan reads the
-/// workspace the full call left).
-fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool) -> Vec<Record> {
+/// workspace the full call left), then (`cp`) the context-parallel scan
+/// ([`ScanParallel`]): full prefill and scan alone per segment count.
+fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record> {
     let cu = testing::cu_seqlens(&s.lens);
     let t = *cu.last().unwrap() as usize;
     let n = s.lens.len();
@@ -109,6 +110,42 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool) -> Vec<Record> {
                 s.name.clone(),
                 format!("{variant} {tag} only"),
                 &tm,
+                flops,
+                bytes,
+            ));
+        }
+    }
+    if cp {
+        let prep = PrepKernel::Substitution;
+        for (sp, tag) in [
+            (ScanParallel::Auto, "cp auto".to_string()),
+            (ScanParallel::Segments(4), "cp4".into()),
+            (ScanParallel::Segments(8), "cp8".into()),
+            (ScanParallel::Segments(16), "cp16".into()),
+        ] {
+            let full = time_it(rt, 3, 10, |_| {
+                gdn_prefill_cp(rt, &batch, &inp, &mut out, &opts, &mut ws, ScanTile::Auto, prep, sp)
+            })
+            .unwrap();
+            recs.push(Record::new(
+                rt,
+                "gdn_prefill",
+                s.name.clone(),
+                format!("{variant} {tag}"),
+                &full,
+                flops,
+                bytes,
+            ));
+            let scan = time_it(rt, 3, 10, |_| {
+                gdn_prefill_parts_cp(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillPart::Scan, prep, sp)
+            })
+            .unwrap();
+            recs.push(Record::new(
+                rt,
+                "gdn_prefill",
+                s.name.clone(),
+                format!("{variant} {tag} scan only"),
+                &scan,
                 flops,
                 bytes,
             ));
@@ -240,7 +277,13 @@ pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
     for s in &shapes {
         if want(&s.name) {
             // Prep / scan split for the plain shapes (the lead's profile of where time goes).
-            for r in bench_prefill(rt, s, s.attn_frac.is_none_or(|f| f == 0.0)) {
+            let plain = s.attn_frac.is_none_or(|f| f == 0.0);
+            // Context-parallel scan rows for the few-CTA long shapes.
+            let cp = plain
+                && ["P4 ", "P5 ", "P9 ", "natsl-340M "]
+                    .iter()
+                    .any(|p| s.name.starts_with(p));
+            for r in bench_prefill(rt, s, plain, cp) {
                 println!("{:<34} {:<22} {:>9.4} ms", r.shape, r.variant, r.ms);
                 recs.push(r);
             }

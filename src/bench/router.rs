@@ -3,7 +3,7 @@
 
 use super::{time_it, Record};
 use crate::error::Result;
-use crate::ops::router::{route_into, RouterLaunch, RouterOptions, RouterOutput, RouterPolicy};
+use crate::ops::router::{route_into, PoolKernel, RouterLaunch, RouterOptions, RouterOutput, RouterPolicy};
 use crate::{testing, Batch, Runtime, TensorRef};
 use half::bf16;
 
@@ -25,19 +25,29 @@ pub fn run(rt: &Runtime, shapes: &[(usize, usize, usize)]) -> Result<Vec<Record>
         let w = testing::upload::<bf16>(rt, &testing::rand_vec(&mut rng, 2 * hr * d, 0.05))?;
         let batch = Batch::new(rt, &[0, t as i32])?;
         let mut o = RouterOutput::alloc(rt, &batch, hr, d, false)?;
-        for (policy, launch, name) in [
-            (RouterPolicy::Argmax, RouterLaunch::Fused, "argmax fused"),
-            (RouterPolicy::Argmax, RouterLaunch::Split, "argmax split"),
-            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Fused, "keep.25 fused"),
-            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Split, "keep.25 split"),
+        for (policy, launch, pool, name) in [
+            (RouterPolicy::Argmax, RouterLaunch::Fused, PoolKernel::Blocked, "argmax fused"),
+            (RouterPolicy::Argmax, RouterLaunch::Split, PoolKernel::Blocked, "argmax split"),
+            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Fused, PoolKernel::Blocked, "keep.25 fused"),
+            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Split, PoolKernel::Blocked, "keep.25 split"),
+            // The streaming pool (persistent grid, cp.async ring).
+            (RouterPolicy::Argmax, RouterLaunch::Fused, PoolKernel::Streaming, "argmax fused stream"),
+            (RouterPolicy::Argmax, RouterLaunch::Split, PoolKernel::Streaming, "argmax split stream"),
+            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Fused, PoolKernel::Streaming, "keep.25 fused stream"),
+            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Split, PoolKernel::Streaming, "keep.25 split stream"),
         ] {
-            let opts = RouterOptions { policy, launch, ..Default::default() };
+            let opts = RouterOptions { policy, launch, pool, ..Default::default() };
             bench_one(rt, &mut out, t, d, hr, &xs, &w, &batch, &mut o, opts, name.to_string())?;
         }
         // Tuning sweep of the D split (argmax, split launch).
         for ds in [1usize, 2, 4, 8] {
             let opts = RouterOptions { launch: RouterLaunch::Split, d_split: Some(ds), ..Default::default() };
             bench_one(rt, &mut out, t, d, hr, &xs, &w, &batch, &mut o, opts, format!("split d/{ds}"))?;
+        }
+        // Streaming pool with forced D splits (split launch); None = its own choice above.
+        for ds in [1usize, 4] {
+            let opts = RouterOptions { launch: RouterLaunch::Split, d_split: Some(ds), pool: PoolKernel::Streaming, ..Default::default() };
+            bench_one(rt, &mut out, t, d, hr, &xs, &w, &batch, &mut o, opts, format!("split stream d/{ds}"))?;
         }
     }
     Ok(out)

@@ -26,6 +26,9 @@ unsafe impl DeviceRepr for NatslGdnDecodeParams {}
 
 /// Threads of the prep kernel (`natsl::gdn::PREP_THREADS`).
 const PREP_THREADS: u32 = 128;
+/// Threads and state columns per CTA of `cp_combine` (`natsl::gdn::CP_THREADS`, `CP_COLS`).
+const CP_THREADS: u32 = 128;
+const CP_COLS: usize = 16;
 /// Smem row padding of the kernels (`natsl::gdn::PAD`).
 const PAD: usize = 8;
 /// Largest number of tokens per sequence in one decode step.
@@ -85,6 +88,8 @@ pub struct GdnPrefillOutputs<'a> {
 pub struct GdnWorkspace {
     buf: Option<CudaSlice<u8>>,
     index: Option<CudaSlice<i32>>,
+    /// Context-parallel segment states E and transitions A ([`ScanParallel`]).
+    cp: Option<CudaSlice<u8>>,
 }
 
 impl GdnWorkspace {
@@ -363,7 +368,7 @@ pub fn gdn_prefill(
     opts: &GdnOptions,
     ws: &mut GdnWorkspace,
 ) -> Result<()> {
-    prefill_launch(rt, batch, inp, out, opts, ws, true, true, ScanTile::Auto, PrepKernel::default())
+    prefill_launch(rt, batch, inp, out, opts, ws, true, true, ScanTile::Auto, PrepKernel::default(), ScanParallel::Off)
 }
 
 /// How `prep` inverts the chunk's (I + A) (tests and benches force each;
@@ -413,7 +418,7 @@ pub fn gdn_prefill_tiled(
     ws: &mut GdnWorkspace,
     tile: ScanTile,
 ) -> Result<()> {
-    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile, PrepKernel::default())
+    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile, PrepKernel::default(), ScanParallel::Off)
 }
 
 /// Test hook: [`gdn_prefill`] with the scan tile and the prep kernel forced.
@@ -429,7 +434,72 @@ pub fn gdn_prefill_with(
     tile: ScanTile,
     prep: PrepKernel,
 ) -> Result<()> {
-    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile, prep)
+    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile, prep, ScanParallel::Off)
+}
+
+/// Intra-GPU context parallelism of the scan (exact; see `cuda/gdn/prefill.cuh`):
+/// each sequence is split into segments of whole chunks; pass A runs segment 0 from
+/// h0 and, for the inner segments, the scan from a zero state (offsets E) and from the
+/// identity with U = 0 (transitions A, dk x dk); pass B chains the segment states
+/// E[s] <- A[s] E[s-1] + E[s] (f32); pass C reruns segments >= 1 from their true start
+/// states. Critical path ~2 / segments of the plain scan; work ~(2 + dk/dv)x.
+/// Not yet validated on a device: [`gdn_prefill`] uses `Off`.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScanParallel {
+    /// The plain scan (one CTA per sequence, value head, column tile).
+    #[default]
+    Off,
+    /// Split every sequence into this many segments (at most its chunk count;
+    /// 0 or 1: off).
+    Segments(usize),
+    /// Segments = SMs / plain-scan CTAs where that is >= 4 (and >= 4 chunks per
+    /// segment of the longest sequence), else off. Forces the wide tile under
+    /// `ScanTile::Auto`.
+    Auto,
+}
+
+/// Segments the scan of this launch uses (<= 1: the plain scan).
+fn cp_segments(cp: ScanParallel, ctas: usize, sm: usize, max_chunks: usize) -> usize {
+    let s = match cp {
+        ScanParallel::Off => 1,
+        ScanParallel::Segments(s) => s,
+        ScanParallel::Auto => {
+            let s = (sm / ctas.max(1)).min(max_chunks / 4).min(64);
+            if s >= 4 {
+                s
+            } else {
+                1
+            }
+        }
+    };
+    s.min(max_chunks).max(1)
+}
+
+/// Workspace bytes of the context-parallel scan: E `[N, S, Hv, dk, dv]` and
+/// A `[N, S, Hv, dk, dk]` f32.
+#[doc(hidden)]
+pub fn cp_workspace_bytes(seqs: usize, segments: usize, hv: usize, dk: usize, dv: usize) -> usize {
+    let a = |x: usize| x.div_ceil(256) * 256;
+    let rows = seqs * segments * hv;
+    a(rows * dk * dv * 4) + a(rows * dk * dk * 4)
+}
+
+/// Test hook: [`gdn_prefill_with`] with the scan's context parallelism forced.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn gdn_prefill_cp(
+    rt: &Runtime,
+    batch: &Batch,
+    inp: &GdnPrefillInputs,
+    out: &mut GdnPrefillOutputs,
+    opts: &GdnOptions,
+    ws: &mut GdnWorkspace,
+    tile: ScanTile,
+    prep: PrepKernel,
+    cp: ScanParallel,
+) -> Result<()> {
+    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile, prep, cp)
 }
 
 /// Which launches of the prefill [`gdn_prefill_parts`] queues.
@@ -457,6 +527,36 @@ pub fn gdn_prefill_parts(
     gdn_prefill_parts_with(rt, batch, inp, out, opts, ws, part, PrepKernel::default())
 }
 
+/// Benchmark hook: [`gdn_prefill_parts_with`] with the scan's context parallelism
+/// forced (`PrefillPart::Scan`: the three context-parallel launches).
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn gdn_prefill_parts_cp(
+    rt: &Runtime,
+    batch: &Batch,
+    inp: &GdnPrefillInputs,
+    out: &mut GdnPrefillOutputs,
+    opts: &GdnOptions,
+    ws: &mut GdnWorkspace,
+    part: PrefillPart,
+    prep: PrepKernel,
+    cp: ScanParallel,
+) -> Result<()> {
+    prefill_launch(
+        rt,
+        batch,
+        inp,
+        out,
+        opts,
+        ws,
+        part == PrefillPart::Prep,
+        part == PrefillPart::Scan,
+        ScanTile::Auto,
+        prep,
+        cp,
+    )
+}
+
 /// Benchmark hook: [`gdn_prefill_parts`] with the prep kernel forced.
 #[doc(hidden)]
 #[allow(clippy::too_many_arguments)]
@@ -481,6 +581,7 @@ pub fn gdn_prefill_parts_with(
         part == PrefillPart::Scan,
         ScanTile::Auto,
         prep,
+        ScanParallel::Off,
     )
 }
 
@@ -496,6 +597,7 @@ fn prefill_launch(
     run_scan: bool,
     tile: ScanTile,
     prep: PrepKernel,
+    cp: ScanParallel,
 ) -> Result<()> {
     let d = validate_prefill(batch.cu_seqlens(), inp, out, opts)?;
     let scale = resolve_scale(opts, d.dk)?;
@@ -505,17 +607,53 @@ fn prefill_launch(
     // tile doubles the CTAs (each re-reads Q, K, W, P: more L2 traffic, same HBM).
     let narrow = catalog::gdn_prefill_narrow_spec(d.dtype, d.dk as u32, d.dv as u32, rt.arch());
     let wide_ctas = d.seqs * d.hv * (d.dv / wide.tile.block_n as usize);
+    let max_chunks = batch
+        .cu_seqlens()
+        .windows(2)
+        .map(|w| ((w[1] - w[0]) as usize).div_ceil(CHUNK))
+        .max()
+        .unwrap_or(1);
+    let sm = rt.sm_count() as usize;
+    let cp_wide = cp_segments(cp, wide_ctas, sm, max_chunks);
     let spec = match (tile, narrow) {
         (ScanTile::Narrow, Some(s)) => s,
-        (ScanTile::Auto, Some(s)) if wide_ctas <= rt.sm_count() as usize => s,
+        (ScanTile::Auto, Some(s)) if wide_ctas <= sm && cp_wide <= 1 => s,
         _ => wide,
     };
+    let ctas = d.seqs * d.hv * (d.dv / spec.tile.block_n as usize);
+    let segments = if spec == wide { cp_wide } else { cp_segments(cp, ctas, sm, max_chunks) };
     let tile = spec.tile;
     let prep_smem = prep_kernel_smem_bytes(d.dk, d.dv, prep) as u32;
     let scan_smem = scan_smem_bytes(d.dk, tile.block_n as usize, tile.stages as usize) as u32;
     let f_prep = rt.function(&spec, prep.entry(), prep_smem)?;
-    let f_scan = rt.function(&spec, "scan", scan_smem)?;
     let s = rt.stream();
+    // Context parallelism: (scan_cp_a, cp_combine, scan_cp_c) instead of scan.
+    let f_scan = if segments > 1 {
+        None
+    } else {
+        Some(rt.function(&spec, "scan", scan_smem)?)
+    };
+    let f_cp = if segments > 1 {
+        let need = cp_workspace_bytes(d.seqs, segments, d.hv, d.dk, d.dv);
+        if ws.cp.as_ref().is_none_or(|b| b.len() < need) {
+            ws.cp = Some(s.alloc_zeros::<u8>(need)?);
+        }
+        Some((
+            rt.function(&spec, "scan_cp_a", scan_smem)?,
+            rt.function(&spec, "cp_combine", 0)?,
+            rt.function(&spec, "scan_cp_c", scan_smem)?,
+        ))
+    } else {
+        None
+    };
+    let (cp_e, cp_a, _gcp) = match ws.cp.as_mut() {
+        Some(b) if segments > 1 => {
+            let (ptr, g) = b.device_ptr_mut(s);
+            let rows = d.seqs * segments * d.hv;
+            (ptr, ptr + ((rows * d.dk * d.dv * 4).div_ceil(256) * 256) as u64, Some(g))
+        }
+        _ => (0, 0, None),
+    };
 
     // Workspace: W | U | P | G, each 256-byte aligned.
     let ns = batch.num_slots();
@@ -620,6 +758,9 @@ fn prefill_launch(
         ws_u: ws_u as *mut _,
         ws_p: ws_p as *mut _,
         ws_g: ws_g as *mut f32,
+        cp_segments: segments as i32,
+        ws_cp_e: cp_e as *mut f32,
+        ws_cp_a: cp_a as *mut f32,
     };
     let bv = tile.block_n as usize;
     // SAFETY: every pointer in `p` was validated above (dtype, shape, bounds,
@@ -634,11 +775,33 @@ fn prefill_launch(
             })?;
         }
         if run_scan {
-            s.launch_builder(&f_scan).arg(&p).launch(LaunchConfig {
-                grid_dim: ((d.dv / bv) as u32, d.hv as u32, n as u32),
-                block_dim: (tile.threads(), 1, 1),
-                shared_mem_bytes: scan_smem,
-            })?;
+            if let Some(f_scan) = &f_scan {
+                s.launch_builder(f_scan).arg(&p).launch(LaunchConfig {
+                    grid_dim: ((d.dv / bv) as u32, d.hv as u32, n as u32),
+                    block_dim: (tile.threads(), 1, 1),
+                    shared_mem_bytes: scan_smem,
+                })?;
+            }
+            if let Some((fa, fb, fc)) = &f_cp {
+                // Pass A: segments x (dk + dv) / bv tiles (identity tiles cover dk).
+                s.launch_builder(fa).arg(&p).launch(LaunchConfig {
+                    grid_dim: ((segments * (d.dk + d.dv) / bv) as u32, d.hv as u32, n as u32),
+                    block_dim: (tile.threads(), 1, 1),
+                    shared_mem_bytes: scan_smem,
+                })?;
+                if segments >= 3 {
+                    s.launch_builder(fb).arg(&p).launch(LaunchConfig {
+                        grid_dim: ((d.dv / CP_COLS) as u32, d.hv as u32, n as u32),
+                        block_dim: (CP_THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    })?;
+                }
+                s.launch_builder(fc).arg(&p).launch(LaunchConfig {
+                    grid_dim: (((segments - 1) * d.dv / bv) as u32, d.hv as u32, n as u32),
+                    block_dim: (tile.threads(), 1, 1),
+                    shared_mem_bytes: scan_smem,
+                })?;
+            }
         }
     }
     Ok(())

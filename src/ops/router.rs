@@ -6,7 +6,7 @@
 
 use crate::batch::{Batch, SeqLayout};
 use crate::error::{Error, Result};
-use crate::params::NatslRouterParams;
+use crate::params::{NatslRouterParams, NATSL_ROUTER_MAX_HEADS, NATSL_ROUTER_STREAM_COLS, NATSL_ROUTER_STREAM_STAGES};
 use crate::runtime::Runtime;
 use crate::tensor::{DType, TensorRef};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
@@ -44,7 +44,22 @@ pub struct RouterOptions {
     pub launch: RouterLaunch,
     /// Tuning knob: CTAs per chunk along D (`None` = chosen to fill the GPU).
     /// Each CTA pools at most 2048 columns, so at least ceil(D / 2048).
+    /// With `PoolKernel::Streaming`: at most ceil(D / 256) (whole 256-column tiles per split).
     pub d_split: Option<usize>,
+    /// Which pooling kernel runs (both feed the same select paths).
+    pub pool: PoolKernel,
+}
+
+/// The pool + score kernel. Both give the same outputs up to f32 summation order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PoolKernel {
+    /// One CTA per (chunk, D split): load, reduce, score (today's default).
+    #[default]
+    Blocked,
+    /// A persistent grid (occupancy-sized, ~2 CTAs per SM) streaming 64 x 256
+    /// tiles through a 3-stage cp.async ring, pooling one tile while the next
+    /// two load. Experimental, off by default.
+    Streaming,
 }
 
 /// How the router is launched. Both give identical results.
@@ -60,7 +75,7 @@ pub enum RouterLaunch {
 
 impl Default for RouterOptions {
     fn default() -> Self {
-        RouterOptions { policy: RouterPolicy::Argmax, round_mean: true, compile_time_k: false, launch: RouterLaunch::Auto, d_split: None }
+        RouterOptions { policy: RouterPolicy::Argmax, round_mean: true, compile_time_k: false, launch: RouterLaunch::Auto, d_split: None, pool: PoolKernel::Blocked }
     }
 }
 
@@ -115,6 +130,36 @@ fn d_split(rt: &Runtime, num_slots: usize, d_model: usize, forced: Option<usize>
     let split = if forced.is_some() { split } else { split.min((d_model / 256).max(min_split)) };
     let per = d_model.div_ceil(split).div_ceil(8) * 8;
     (d_model.div_ceil(per), per)
+}
+
+/// Columns per streaming tile, ring stages, and the streaming kernel's dynamic shared memory
+/// (must match STREAM_SMEM_BYTES in cuda/router/stream.cuh).
+const STREAM_COLS: usize = NATSL_ROUTER_STREAM_COLS as usize;
+const STREAM_SMEM: u32 = NATSL_ROUTER_STREAM_STAGES * 64 * NATSL_ROUTER_STREAM_COLS * 2 + (3 * NATSL_ROUTER_STREAM_COLS + 2 * NATSL_ROUTER_MAX_HEADS) * 4;
+const _: () = assert!(NATSL_ROUTER_MAX_HEADS as usize == MAX_HEADS);
+
+/// Streaming D split: whole 256-column tiles per split. Returns (d_split, d_per_split, grid)
+/// for a persistent grid of at most `max_ctas` CTAs: the fewest splits whose busiest CTA
+/// has at most 5% more tiles than the best split count's.
+fn stream_split(num_slots: usize, d_model: usize, max_ctas: usize, forced: Option<usize>) -> (usize, usize, usize) {
+    let tiles = d_model.div_ceil(STREAM_COLS);
+    let max_ctas = max_ctas.max(1);
+    let shape = |s: usize| {
+        let per_tiles = tiles.div_ceil(s.clamp(1, tiles));
+        let split = tiles.div_ceil(per_tiles);
+        let items = (num_slots * split).max(1);
+        let grid = if items <= max_ctas { items } else { (max_ctas / split).max(1) * split };
+        (split, per_tiles, grid, items.div_ceil(grid) * per_tiles)
+    };
+    let s = match forced {
+        Some(f) => f.clamp(1, tiles),
+        None => {
+            let best = (1..=tiles).map(|s| shape(s).3).min().unwrap_or(1);
+            (1..=tiles).find(|&s| shape(s).3 * 100 <= best * 105).unwrap_or(1)
+        }
+    };
+    let (split, per_tiles, grid, _) = shape(s);
+    (split, (per_tiles * STREAM_COLS).min(d_model.div_ceil(8) * 8), grid)
 }
 
 /// Run the router, allocating the outputs.
@@ -183,23 +228,40 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     if out.num_heads != hr || out.num_slots != batch.num_slots() || out.num_seqs != batch.num_seqs() {
         return Err(Error::invalid("out", format!("allocated for {} heads / {} slots / {} sequences; this call needs {hr} / {} / {}", out.num_heads, out.num_slots, out.num_seqs, batch.num_slots(), batch.num_seqs())));
     }
-    let (split, per) = d_split(rt, batch.num_slots(), d, opts.d_split);
-    if out.workspace.len() < split * batch.num_slots() * hr * 2 {
-        out.workspace = rt.stream().alloc_zeros(split * batch.num_slots() * hr * 2)?;
-    }
-    // ---- launch ----
     let dtype = x.dtype().activation().unwrap();
     let spec = catalog::router_spec(dtype, sparsity, rt.arch());
-    let score_smem = THREADS * 8 * 4 + per as u32 * 4;
-    // Measured on the H200 (bench/results/2026-11-28-h200-c-natsl.jsonl, graph
-    // replays): with <= 8 heads the fused launch won at 64, 512 and 2048 chunks
-    // (8.9 vs 9.5, 36.7 vs 41.1, 113 vs 128 us) but lost at 256 (24.7 vs 21.6 us);
-    // with 32 heads its one-CTA select tail lost everywhere (119 vs 96 us at 16k).
     let fused = match opts.launch {
         RouterLaunch::Fused => true,
         RouterLaunch::Split => false,
         RouterLaunch::Auto => hr <= 8 && !(129..512).contains(&batch.max_chunks()),
     };
+    // Streaming: the persistent grid is as many CTAs as fit (occupancy), then split D.
+    let stream = match opts.pool {
+        PoolKernel::Blocked => None,
+        PoolKernel::Streaming => {
+            let f = rt.function(&spec, if fused { "stream_route" } else { "stream_score" }, STREAM_SMEM)?;
+            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, STREAM_SMEM as usize, None)? as usize;
+            if per_sm == 0 {
+                return Err(Error::Unsupported(format!("streaming router pool needs {STREAM_SMEM} bytes of shared memory per CTA; the device fits none")));
+            }
+            let (split, per, grid) = stream_split(batch.num_slots(), d, per_sm * rt.sm_count() as usize, opts.d_split);
+            Some((f, split, per, grid))
+        }
+    };
+    let (split, per) = match &stream {
+        Some((_, split, per, _)) => (*split, *per),
+        None => d_split(rt, batch.num_slots(), d, opts.d_split),
+    };
+    if out.workspace.len() < split * batch.num_slots() * hr * 2 {
+        out.workspace = rt.stream().alloc_zeros(split * batch.num_slots() * hr * 2)?;
+    }
+    // ---- launch ----
+    let score_smem = THREADS * 8 * 4 + per as u32 * 4;
+    // Measured on the H200 (bench/results/2026-11-28-h200-c-natsl.jsonl, graph
+    // replays): with <= 8 heads the fused launch won at 64, 512 and 2048 chunks
+    // (8.9 vs 9.5, 36.7 vs 41.1, 113 vs 128 us) but lost at 256 (24.7 vs 21.6 us);
+    // with 32 heads its one-CTA select tail lost everywhere (119 vs 96 us at 16k).
+    // (`fused` is decided above, before the streaming kernel is looked up.)
     let s = rt.stream();
     let (labels, _g1) = out.labels.device_ptr_mut(s);
     let (list, _g2) = out.attn_list.device_ptr_mut(s);
@@ -235,7 +297,15 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     // SAFETY: every pointer in `p` was validated above (shapes, bounds, alignment)
     // or allocated here for exactly this batch; the kernel reads `p` by value.
     unsafe {
-        if fused {
+        if let Some((f, _, _, grid)) = &stream {
+            let cfg = LaunchConfig { grid_dim: (*grid as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: STREAM_SMEM };
+            s.launch_builder(f).arg(&p).launch(cfg)?;
+            if !fused {
+                let f_select = rt.function(&spec, "select", 0)?;
+                let warps = THREADS / 32;
+                s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (batch.num_seqs() as u32, (hr as u32).div_ceil(warps), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })?;
+            }
+        } else if fused {
             let f = rt.function(&spec, "route", score_smem)?;
             s.launch_builder(&f).arg(&p).launch(LaunchConfig { grid_dim: (num_slots, split as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: score_smem })?;
         } else {
@@ -248,4 +318,26 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     }
     let _ = out.logits.as_ref().map(|l| l.device_ptr(s));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_split;
+
+    #[test]
+    fn stream_split_covers_d_with_whole_tiles() {
+        for &(ns, d, ctas) in &[(257usize, 1024usize, 264usize), (1025, 4096, 264), (2049, 1024, 264), (65, 1024, 264), (7, 104, 264), (95, 8192, 132), (1, 8, 1)] {
+            for forced in [None, Some(0), Some(1), Some(5), Some(1000)] {
+                let (split, per, grid) = stream_split(ns, d, ctas, forced);
+                assert!(split >= 1 && per % 8 == 0 && per > 0, "{ns} {d} {forced:?}");
+                assert!(per % 256 == 0 || split == 1, "{ns} {d} {forced:?}: per {per}");
+                assert!((split - 1) * per < d && split * per >= d, "{ns} {d} {forced:?}: {split} x {per}");
+                assert!(grid >= 1 && grid <= (ns * split).max(1) && grid <= ctas.max(split), "{ns} {d} {forced:?}: grid {grid}");
+                assert!(grid == ns * split || grid % split == 0, "a CTA keeps one D split");
+            }
+        }
+        // Long sequences: one split (few partials for the select), about 4 items per CTA.
+        assert_eq!(stream_split(1025, 4096, 264, None).0, 1);
+        assert_eq!(stream_split(65, 1024, 264, None).0, 4);
+    }
 }

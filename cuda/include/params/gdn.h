@@ -46,6 +46,10 @@ typedef struct NatslGdnPrefillParams {
     void* ws_u;                 /* workspace [num_slots, Hv, 64, dv] activation dtype: U = T diag(beta) V */
     void* ws_p;                 /* workspace [num_slots, Hv, 64, 64] activation dtype: scale (Q K^T o decay), lower incl. diagonal */
     float* ws_g;                /* workspace [num_slots, Hv, 3, 64] f32 row factors: scale e^G / |q|, e^(G_last - G) / |k|, G (cumulative g inside the chunk; pads repeat the last) */
+    /* Context parallelism (entries scan_cp_a, cp_combine, scan_cp_c only; the plain scan ignores these). */
+    int cp_segments;            /* S: each sequence of nch chunks splits into ceil(nch / ceil(nch / S)) segments of ceil(nch / S) chunks */
+    float* ws_cp_e;             /* workspace [N, S, Hv, dk, dv] f32: segment offsets E, then true segment end states */
+    float* ws_cp_a;             /* workspace [N, S, Hv, dk, dk] f32: segment transitions A */
 } NatslGdnPrefillParams;
 
 /*

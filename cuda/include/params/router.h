@@ -2,6 +2,14 @@
 #ifndef NATSL_PARAMS_ROUTER_H
 #define NATSL_PARAMS_ROUTER_H
 
+/* Streaming pool kernel (RouterOptions.pool = Streaming): a persistent grid walks
+ * (chunk slot, D split) items in 64 x NATSL_ROUTER_STREAM_COLS tiles through a
+ * cp.async ring of NATSL_ROUTER_STREAM_STAGES stages. d_per_split is then a
+ * multiple of NATSL_ROUTER_STREAM_COLS (except in the last split). */
+#define NATSL_ROUTER_STREAM_COLS 256
+#define NATSL_ROUTER_STREAM_STAGES 3
+#define NATSL_ROUTER_MAX_HEADS 64
+
 typedef struct NatslRouterParams {
     NatslVarlen batch;
     const void* x;          /* [T, d_model] activation dtype, row stride x_stride_t */
