@@ -370,7 +370,7 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
             };
             let mut ws = GdnWorkspace::new();
             let t1 = std::time::Instant::now();
-            gdn_prefill_cp(rt, &batch, &inp, &mut out, &opts, &mut ws, c.tile, prep, c.cp).unwrap();
+            gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { tile: c.tile, prep, cp: c.cp, part: None }).unwrap();
             rt.synchronize().unwrap();
             println!(
                 "  device: {:.2} ms (incl. first-use JIT)",

@@ -101,7 +101,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             (PrefillPart::Prep, PrepKernel::Blocked, "prep blocked"),
         ] {
             let tm = time_it(rt, 3, 10, |_| {
-                gdn_prefill_parts_with(rt, &batch, &inp, &mut out, &opts, &mut ws, part, prep)
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, part: Some(part), ..Default::default() })
             })
             .unwrap();
             recs.push(Record::new(
@@ -124,7 +124,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             (ScanParallel::Segments(16), "cp16".into()),
         ] {
             let full = time_it(rt, 3, 10, |_| {
-                gdn_prefill_cp(rt, &batch, &inp, &mut out, &opts, &mut ws, ScanTile::Auto, prep, sp)
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, cp: sp, ..Default::default() })
             })
             .unwrap();
             recs.push(Record::new(
@@ -137,7 +137,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
                 bytes,
             ));
             let scan = time_it(rt, 3, 10, |_| {
-                gdn_prefill_parts_cp(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillPart::Scan, prep, sp)
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, cp: sp, part: Some(PrefillPart::Scan), ..Default::default() })
             })
             .unwrap();
             recs.push(Record::new(

@@ -368,7 +368,33 @@ pub fn gdn_prefill(
     opts: &GdnOptions,
     ws: &mut GdnWorkspace,
 ) -> Result<()> {
-    prefill_launch(rt, batch, inp, out, opts, ws, true, true, ScanTile::Auto, PrepKernel::default(), ScanParallel::Off)
+    prefill_launch(rt, batch, inp, out, opts, ws, PrefillVariant::default())
+}
+
+/// Which paths a prefill takes. Tests and benches force each; [`gdn_prefill`]
+/// uses the default (the paths proven on a device).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefillVariant {
+    pub tile: ScanTile,
+    pub prep: PrepKernel,
+    pub cp: ScanParallel,
+    /// Queue only one of the two launches (`None`: both).
+    pub part: Option<PrefillPart>,
+}
+
+/// Test and benchmark hook: [`gdn_prefill`] with the paths of `v`.
+#[doc(hidden)]
+pub fn gdn_prefill_variant(
+    rt: &Runtime,
+    batch: &Batch,
+    inp: &GdnPrefillInputs,
+    out: &mut GdnPrefillOutputs,
+    opts: &GdnOptions,
+    ws: &mut GdnWorkspace,
+    v: PrefillVariant,
+) -> Result<()> {
+    prefill_launch(rt, batch, inp, out, opts, ws, v)
 }
 
 /// How `prep` inverts the chunk's (I + A) (tests and benches force each;
@@ -405,36 +431,6 @@ pub enum ScanTile {
     Wide,
     /// The narrow tile where the catalog has one (else the default).
     Narrow,
-}
-
-/// Test hook: [`gdn_prefill`] with the scan tile forced.
-#[doc(hidden)]
-pub fn gdn_prefill_tiled(
-    rt: &Runtime,
-    batch: &Batch,
-    inp: &GdnPrefillInputs,
-    out: &mut GdnPrefillOutputs,
-    opts: &GdnOptions,
-    ws: &mut GdnWorkspace,
-    tile: ScanTile,
-) -> Result<()> {
-    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile, PrepKernel::default(), ScanParallel::Off)
-}
-
-/// Test hook: [`gdn_prefill`] with the scan tile and the prep kernel forced.
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn gdn_prefill_with(
-    rt: &Runtime,
-    batch: &Batch,
-    inp: &GdnPrefillInputs,
-    out: &mut GdnPrefillOutputs,
-    opts: &GdnOptions,
-    ws: &mut GdnWorkspace,
-    tile: ScanTile,
-    prep: PrepKernel,
-) -> Result<()> {
-    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile, prep, ScanParallel::Off)
 }
 
 /// Intra-GPU context parallelism of the scan (exact; see `cuda/gdn/prefill.cuh`):
@@ -485,24 +481,7 @@ pub fn cp_workspace_bytes(seqs: usize, segments: usize, hv: usize, dk: usize, dv
     a(rows * dk * dv * 4) + a(rows * dk * dk * 4)
 }
 
-/// Test hook: [`gdn_prefill_with`] with the scan's context parallelism forced.
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn gdn_prefill_cp(
-    rt: &Runtime,
-    batch: &Batch,
-    inp: &GdnPrefillInputs,
-    out: &mut GdnPrefillOutputs,
-    opts: &GdnOptions,
-    ws: &mut GdnWorkspace,
-    tile: ScanTile,
-    prep: PrepKernel,
-    cp: ScanParallel,
-) -> Result<()> {
-    prefill_launch(rt, batch, inp, out, opts, ws, true, true, tile, prep, cp)
-}
-
-/// Which launches of the prefill [`gdn_prefill_parts`] queues.
+/// Which one of the two prefill launches a [`PrefillVariant`] queues alone.
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrefillPart {
@@ -513,79 +492,6 @@ pub enum PrefillPart {
     Scan,
 }
 
-/// Benchmark hook: queue one of the two prefill launches (see [`PrefillPart`]).
-#[doc(hidden)]
-pub fn gdn_prefill_parts(
-    rt: &Runtime,
-    batch: &Batch,
-    inp: &GdnPrefillInputs,
-    out: &mut GdnPrefillOutputs,
-    opts: &GdnOptions,
-    ws: &mut GdnWorkspace,
-    part: PrefillPart,
-) -> Result<()> {
-    gdn_prefill_parts_with(rt, batch, inp, out, opts, ws, part, PrepKernel::default())
-}
-
-/// Benchmark hook: [`gdn_prefill_parts_with`] with the scan's context parallelism
-/// forced (`PrefillPart::Scan`: the three context-parallel launches).
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn gdn_prefill_parts_cp(
-    rt: &Runtime,
-    batch: &Batch,
-    inp: &GdnPrefillInputs,
-    out: &mut GdnPrefillOutputs,
-    opts: &GdnOptions,
-    ws: &mut GdnWorkspace,
-    part: PrefillPart,
-    prep: PrepKernel,
-    cp: ScanParallel,
-) -> Result<()> {
-    prefill_launch(
-        rt,
-        batch,
-        inp,
-        out,
-        opts,
-        ws,
-        part == PrefillPart::Prep,
-        part == PrefillPart::Scan,
-        ScanTile::Auto,
-        prep,
-        cp,
-    )
-}
-
-/// Benchmark hook: [`gdn_prefill_parts`] with the prep kernel forced.
-#[doc(hidden)]
-#[allow(clippy::too_many_arguments)]
-pub fn gdn_prefill_parts_with(
-    rt: &Runtime,
-    batch: &Batch,
-    inp: &GdnPrefillInputs,
-    out: &mut GdnPrefillOutputs,
-    opts: &GdnOptions,
-    ws: &mut GdnWorkspace,
-    part: PrefillPart,
-    prep: PrepKernel,
-) -> Result<()> {
-    prefill_launch(
-        rt,
-        batch,
-        inp,
-        out,
-        opts,
-        ws,
-        part == PrefillPart::Prep,
-        part == PrefillPart::Scan,
-        ScanTile::Auto,
-        prep,
-        ScanParallel::Off,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
 fn prefill_launch(
     rt: &Runtime,
     batch: &Batch,
@@ -593,12 +499,11 @@ fn prefill_launch(
     out: &mut GdnPrefillOutputs,
     opts: &GdnOptions,
     ws: &mut GdnWorkspace,
-    run_prep: bool,
-    run_scan: bool,
-    tile: ScanTile,
-    prep: PrepKernel,
-    cp: ScanParallel,
+    v: PrefillVariant,
 ) -> Result<()> {
+    let PrefillVariant { tile, prep, cp, part } = v;
+    let run_prep = part != Some(PrefillPart::Scan);
+    let run_scan = part != Some(PrefillPart::Prep);
     let d = validate_prefill(batch.cu_seqlens(), inp, out, opts)?;
     let scale = resolve_scale(opts, d.dk)?;
     let wide = catalog::gdn_prefill_spec(d.dtype, d.dk as u32, d.dv as u32, rt.arch());
