@@ -224,35 +224,8 @@ __device__ void sparse_prefill_wgmma2(const NatslSparsePrefillParams& p) {
         wg_hold_a(pa);
     }
 
-    // Epilogue (as prefill_wgmma.cuh): normalise, stage O in V slot 0, 16-byte stores.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    }
-    const float inv0 = l[0] > 0.f ? 1.f / l[0] : 0.f;
-    const float inv1 = l[1] > 0.f ? 1.f / l[1] : 0.f;
     __syncthreads();  // every thread is done with the V slots
-    T* so = reinterpret_cast<T*>(smem + S::V);
-#pragma unroll
-    for (int ot = 0; ot < DV / 8; ++ot) {
-        const int col = ot * 8 + 2 * (lane & 3);
-        *reinterpret_cast<u32*>(so + swz<DV>(row_a, col)) = pack2<T>(o[ot][0] * inv0, o[ot][1] * inv0);
-        *reinterpret_cast<u32*>(so + swz<DV>(row_a + 8, col)) = pack2<T>(o[ot][2] * inv1, o[ot][3] * inv1);
-    }
-    if (p.lse && (lane & 3) == 0) {
-        const i64 t0 = seq0 + c * 64;
-        if (row_a < q_rows) p.lse[(t0 + row_a) * p.lse_stride_t + j] = l[0] > 0.f ? (m[0] + __log2f(l[0])) * kLn2 : neg_inf();
-        if (row_a + 8 < q_rows) p.lse[(t0 + row_a + 8) * p.lse_stride_t + j] = l[1] > 0.f ? (m[1] + __log2f(l[1])) * kLn2 : neg_inf();
-    }
-    __syncthreads();
-    T* og = reinterpret_cast<T*>(p.o) + (i64)(seq0 + c * 64) * p.o_stride_t + (i64)j * p.o_stride_h;
-    constexpr int CPR = DV / 8;
-#pragma unroll
-    for (int i = tid; i < 64 * CPR; i += THREADS) {
-        const int r = i / CPR, col = (i % CPR) * 8;
-        if (r < q_rows) *reinterpret_cast<vec8*>(og + (i64)r * p.o_stride_t + col) = *reinterpret_cast<const vec8*>(so + swz<DV>(r, col));
-    }
+    store_prefill_output<T, DV, THREADS>(p, w, o, l, m, reinterpret_cast<T*>(smem + S::V), row_a);
 }
 
 #endif  // NATSL_SM90A
