@@ -4,7 +4,7 @@
 //!                        check it against the f64 reference, time it (GPU); without
 //!                        a GPU, compile the kernels through NVRTC and run the CPU reference
 //!   natsl kernels        list every shipped specialisation
-//!   natsl compile        compile every shipped specialisation (NVRTC) and print ptxas' report
+//!   natsl compile [NAME] compile the shipped specialisations whose unit name contains NAME (NVRTC), print ptxas' report
 //!   natsl bench [FAMILY] [FILTER...]
 //!                        time the kernels (router, gdn, sparse, all; shapes whose name
 //!                        contains a filter), print a table, append JSON lines to bench/results/
@@ -22,10 +22,10 @@ fn main() -> ExitCode {
     let result = match cmd {
         "run" => run(),
         "kernels" => kernels(),
-        "compile" => compile(),
+        "compile" => compile(args.get(1).map(String::as_str).unwrap_or("")),
         "bench" => bench_cmd(args.get(1).map(String::as_str).unwrap_or("all"), args.get(2..).unwrap_or(&[])),
         "-h" | "--help" | "help" => {
-            println!("usage: natsl [run | kernels | compile | bench [router|gdn|sparse|all] [SHAPE FILTERS...]]");
+            println!("usage: natsl [run | kernels | compile [NAME] | bench [router|gdn|sparse|all] [SHAPE FILTERS...]]");
             Ok(())
         }
         other => Err(format!("unknown command `{other}` (try `natsl help`)").into()),
@@ -53,10 +53,10 @@ fn kernels() -> Res {
 
 /// Compile every shipped unit through NVRTC, one unit per core at a time (NVRTC
 /// is thread-safe); returns (units, seconds). With `verbose`, prints ptxas' report.
-fn compile_all(verbose: bool) -> Result<(usize, f64), Box<dyn std::error::Error>> {
+fn compile_all(verbose: bool, filter: &str) -> Result<(usize, f64), Box<dyn std::error::Error>> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let t0 = std::time::Instant::now();
-    let specs = catalog::shipped();
+    let specs: Vec<_> = catalog::shipped().into_iter().filter(|s| emit(s).map_or(true, |u| u.name.contains(filter))).collect();
     let next = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(specs.len().max(1));
     let results: Vec<Result<Vec<jit::PtxasReport>, String>> = std::thread::scope(|scope| {
@@ -92,10 +92,10 @@ fn compile_all(verbose: bool) -> Result<(usize, f64), Box<dyn std::error::Error>
     Ok((specs.len(), t0.elapsed().as_secs_f64()))
 }
 
-fn compile() -> Res {
+fn compile(filter: &str) -> Res {
     let (v, _) = (jit::nvrtc_version()?, ());
     println!("NVRTC {}.{}", v.0, v.1);
-    let (n, secs) = compile_all(true)?;
+    let (n, secs) = compile_all(true, filter)?;
     println!("{n} units compiled in {secs:.1} s");
     Ok(())
 }
@@ -107,7 +107,7 @@ fn run() -> Res {
             println!("no CUDA device ({e}): running the CPU-side checks only.");
             match jit::nvrtc_version() {
                 Ok(v) => {
-                    let (n, secs) = compile_all(false)?;
+                    let (n, secs) = compile_all(false, "")?;
                     println!("NVRTC {}.{}: compiled all {n} shipped kernel units for sm_80 and sm_90a in {secs:.1} s.", v.0, v.1);
                 }
                 Err(e) => println!("NVRTC not available ({e}); kernels not compiled."),

@@ -1,0 +1,403 @@
+// gdn/prep.cuh: the fully parallel half of the GDN chunk scan (see gdn/prefill.cuh):
+// per (chunk slot, value head), T = (I + A)^{-1}, W, U, P and the row factors F.
+#pragma once
+#include "common/dtype.cuh"
+#include "common/mma_sm80.cuh"
+#include "common/varlen.cuh"
+#include "gdn/common.cuh"
+
+namespace natsl {
+namespace gdn {
+
+constexpr int PREP_THREADS = 128;
+
+// ---------------------------------------------------------------- prep
+
+// Blocked inversion helpers (BLOCKED prep): f32 smem operands split into bf16
+// hi + lo halves, three mma per product (lo*lo dropped): ~16 mantissa bits.
+__device__ __forceinline__ void split2(float a, float b, u32& hi, u32& lo) {
+    hi = pack2<bf16>(a, b);
+    lo = pack2<bf16>(a - lo_f32<bf16>(hi), b - hi_f32<bf16>(hi));
+}
+// A fragment (16x16) of a row-major f32 tile at rows r0.., cols c0...
+__device__ __forceinline__ void frag_a_f32(u32* hi, u32* lo, const float* base, int ld, int r0, int c0) {
+    const int l = threadIdx.x % 32, g = l / 4, t = l % 4;
+    const float* p0 = base + (r0 + g) * ld + c0 + 2 * t;
+    const float* p1 = p0 + 8 * ld;
+    const float2 x0 = *reinterpret_cast<const float2*>(p0), x1 = *reinterpret_cast<const float2*>(p1);
+    const float2 x2 = *reinterpret_cast<const float2*>(p0 + 8), x3 = *reinterpret_cast<const float2*>(p1 + 8);
+    split2(x0.x, x0.y, hi[0], lo[0]);
+    split2(x1.x, x1.y, hi[1], lo[1]);
+    split2(x2.x, x2.y, hi[2], lo[2]);
+    split2(x3.x, x3.y, hi[3], lo[3]);
+}
+// B fragment (k16 x n8) of a row-major [k][n] f32 tile at rows k0.., cols n0...
+__device__ __forceinline__ void frag_b_f32(u32* hi, u32* lo, const float* base, int ld, int k0, int n0) {
+    const int l = threadIdx.x % 32, g = l / 4, t = l % 4;
+    const float* p = base + (k0 + 2 * t) * ld + n0 + g;
+    split2(p[0], p[ld], hi[0], lo[0]);
+    split2(p[8 * ld], p[9 * ld], hi[1], lo[1]);
+}
+// A fragment of k-block kb from an f32 accumulator strip x[n8 tile][4].
+__device__ __forceinline__ void frag_a_acc(u32* hi, u32* lo, const float (*x)[4], int kb) {
+    split2(x[2 * kb][0], x[2 * kb][1], hi[0], lo[0]);
+    split2(x[2 * kb][2], x[2 * kb][3], hi[1], lo[1]);
+    split2(x[2 * kb + 1][0], x[2 * kb + 1][1], hi[2], lo[2]);
+    split2(x[2 * kb + 1][2], x[2 * kb + 1][3], hi[3], lo[3]);
+}
+__device__ __forceinline__ void mma3(float* d, const u32* ah, const u32* al, const u32* bh, const u32* bl) {
+    mma_16816<bf16>(d, al, bh);
+    mma_16816<bf16>(d, ah, bl);
+    mma_16816<bf16>(d, ah, bh);
+}
+// Y (16 x 8*NY) = -(L X) R for one 16-row strip, all f32 in smem (ld LD):
+//   X (16 x 8*NX) = sum_{kb < KL} L[lr0.., lc0 + 16 kb..] M[mr0 + 16 kb.., mc0..]
+//   Y            -= sum_{kb2 in [kr_lo, NX/2)} X[:, 16 kb2..] R[rr0 + 16 kb2.., rc0..]
+template <int NX, int NY, int LD>
+__device__ __forceinline__ void strip_lmr(float (*y)[4], const float* s, int KL, int lr0, int lc0, int mr0, int mc0,
+                                          int kr_lo, int rr0, int rc0) {
+    float x[NX][4];
+#pragma unroll
+    for (int i = 0; i < NX; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) x[i][e] = 0.f;
+#pragma unroll
+    for (int kb = 0; kb < 2; ++kb) {
+        if (kb < KL) {
+            u32 ah[4], al[4];
+            frag_a_f32(ah, al, s, LD, lr0, lc0 + 16 * kb);
+#pragma unroll
+            for (int nt = 0; nt < NX; ++nt) {
+                u32 bh[2], bl[2];
+                frag_b_f32(bh, bl, s, LD, mr0 + 16 * kb, mc0 + 8 * nt);
+                mma3(x[nt], ah, al, bh, bl);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < NY; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) y[i][e] = 0.f;
+#pragma unroll
+    for (int kb = 0; kb < NX / 2; ++kb) {
+        if (kb >= kr_lo) {
+            u32 ah[4], al[4];
+            frag_a_acc(ah, al, x, kb);
+#pragma unroll
+            for (int nt = 0; nt < NY; ++nt) {
+                u32 bh[2], bl[2];
+                frag_b_f32(bh, bl, s, LD, rr0 + 16 * kb, rc0 + 8 * nt);
+                mma3(y[nt], ah, al, bh, bl);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < NY; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) y[i][e] = -y[i][e];
+}
+
+// BLOCKED = false: T by per-column forward substitution (64-long chains).
+// BLOCKED = true:  T blockwise: 16x16 diagonal blocks by substitution (16-long
+//   chains), then the off-diagonal blocks with split-bf16 mma in two levels
+//   (T21 = -T22 A21 T11 at 16 -> 32, then 32 -> 64); A (f32) aliases Q's smem
+//   where Q's rows are wide enough (dk >= 128), for more CTAs per SM.
+template <int DK>
+constexpr bool prep_alias_a(bool blocked) {
+    return blocked && (DK + PAD) * 2 >= (C + 4) * 4;
+}
+
+template <typename T, int DK, int DV, bool BLOCKED = false>
+__device__ void prep(const NatslGdnPrefillParams& p) {
+    constexpr int NT = PREP_THREADS, NW = NT / 32;
+    constexpr int LDK = DK + PAD, LDV = DV + PAD, LDA = C + 4, LDT = C + PAD;
+    constexpr bool ALIAS = prep_alias_a<DK>(BLOCKED);
+    static_assert(DK % 64 == 0 && DV % 64 == 0, "head dims must be multiples of 64");
+    static_assert(!ALIAS || C * (DK + PAD) * 2 >= C * LDA * 4, "A must fit in Q's smem");
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* sQ = reinterpret_cast<T*>(smem);
+    T* sK = sQ + C * LDK;
+    T* sV = sK + C * LDK;
+    float* sA = ALIAS ? reinterpret_cast<float*>(sQ) : reinterpret_cast<float*>(sV + C * LDV);
+    T* sT = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(sV + C * LDV) + (ALIAS ? 0 : C * LDA * 4));
+    float* sG = reinterpret_cast<float*>(sT + C * LDT);
+    float* sB = sG + C;
+    float* sInv = sB + C;  // [2][C]: 1/|q_i|, 1/|k_j| (1 without l2norm)
+
+    const int slot = blockIdx.x, h = blockIdx.y;
+    int c;
+    const int n = seq_of_slot(p.batch, slot, &c);
+    if (n < 0) return;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int t0 = p.batch.cu_seqlens[n] + c * C;
+    const int len = min(C, p.batch.cu_seqlens[n + 1] - t0);
+    const int Hv = p.num_v_heads;
+    const int hq = h / (Hv / p.num_qk_heads);
+
+    load_rows_async<T, C, DK, NT>(sQ, LDK, reinterpret_cast<const T*>(p.q) + (i64)t0 * p.q_stride_t + (i64)hq * p.q_stride_h, p.q_stride_t, len);
+    load_rows_async<T, C, DK, NT>(sK, LDK, reinterpret_cast<const T*>(p.k) + (i64)t0 * p.k_stride_t + (i64)hq * p.k_stride_h, p.k_stride_t, len);
+    load_rows_async<T, C, DV, NT>(sV, LDV, reinterpret_cast<const T*>(p.v) + (i64)t0 * p.v_stride_t + (i64)h * p.v_stride_h, p.v_stride_t, len);
+    cp_async_commit();
+    if (tid < C) {
+        const bool ok = tid < len;
+        sG[tid] = ok ? p.g[(i64)(t0 + tid) * p.g_stride_t + h] : 0.f;  // pads: g = 0 keeps G flat
+        sB[tid] = ok ? load_beta<T>(p.beta, p.beta_f32, (i64)(t0 + tid) * p.beta_stride_t + h) : 0.f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // L2 norms: one thread per row (threads 0..63: Q rows, 64..127: K rows); the
+    // 16-byte row reads of a quarter warp hit distinct banks (row pitch 68 words).
+    static_assert(NT == 2 * C, "prep: one thread per q row and per k row");
+    if (p.l2norm) {
+        T* row = (tid < C ? sQ + tid * LDK : sK + (tid - C) * LDK);
+        float ss = 0.f;
+#pragma unroll
+        for (int cc = 0; cc < DK; cc += 8) {
+            float x[8];
+            unpack8<T>(*reinterpret_cast<const vec8*>(row + cc), x);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) ss = fmaf(x[e], x[e], ss);
+        }
+        const float inv = rsqrtf(ss + 1e-6f);
+        sInv[tid] = inv;
+#pragma unroll
+        for (int cc = 0; cc < DK; cc += 8) {
+            vec8 v = *reinterpret_cast<const vec8*>(row + cc);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) v.w[e] = pack2<T>(lo_f32<T>(v.w[e]) * inv, hi_f32<T>(v.w[e]) * inv);
+            *reinterpret_cast<vec8*>(row + cc) = v;
+        }
+    } else {
+        sInv[tid] = 1.f;
+    }
+    const i64 wrow = (i64)slot * Hv + h;
+    if (warp == 0) {  // inclusive cumsum of g, two tokens per lane
+        const float a = sG[2 * lane], b = sG[2 * lane + 1];
+        float s = a + b;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const float y = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s += y;
+        }
+        const float excl = s - (a + b);
+        sG[2 * lane] = excl + a;
+        sG[2 * lane + 1] = excl + a + b;
+    }
+    __syncthreads();
+    if (tid < C) {  // row factors of the scan: F = [fq | fk | G]
+        const float gi = sG[tid], gl = sG[C - 1];
+        float* f = p.ws_g + wrow * (3 * C);
+        f[tid] = p.scale * __expf(gi) * sInv[tid];
+        f[C + tid] = __expf(gl - gi) * sInv[C + tid];
+        f[2 * C + tid] = gi;
+    }
+
+    // K K^T and Q K^T for this warp's 16 rows (lower-triangular tiles only).
+    const int m0 = warp * 16;
+    float kk[8][4], qk[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) kk[i][e] = qk[i][e] = 0.f;
+#pragma unroll 2
+    for (int k0 = 0; k0 < DK; k0 += 16) {
+        u32 ak[4], aq[4];
+        frag_a(ak, sK, LDK * 2, m0, k0 * 2);
+        frag_a(aq, sQ, LDK * 2, m0, k0 * 2);
+#pragma unroll
+        for (int nt = 0; nt < 8; nt += 2) {
+            if (nt / 2 <= warp) {
+                u32 b[4];
+                frag_b2_nk(b, sK, LDK * 2, nt * 8, k0 * 2);
+                mma_16816<T>(kk[nt], ak, b);
+                mma_16816<T>(kk[nt + 1], ak, b + 2);
+                mma_16816<T>(qk[nt], aq, b);
+                mma_16816<T>(qk[nt + 1], aq, b + 2);
+            }
+        }
+    }
+    T* wsP = reinterpret_cast<T*>(p.ws_p) + wrow * C * C;
+    if (ALIAS) __syncthreads();  // every warp has read its Q rows before A overwrites them
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        if (nt / 2 > warp) {
+            // Upper tiles: P is zero there (A is never read above the diagonal).
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int i = m0 + lane / 4 + hf * 8, j = nt * 8 + (lane % 4) * 2;
+                *reinterpret_cast<u32*>(wsP + i * C + j) = 0u;
+            }
+            continue;
+        }
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int i = m0 + lane / 4 + hf * 8, j = nt * 8 + (lane % 4) * 2;
+            const float gi = sG[i], bi = sB[i];
+            float pv[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int jj = j + e;
+                const float dec = jj <= i ? __expf(gi - sG[jj]) : 0.f;
+                sA[i * LDA + jj] = jj < i ? bi * dec * kk[nt][hf * 2 + e] : 0.f;
+                pv[e] = p.scale * dec * qk[nt][hf * 2 + e];
+            }
+            *reinterpret_cast<u32*>(wsP + i * C + j) = pack2<T>(pv[0], pv[1]);
+        }
+    }
+    __syncthreads();
+
+    // K rows *= beta e^G, V rows *= beta (the right factors of W and U), by warps w0..NW-1.
+    auto scale_kv = [&](int w0) {
+        for (int r = warp - w0; r < C; r += NW - w0) {
+            const float fk = sB[r] * __expf(sG[r]), fv = sB[r];
+            for (int cc = lane * 2; cc < DK; cc += 64) {
+                u32* q = reinterpret_cast<u32*>(sK + r * LDK + cc);
+                *q = pack2<T>(lo_f32<T>(*q) * fk, hi_f32<T>(*q) * fk);
+            }
+            for (int cc = lane * 2; cc < DV; cc += 64) {
+                u32* q = reinterpret_cast<u32*>(sV + r * LDV + cc);
+                *q = pack2<T>(lo_f32<T>(*q) * fv, hi_f32<T>(*q) * fv);
+            }
+        }
+    };
+
+    if (BLOCKED) {
+        // Level 0: thread tid < 64 solves column m of the inverse of diagonal block b
+        // (16-long chains) while the other warps scale K and V.
+        const int m = tid % 16, o = (tid / 16) * 16;
+        float t[16];
+        if (tid < C) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+                for (int j = 0; j < i; j += 4) {
+                    const float4 a = *reinterpret_cast<const float4*>(sA + (o + i) * LDA + o + j);
+                    s0 = fmaf(a.x, t[j], s0);
+                    if (j + 1 < i) s1 = fmaf(a.y, t[j + 1], s1);
+                    if (j + 2 < i) s0 = fmaf(a.z, t[j + 2], s0);
+                    if (j + 3 < i) s1 = fmaf(a.w, t[j + 3], s1);
+                }
+                t[i] = i == m ? 1.f : -(s0 + s1);
+            }
+        } else {
+            scale_kv(C / 32);
+        }
+        __syncthreads();  // B_a: the diagonal blocks of A are read
+        if (tid < C) {
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                sA[(o + i) * LDA + o + m] = t[i];
+                sT[(o + i) * LDT + o + m] = from_f32<T>(t[i]);
+            }
+        }
+        // Upper blocks of T are zero (inside the diagonal blocks the solve wrote them).
+        for (int e = tid; e < C * C / 2; e += NT) {
+            const int r = e / (C / 2), cc = (e % (C / 2)) * 2;
+            if (cc / 16 > r / 16) *reinterpret_cast<u32*>(sT + r * LDT + cc) = 0u;
+        }
+        __syncthreads();  // B_b: diagonal inverses D0..D3 in sA (f32) and sT
+        const int g = lane / 4, tq = lane % 4;
+        if (warp < 2) {
+            // Level 1: T[o+16.., o..] = -(D_hi A[o+16.., o..]) D_lo, o = 32 warp.
+            const int o = warp * 32;
+            float y[2][4];
+            strip_lmr<2, 2, LDA>(y, sA, 1, o + 16, o + 16, o + 16, o, 0, o, o);
+            __syncwarp();  // all lanes have read A[o+16.., o..]
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int r = o + 16 + g + hf * 8, cc = o + nt * 8 + tq * 2;
+                    *reinterpret_cast<float2*>(sA + r * LDA + cc) = make_float2(y[nt][hf * 2], y[nt][hf * 2 + 1]);
+                    *reinterpret_cast<u32*>(sT + r * LDT + cc) = pack2<T>(y[nt][hf * 2], y[nt][hf * 2 + 1]);
+                }
+        }
+        __syncthreads();  // B_c: T[0:32, 0:32] and T[32:64, 32:64] complete in sA
+        {
+            // Level 2: T[32:64, 0:32] = -(T[32:64, 32:64] A[32:64, 0:32]) T[0:32, 0:32];
+            // warp: 16-row strip s, 16-column half hc (zero blocks of the factors skipped).
+            const int s = warp & 1, hc = warp >> 1;
+            float y[2][4];
+            strip_lmr<4, 2, LDA>(y, sA, s + 1, 32 + 16 * s, 32, 32, 0, hc, 0, 16 * hc);
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int r = 32 + 16 * s + g + hf * 8, cc = 16 * hc + nt * 8 + tq * 2;
+                    *reinterpret_cast<u32*>(sT + r * LDT + cc) = pack2<T>(y[nt][hf * 2], y[nt][hf * 2 + 1]);
+                }
+        }
+    } else if (tid < C) {
+        // Column m of T = (I + A)^{-1}: forward substitution, fully unrolled so the
+        // column lives in registers. t[j] = 0 for j < m falls out of the recurrence.
+        const int m = tid;
+        float t[C];
+#pragma unroll
+        for (int i = 0; i < C; ++i) {
+            // Four independent partial sums: the dependent chain is i/4 long, not i.
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma unroll
+            for (int j = 0; j < i; j += 4) {
+                const float4 a = *reinterpret_cast<const float4*>(sA + i * LDA + j);
+                s0 = fmaf(a.x, t[j], s0);
+                if (j + 1 < i) s1 = fmaf(a.y, t[j + 1], s1);
+                if (j + 2 < i) s2 = fmaf(a.z, t[j + 2], s2);
+                if (j + 3 < i) s3 = fmaf(a.w, t[j + 3], s3);
+            }
+            t[i] = i == m ? 1.f : -((s0 + s1) + (s2 + s3));
+        }
+#pragma unroll
+        for (int i = 0; i < C; ++i) sT[i * LDT + m] = from_f32<T>(t[i]);
+    } else {
+        scale_kv(C / 32);  // meanwhile
+    }
+    __syncthreads();
+
+    // W = T Kb, U = T Vb, 64 columns at a time; each result block overwrites the
+    // operand block it came from once every warp has read it.
+    auto t_times = [&](T* sX, int ldx, int ncols) {
+        for (int nb = 0; nb < ncols; nb += 64) {
+            float acc[8][4];
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+#pragma unroll
+            for (int k0 = 0; k0 < C; k0 += 16) {
+                u32 a[4];
+                frag_a(a, sT, LDT * 2, m0, k0 * 2);
+#pragma unroll
+                for (int nt = 0; nt < 8; nt += 2) {
+                    u32 b[4];
+                    frag_b2_kn(b, sX, ldx * 2, k0, (nb + nt * 8) * 2);
+                    mma_16816<T>(acc[nt], a, b);
+                    mma_16816<T>(acc[nt + 1], a, b + 2);
+                }
+            }
+            __syncthreads();
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt) {
+                const int r = m0 + lane / 4, cc = nb + nt * 8 + (lane % 4) * 2;
+                *reinterpret_cast<u32*>(sX + r * ldx + cc) = pack2<T>(acc[nt][0], acc[nt][1]);
+                *reinterpret_cast<u32*>(sX + (r + 8) * ldx + cc) = pack2<T>(acc[nt][2], acc[nt][3]);
+            }
+        }
+    };
+    t_times(sK, LDK, DK);
+    t_times(sV, LDV, DV);
+    __syncthreads();
+    store_rows<T, C, DK, NT>(reinterpret_cast<T*>(p.ws_w) + wrow * C * DK, DK, sK, LDK, C);
+    store_rows<T, C, DV, NT>(reinterpret_cast<T*>(p.ws_u) + wrow * C * DV, DV, sV, LDV, C);
+}
+
+// Dynamic shared memory of prep (mirrored by src/ops/gdn.rs).
+template <int DK, int DV, bool BLOCKED = false>
+constexpr int prep_smem_bytes() {
+    return 2 * C * (DK + PAD) * 2 + C * (DV + PAD) * 2 + (prep_alias_a<DK>(BLOCKED) ? 0 : C * (C + 4) * 4) +
+           C * (C + PAD) * 2 + 4 * C * 4;
+}
+
+} // namespace gdn
+} // namespace natsl
