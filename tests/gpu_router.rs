@@ -42,6 +42,10 @@ fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: 
     out.attn_count = testing::poisoned::<i32>(rt, batch.num_seqs() * hr).unwrap();
     out.logits = Some(testing::poisoned::<f32>(rt, ns * hr * 2).unwrap());
     let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k, launch, d_split: case.d_split, pool };
+    // Twice on the same outputs: the completion counters must be back at zero after a call.
+    route_into(rt, &batch, &TensorRef::new(&xd, &[t, d]), &TensorRef::new(&wd, &[2 * hr, d]), &opts, &mut out).unwrap();
+    out.labels = testing::poisoned::<u8>(rt, ns * hr).unwrap();
+    out.attn_count = testing::poisoned::<i32>(rt, batch.num_seqs() * hr).unwrap();
     route_into(rt, &batch, &TensorRef::new(&xd, &[t, d]), &TensorRef::new(&wd, &[2 * hr, d]), &opts, &mut out).unwrap();
     rt.synchronize().unwrap();
 
@@ -142,7 +146,7 @@ fn run_all(rt: &Runtime, tag: &str) {
     let mut flips = 0;
     let mut labels = 0;
     for (i, case) in cases().iter().enumerate() {
-        for pool in [PoolKernel::Blocked, PoolKernel::Streaming] {
+        for pool in [PoolKernel::Blocked, PoolKernel::Tile] {
             for launch in [RouterLaunch::Fused, RouterLaunch::Split] {
                 labels += case.lens.iter().map(|l| r::n_chunks(*l)).sum::<usize>() * case.hr * 2;
                 flips += check::<bf16>(rt, case, 100 + i as u64, rr::round_bf16, launch, pool);
@@ -181,7 +185,7 @@ fn router_strided_x_view() {
     let batch = Batch::new(&rt, &cu).unwrap();
     let xd = testing::upload::<bf16>(&rt, &xw).unwrap();
     let wd = testing::upload::<bf16>(&rt, &w).unwrap();
-    for pool in [PoolKernel::Blocked, PoolKernel::Streaming] {
+    for pool in [PoolKernel::Blocked, PoolKernel::Tile] {
         let mut out = RouterOutput::alloc(&rt, &batch, hr, d, true).unwrap();
         let opts = RouterOptions { pool, ..Default::default() };
         route_into(&rt, &batch, &TensorRef::strided(&xd, &[t, d], &[stride, 1]), &TensorRef::new(&wd, &[2 * hr, d]), &opts, &mut out).unwrap();

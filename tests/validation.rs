@@ -40,9 +40,9 @@ fn router_accepts_a_good_call() {
     assert_eq!(plan.d_model, 1024);
     // The pooling kernel is off by default and validates like the blocked one.
     assert_eq!(RouterOptions::default().pool, PoolKernel::Blocked);
-    let streaming = RouterOptions { pool: PoolKernel::Streaming, ..Default::default() };
-    assert_eq!(validate(&l, &x, &w, &streaming).unwrap(), plan);
-    let bad = RouterOptions { pool: PoolKernel::Streaming, policy: RouterPolicy::TopK(5), ..Default::default() };
+    let tile = RouterOptions { pool: PoolKernel::Tile, ..Default::default() };
+    assert_eq!(validate(&l, &x, &w, &tile).unwrap(), plan);
+    let bad = RouterOptions { pool: PoolKernel::Tile, policy: RouterPolicy::TopK(5), ..Default::default() };
     assert_eq!(arg_of(validate(&l, &x, &w, &bad).unwrap_err()), "policy");
 }
 

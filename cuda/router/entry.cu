@@ -1,7 +1,7 @@
 // Router entry point (see router.cuh). Spec macros come from natsl-codegen.
 #include "include/natsl_params.h"
 #include "router/router.cuh"
-#include "router/stream.cuh"
+#include "router/tile.cuh"
 
 extern "C" __global__ void __launch_bounds__(NATSL_THREADS) NATSL_KERNEL(route)(const NatslRouterParams p) {
     natsl::router_fused<NATSL_DTYPE, NATSL_THREADS, (NATSL_TOPK > 0 ? NATSL_TOPK : 0)>(p);
@@ -16,12 +16,16 @@ extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(sele
     natsl::router_select<NATSL_THREADS, (NATSL_TOPK > 0 ? NATSL_TOPK : 0)>(p);
 }
 
-// Streaming pool (RouterOptions.pool = Streaming, see router/stream.cuh): a persistent
-// grid, cp.async ring. `stream_route` selects like `route`; `stream_score` pairs with `select`.
-extern "C" __global__ void __launch_bounds__(NATSL_THREADS) NATSL_KERNEL(stream_route)(const NatslRouterParams p) {
-    natsl::router_stream<NATSL_DTYPE, NATSL_THREADS, (NATSL_TOPK > 0 ? NATSL_TOPK : 0), true>(p);
+// Tiled router (RouterOptions.pool = Tile, see router/tile.cuh): `tile_route` pools,
+// scores and (its last CTAs per sequence) selects; `tile_score` + `tile_select` split it.
+extern "C" __global__ void __launch_bounds__(natsl::TILE_THREADS, 4) NATSL_KERNEL(tile_route)(const NatslRouterParams p) {
+    natsl::router_tile<NATSL_DTYPE, (NATSL_TOPK > 0 ? NATSL_TOPK : 0), true>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(NATSL_THREADS) NATSL_KERNEL(stream_score)(const NatslRouterParams p) {
-    natsl::router_stream<NATSL_DTYPE, NATSL_THREADS, 0, false>(p);
+extern "C" __global__ void __launch_bounds__(natsl::TILE_THREADS, 4) NATSL_KERNEL(tile_score)(const NatslRouterParams p) {
+    natsl::router_tile<NATSL_DTYPE, 0, false>(p);
+}
+
+extern "C" __global__ void __launch_bounds__(natsl::TILE_THREADS) NATSL_KERNEL(tile_select)(const NatslRouterParams p) {
+    natsl::router_tile_select<(NATSL_TOPK > 0 ? NATSL_TOPK : 0)>(p);
 }

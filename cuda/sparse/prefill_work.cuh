@@ -27,19 +27,25 @@ struct PrefillWork {
     int list_len;     // usable entries of `list`
     int total;        // positions to visit (the own block first when routed)
 
-    // Grid order: latest chunks (heaviest) first, heads fastest. False: no work.
+    // Grid order: (sequence, kv head) slowest, then chunks latest (heaviest) first, then
+    // the query heads of one kv head fastest. CTAs that run at the same time then read
+    // the same K/V, which stays in L2. (Heads fastest across all sequences made every
+    // resident CTA stream a different head's K/V from DRAM: B8 H16 T8192 d128 ran at
+    // 3.2 TB/s of DRAM traffic, 66% of peak, ncu 2026-11-28.) False: no work.
     __device__ __forceinline__ bool init(const NatslSparsePrefillParams& p) {
-        const int Hq = p.num_q_heads;
-        const int nseq = p.batch.num_seqs;
+        const int Hq = p.num_q_heads, Hkv = p.num_kv_heads, G = Hq / Hkv;
+        const int nch = p.batch.max_chunks;
         int lin = blockIdx.x;
-        j = lin % Hq;
-        lin /= Hq;
-        n = lin % nseq;
-        c = p.batch.max_chunks - 1 - lin / nseq;
+        const int g = lin % G;
+        lin /= G;
+        c = nch - 1 - lin % nch;
+        lin /= nch;
+        kvh = lin % Hkv;
+        n = lin / Hkv;
+        j = kvh * G + g;
         seq0 = p.batch.cu_seqlens[n];
         len = p.batch.cu_seqlens[n + 1] - seq0;
         if (c < 0 || c * 64 >= len) return false;
-        kvh = j / (Hq / p.num_kv_heads);
         mh = j / (Hq / p.num_mask_heads);
         q_rows = min(64, len - c * 64);
         routed = p.mode == NATSL_SPARSE_ROUTED;

@@ -30,11 +30,11 @@ pub fn run(rt: &Runtime, shapes: &[(usize, usize, usize)]) -> Result<Vec<Record>
             (RouterPolicy::Argmax, RouterLaunch::Split, PoolKernel::Blocked, "argmax split"),
             (RouterPolicy::KeepFraction(0.25), RouterLaunch::Fused, PoolKernel::Blocked, "keep.25 fused"),
             (RouterPolicy::KeepFraction(0.25), RouterLaunch::Split, PoolKernel::Blocked, "keep.25 split"),
-            // The streaming pool (persistent grid, cp.async ring).
-            (RouterPolicy::Argmax, RouterLaunch::Fused, PoolKernel::Streaming, "argmax fused stream"),
-            (RouterPolicy::Argmax, RouterLaunch::Split, PoolKernel::Streaming, "argmax split stream"),
-            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Fused, PoolKernel::Streaming, "keep.25 fused stream"),
-            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Split, PoolKernel::Streaming, "keep.25 split stream"),
+            // The tiled pool (whole 32 KB tile of loads in flight per CTA, select per (sequence, head)).
+            (RouterPolicy::Argmax, RouterLaunch::Fused, PoolKernel::Tile, "argmax fused tile"),
+            (RouterPolicy::Argmax, RouterLaunch::Split, PoolKernel::Tile, "argmax split tile"),
+            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Fused, PoolKernel::Tile, "keep.25 fused tile"),
+            (RouterPolicy::KeepFraction(0.25), RouterLaunch::Split, PoolKernel::Tile, "keep.25 split tile"),
         ] {
             let opts = RouterOptions { policy, launch, pool, ..Default::default() };
             bench_one(rt, &mut out, t, d, hr, &xs, &w, &batch, &mut o, opts, name.to_string())?;
@@ -43,11 +43,6 @@ pub fn run(rt: &Runtime, shapes: &[(usize, usize, usize)]) -> Result<Vec<Record>
         for ds in [1usize, 2, 4, 8] {
             let opts = RouterOptions { launch: RouterLaunch::Split, d_split: Some(ds), ..Default::default() };
             bench_one(rt, &mut out, t, d, hr, &xs, &w, &batch, &mut o, opts, format!("split d/{ds}"))?;
-        }
-        // Streaming pool with forced D splits (split launch); None = its own choice above.
-        for ds in [1usize, 4] {
-            let opts = RouterOptions { launch: RouterLaunch::Split, d_split: Some(ds), pool: PoolKernel::Streaming, ..Default::default() };
-            bench_one(rt, &mut out, t, d, hr, &xs, &w, &batch, &mut o, opts, format!("split stream d/{ds}"))?;
         }
     }
     Ok(out)

@@ -4,7 +4,8 @@
 //!                        check it against the f64 reference, time it (GPU); without
 //!                        a GPU, compile the kernels through NVRTC and run the CPU reference
 //!   natsl kernels        list every shipped specialisation
-//!   natsl compile [NAME] compile the shipped specialisations whose unit name contains NAME (NVRTC), print ptxas' report
+//!   natsl compile [NAME] compile the shipped specialisations whose unit name contains NAME (NVRTC), print ptxas'
+//!                        report; with NATSL_DUMP_DIR set, also write each unit's .cu and .cubin there
 //!   natsl bench [FAMILY] [FILTER...]
 //!                        time the kernels (router, gdn, sparse, all; shapes whose name
 //!                        contains a filter), print a table, append JSON lines to bench/results/
@@ -67,7 +68,18 @@ fn compile_all(verbose: bool, filter: &str) -> Result<(usize, f64), Box<dyn std:
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(s) = specs.get(i) else { break };
-                        let r = emit(s).map_err(|e| e.to_string()).and_then(|u| jit::compile_uncached(&u.name, &u.source, &jit::options(s.arch)).map_err(|e| e.to_string()));
+                        let r = emit(s).map_err(|e| e.to_string()).and_then(|u| {
+                            let img = jit::compile_uncached(&u.name, &u.source, &jit::options(s.arch)).map_err(|e| e.to_string())?;
+                            // NATSL_DUMP_DIR: keep each unit's source and cubin (for cuobjdump -sass).
+                            if let Some(dir) = std::env::var_os("NATSL_DUMP_DIR") {
+                                let dir = std::path::Path::new(&dir);
+                                let write = |ext: &str, bytes: &[u8]| std::fs::write(dir.join(format!("{}.{ext}", u.name)), bytes).map_err(|e| e.to_string());
+                                std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+                                write("cu", u.source.as_bytes())?;
+                                write("cubin", &img.cubin)?;
+                            }
+                            Ok(img)
+                        });
                         done.push((i, r.map(|img| jit::parse_ptxas(&img.log))));
                     }
                     done

@@ -6,7 +6,7 @@
 
 use crate::batch::{Batch, SeqLayout};
 use crate::error::{Error, Result};
-use crate::params::{NatslRouterParams, NATSL_ROUTER_MAX_HEADS, NATSL_ROUTER_STREAM_COLS, NATSL_ROUTER_STREAM_STAGES};
+use crate::params::{NatslRouterParams, NATSL_ROUTER_MAX_HEADS, NATSL_ROUTER_TILE_COLS};
 use crate::runtime::Runtime;
 use crate::tensor::{DType, TensorRef};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
@@ -44,7 +44,7 @@ pub struct RouterOptions {
     pub launch: RouterLaunch,
     /// Tuning knob: CTAs per chunk along D (`None` = chosen to fill the GPU).
     /// Each CTA pools at most 2048 columns, so at least ceil(D / 2048).
-    /// With `PoolKernel::Streaming`: at most ceil(D / 256) (whole 256-column tiles per split).
+    /// Ignored by `PoolKernel::Tile` (one CTA per 256-column slice).
     pub d_split: Option<usize>,
     /// Which pooling kernel runs (both feed the same select paths).
     pub pool: PoolKernel,
@@ -56,10 +56,10 @@ pub enum PoolKernel {
     /// One CTA per (chunk, D split): load, reduce, score (today's default).
     #[default]
     Blocked,
-    /// A persistent grid (occupancy-sized, ~2 CTAs per SM) streaming 64 x 256
-    /// tiles through a 3-stage cp.async ring, pooling one tile while the next
-    /// two load. Experimental, off by default.
-    Streaming,
+    /// One 128-thread CTA per (chunk, 256-column slice) issuing its whole 32 KB
+    /// tile of loads at once; the select runs on one CTA per (sequence, head)
+    /// (see cuda/router/tile.cuh). Experimental until measured.
+    Tile,
 }
 
 /// How the router is launched. Both give identical results.
@@ -112,7 +112,7 @@ impl RouterOutput {
             logits: if with_logits { Some(s.alloc_zeros(ns * num_heads * 2)?) } else { None },
             workspace: s.alloc_zeros(d_split * ns * num_heads * 2)?,
             margins: s.alloc_zeros(ns * num_heads)?,
-            seq_done: s.alloc_zeros(batch.num_seqs())?,
+            seq_done: s.alloc_zeros(2 * batch.num_seqs())?,
             num_heads,
             num_slots: ns,
             num_seqs: batch.num_seqs(),
@@ -132,35 +132,10 @@ fn d_split(rt: &Runtime, num_slots: usize, d_model: usize, forced: Option<usize>
     (d_model.div_ceil(per), per)
 }
 
-/// Columns per streaming tile, ring stages, and the streaming kernel's dynamic shared memory
-/// (must match STREAM_SMEM_BYTES in cuda/router/stream.cuh).
-const STREAM_COLS: usize = NATSL_ROUTER_STREAM_COLS as usize;
-const STREAM_SMEM: u32 = NATSL_ROUTER_STREAM_STAGES * 64 * NATSL_ROUTER_STREAM_COLS * 2 + (3 * NATSL_ROUTER_STREAM_COLS + 2 * NATSL_ROUTER_MAX_HEADS) * 4;
+/// Columns per CTA of the tiled pool, and its CTA size (cuda/router/tile.cuh).
+const TILE_COLS: usize = NATSL_ROUTER_TILE_COLS as usize;
+const TILE_THREADS: u32 = 128;
 const _: () = assert!(NATSL_ROUTER_MAX_HEADS as usize == MAX_HEADS);
-
-/// Streaming D split: whole 256-column tiles per split. Returns (d_split, d_per_split, grid)
-/// for a persistent grid of at most `max_ctas` CTAs: the fewest splits whose busiest CTA
-/// has at most 5% more tiles than the best split count's.
-fn stream_split(num_slots: usize, d_model: usize, max_ctas: usize, forced: Option<usize>) -> (usize, usize, usize) {
-    let tiles = d_model.div_ceil(STREAM_COLS);
-    let max_ctas = max_ctas.max(1);
-    let shape = |s: usize| {
-        let per_tiles = tiles.div_ceil(s.clamp(1, tiles));
-        let split = tiles.div_ceil(per_tiles);
-        let items = (num_slots * split).max(1);
-        let grid = if items <= max_ctas { items } else { (max_ctas / split).max(1) * split };
-        (split, per_tiles, grid, items.div_ceil(grid) * per_tiles)
-    };
-    let s = match forced {
-        Some(f) => f.clamp(1, tiles),
-        None => {
-            let best = (1..=tiles).map(|s| shape(s).3).min().unwrap_or(1);
-            (1..=tiles).find(|&s| shape(s).3 * 100 <= best * 105).unwrap_or(1)
-        }
-    };
-    let (split, per_tiles, grid, _) = shape(s);
-    (split, (per_tiles * STREAM_COLS).min(d_model.div_ceil(8) * 8), grid)
-}
 
 /// Run the router, allocating the outputs.
 pub fn route(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions) -> Result<RouterOutput> {
@@ -235,23 +210,8 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
         RouterLaunch::Split => false,
         RouterLaunch::Auto => hr <= 8 && !(129..512).contains(&batch.max_chunks()),
     };
-    // Streaming: the persistent grid is as many CTAs as fit (occupancy), then split D.
-    let stream = match opts.pool {
-        PoolKernel::Blocked => None,
-        PoolKernel::Streaming => {
-            let f = rt.function(&spec, if fused { "stream_route" } else { "stream_score" }, STREAM_SMEM)?;
-            let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, STREAM_SMEM as usize, None)? as usize;
-            if per_sm == 0 {
-                return Err(Error::Unsupported(format!("streaming router pool needs {STREAM_SMEM} bytes of shared memory per CTA; the device fits none")));
-            }
-            let (split, per, grid) = stream_split(batch.num_slots(), d, per_sm * rt.sm_count() as usize, opts.d_split);
-            Some((f, split, per, grid))
-        }
-    };
-    let (split, per) = match &stream {
-        Some((_, split, per, _)) => (*split, *per),
-        None => d_split(rt, batch.num_slots(), d, opts.d_split),
-    };
+    let tile = opts.pool == PoolKernel::Tile;
+    let (split, per) = if tile { (d.div_ceil(TILE_COLS), TILE_COLS) } else { d_split(rt, batch.num_slots(), d, opts.d_split) };
     if out.workspace.len() < split * batch.num_slots() * hr * 2 {
         out.workspace = rt.stream().alloc_zeros(split * batch.num_slots() * hr * 2)?;
     }
@@ -297,13 +257,17 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     // SAFETY: every pointer in `p` was validated above (shapes, bounds, alignment)
     // or allocated here for exactly this batch; the kernel reads `p` by value.
     unsafe {
-        if let Some((f, _, _, grid)) = &stream {
-            let cfg = LaunchConfig { grid_dim: (*grid as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: STREAM_SMEM };
-            s.launch_builder(f).arg(&p).launch(cfg)?;
-            if !fused {
-                let f_select = rt.function(&spec, "select", 0)?;
-                let warps = THREADS / 32;
-                s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (batch.num_seqs() as u32, (hr as u32).div_ceil(warps), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })?;
+        if tile {
+            let grid = (num_slots * split as u32, 1, 1);
+            let cfg = LaunchConfig { grid_dim: grid, block_dim: (TILE_THREADS, 1, 1), shared_mem_bytes: 0 };
+            if fused {
+                let f = rt.function(&spec, "tile_route", 0)?;
+                s.launch_builder(&f).arg(&p).launch(cfg)?;
+            } else {
+                let f_score = rt.function(&spec, "tile_score", 0)?;
+                let f_select = rt.function(&spec, "tile_select", 0)?;
+                s.launch_builder(&f_score).arg(&p).launch(cfg)?;
+                s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (batch.num_seqs() as u32, hr as u32, 1), block_dim: (TILE_THREADS, 1, 1), shared_mem_bytes: 0 })?;
             }
         } else if fused {
             let f = rt.function(&spec, "route", score_smem)?;
@@ -318,26 +282,4 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     }
     let _ = out.logits.as_ref().map(|l| l.device_ptr(s));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::stream_split;
-
-    #[test]
-    fn stream_split_covers_d_with_whole_tiles() {
-        for &(ns, d, ctas) in &[(257usize, 1024usize, 264usize), (1025, 4096, 264), (2049, 1024, 264), (65, 1024, 264), (7, 104, 264), (95, 8192, 132), (1, 8, 1)] {
-            for forced in [None, Some(0), Some(1), Some(5), Some(1000)] {
-                let (split, per, grid) = stream_split(ns, d, ctas, forced);
-                assert!(split >= 1 && per % 8 == 0 && per > 0, "{ns} {d} {forced:?}");
-                assert!(per % 256 == 0 || split == 1, "{ns} {d} {forced:?}: per {per}");
-                assert!((split - 1) * per < d && split * per >= d, "{ns} {d} {forced:?}: {split} x {per}");
-                assert!(grid >= 1 && grid <= (ns * split).max(1) && grid <= ctas.max(split), "{ns} {d} {forced:?}: grid {grid}");
-                assert!(grid == ns * split || grid % split == 0, "a CTA keeps one D split");
-            }
-        }
-        // Long sequences: one split (few partials for the select), about 4 items per CTA.
-        assert_eq!(stream_split(1025, 4096, 264, None).0, 1);
-        assert_eq!(stream_split(65, 1024, 264, None).0, 4);
-    }
 }

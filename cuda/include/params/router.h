@@ -2,12 +2,10 @@
 #ifndef NATSL_PARAMS_ROUTER_H
 #define NATSL_PARAMS_ROUTER_H
 
-/* Streaming pool kernel (RouterOptions.pool = Streaming): a persistent grid walks
- * (chunk slot, D split) items in 64 x NATSL_ROUTER_STREAM_COLS tiles through a
- * cp.async ring of NATSL_ROUTER_STREAM_STAGES stages. d_per_split is then a
- * multiple of NATSL_ROUTER_STREAM_COLS (except in the last split). */
-#define NATSL_ROUTER_STREAM_COLS 256
-#define NATSL_ROUTER_STREAM_STAGES 3
+/* Tiled pool kernel (RouterOptions.pool = Tile): one CTA per (chunk slot,
+ * NATSL_ROUTER_TILE_COLS-column slice of D); d_split = the number of slices and
+ * d_per_split = NATSL_ROUTER_TILE_COLS. */
+#define NATSL_ROUTER_TILE_COLS 256
 #define NATSL_ROUTER_MAX_HEADS 64
 
 typedef struct NatslRouterParams {
@@ -24,7 +22,7 @@ typedef struct NatslRouterParams {
     float keep_fraction;    /* policy when top_k < 0: k = ceil(keep_fraction * complete chunks) */
     float* partial_logits;  /* workspace [d_split, num_slots, num_heads, 2] f32 */
     float* margins;         /* workspace [num_heads, num_slots] f32: l0 - l1 (top-k selection) */
-    int* seq_done;          /* workspace [num_seqs], zero between calls: score CTAs finished per sequence */
+    int* seq_done;          /* workspace [2 * num_seqs], zero between calls: score CTAs finished per sequence, then (tiled select) selecting CTAs */
     float* logits;          /* optional (nullable) out [num_slots, num_heads, 2] f32 */
     unsigned char* labels;  /* out [num_slots, num_heads] */
     int* attn_list;         /* out [num_heads, num_slots]: list of (n, r) at r * num_slots + slot_base(n) */
