@@ -189,7 +189,8 @@ fn check_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
         k_norm_w: if c.norm { Some(TensorRef::new(&kwd, &[dk])) } else { None },
         ..Default::default()
     };
-    // Every prefill kernel the device has (mma.sync; wgmma and pipelined wgmma on sm_90a).
+    // Every prefill kernel the device has (mma.sync; wgmma, pipelined wgmma and
+    // warp-specialized on sm_90a).
     for kernel in sparse::prefill_kernels(rt) {
         let what = format!("{what} kernel {kernel:?}");
         let opts = SparseOptions { kernel, ..opts0.clone() };
@@ -301,6 +302,27 @@ fn prefill_natsl_views_gqa_rmsnorm() {
         let mut c = base(&[200], 256, 256);
         c.norm = true;
         check_prefill::<f16>(rt, &c, 44);
+    });
+}
+
+#[test]
+fn prefill_long_sequences_wrap_the_kv_ring() {
+    // Long lists: the K/V rings of the wgmma kernels wrap many times (mbarrier phases
+    // of the warp-specialized kernel flip on every wrap); odd and even chunk counts,
+    // a partial last chunk on either chunk of a pair.
+    both_arches(|rt| {
+        for (dk, dv) in [(64, 128), (128, 128)] {
+            let mut c = base(&[1500, 777, 1024], dk, dv);
+            c.mask = Mask::Routed(1.0);
+            c.dense_check = true;
+            check_prefill::<bf16>(rt, &c, 91);
+            c.mask = Mask::Routed(0.3);
+            c.dense_check = false;
+            c.hq = 6;
+            c.hkv = 3;
+            c.hr = 3;
+            check_prefill::<f16>(rt, &c, 92);
+        }
     });
 }
 

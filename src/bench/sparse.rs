@@ -148,7 +148,8 @@ pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
     let mut recs = Vec::new();
     for s in &pre {
         if want(&s.name) {
-            // Every prefill kernel the device has (mma.sync; wgmma and pipelined wgmma on sm_90a).
+            // Every prefill kernel the device has (mma.sync; wgmma, pipelined wgmma and
+            // warp-specialized on sm_90a).
             for kernel in sparse::prefill_kernels(rt) {
                 recs.push(bench_prefill(rt, s, kernel));
             }

@@ -71,6 +71,17 @@ pub enum PrefillKernel {
     /// the softmax (entry `prefill_wgmma2`). Not yet proven on a device: Auto does
     /// not pick it.
     WgmmaPipelined,
+    /// Warp-specialized wgmma (sm_90a only; entry `prefill_ws`, FlashAttention-3
+    /// structure): 384-thread CTAs of 128 query rows (two chunks), one producer
+    /// warpgroup loading a 2-3 stage K/V ring through cp.async + mbarriers, two
+    /// consumer warpgroups. ROUTED lists only: a BLOCKS mask runs [`PrefillKernel::Wgmma`].
+    /// Not yet proven on a device: Auto does not pick it.
+    WarpSpecialized,
+    /// [`PrefillKernel::WarpSpecialized`] with intra-warpgroup pipelining in each
+    /// consumer (entry `prefill_ws2`): the next block's QK^T is issued with the
+    /// previous block's PV, and the softmax runs under the PV (prefill_wgmma2's
+    /// schedule). ROUTED lists only, as WarpSpecialized. Not yet proven on a device.
+    WarpSpecializedPipelined,
 }
 
 /// The prefill kernels a runtime can run (the explicit choices, Auto excluded).
@@ -79,6 +90,8 @@ pub fn prefill_kernels(rt: &Runtime) -> Vec<PrefillKernel> {
     if rt.arch() == natsl_codegen::Arch::Sm90a {
         v.push(PrefillKernel::Wgmma);
         v.push(PrefillKernel::WgmmaPipelined);
+        v.push(PrefillKernel::WarpSpecialized);
+        v.push(PrefillKernel::WarpSpecializedPipelined);
     }
     v
 }
@@ -176,6 +189,31 @@ pub fn prefill_wgmma2_smem(dims: HeadDims) -> u32 {
     64 * dims.dk * 2 + 2 * 64 * (dims.dk + dims.dv) * 2 + 2 * 64 * 4 + 1024
 }
 
+/// Threads per CTA of the warp-specialized prefills (`prefill_ws`, `prefill_ws2`): 1 producer + 2 consumer warpgroups.
+pub const WS_THREADS: u32 = 384;
+
+/// K/V ring depth of the warp-specialized prefill (as `WsCfg::STAGES` in cuda/sparse/prefill_ws.cuh).
+pub fn prefill_ws_stages(dims: HeadDims) -> u32 {
+    if dims.dk + dims.dv > 256 {
+        2
+    } else {
+        3
+    }
+}
+
+/// Smem bytes of the warp-specialized prefill (`WsCfg::BYTES`): two [64][max(dk, dv)]
+/// Q / O staging tiles, the K/V ring, per-key RMS scales (2 consumers x 2 parities x 64),
+/// the mbarriers (full and empty per stage, Q), plus 1 KB to align the tiles.
+pub fn prefill_ws_smem(dims: HeadDims) -> u32 {
+    let st = prefill_ws_stages(dims);
+    2 * 64 * dims.dk.max(dims.dv) * 2 + st * 64 * (dims.dk + dims.dv) * 2 + 2 * 2 * 64 * 4 + (2 * st + 1) * 8 + 1024
+}
+
+/// CTAs of the warp-specialized prefill: one per (chunk pair, sequence, query head).
+pub fn prefill_ws_grid(max_chunks: usize, num_seqs: usize, hq: usize) -> u64 {
+    max_chunks.div_ceil(2) as u64 * num_seqs as u64 * hq as u64
+}
+
 /// Validate a prefill call on the host (no GPU needed). `cu_seqlens` as for [`Batch`].
 #[allow(clippy::too_many_arguments)]
 pub fn validate_prefill(cu_seqlens: &[i32], q: &TensorRef, k: &TensorRef, v: &TensorRef, mask: &BlockMask, opts: &SparseOptions, o: &TensorRef, lse: Option<&TensorRef>) -> Result<PrefillPlan> {
@@ -266,6 +304,17 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
             }
             ("prefill_wgmma2", prefill_wgmma2_smem(plan.dims))
         }
+        PrefillKernel::WarpSpecialized | PrefillKernel::WarpSpecializedPipelined => {
+            if rt.arch() != natsl_codegen::Arch::Sm90a {
+                return Err(Error::Unsupported(format!("the warp-specialized prefill needs the sm_90a code path, not {:?}", rt.arch())));
+            }
+            match mask {
+                // The warp-specialized kernels walk router lists only; block lists keep the wgmma kernel.
+                BlockMask::Blocks { .. } => ("prefill_wgmma", prefill_wgmma_smem(plan.dims)),
+                BlockMask::Routed { .. } if kernel == PrefillKernel::WarpSpecialized => ("prefill_ws", prefill_ws_smem(plan.dims)),
+                BlockMask::Routed { .. } => ("prefill_ws2", prefill_ws_smem(plan.dims)),
+            }
+        }
     };
     let f = rt.function(&spec, entry, smem_bytes)?;
     let null = std::ptr::null::<i32>();
@@ -306,7 +355,13 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
         max_q_blocks: qb as i32,
         max_kv_blocks: kb as i32,
     };
-    let cfg = LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem_bytes };
+    let cfg = if entry == "prefill_ws" || entry == "prefill_ws2" {
+        // validate_prefill bounded max_chunks * N * Hq by i32::MAX; the pair grid is at most that.
+        let grid = prefill_ws_grid(plan.max_chunks, batch.num_seqs(), plan.hq) as u32;
+        LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (WS_THREADS, 1, 1), shared_mem_bytes: smem_bytes }
+    } else {
+        LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem_bytes }
+    };
     // SAFETY: every tensor in `p` was validated above (dtype, shape, bounds of every
     // element, 16-byte alignment of rows); list contents are bounds-checked in the kernel.
     unsafe { rt.stream().launch_builder(&f).arg(&p).launch(cfg)? };
