@@ -42,6 +42,15 @@ __device__ void decode(const NatslGdnDecodeParams& p) {
     const int cidx = p.committed_pool ? p.committed_index[n] : 0;
     const bool valid = ridx >= 0 && ridx < p.running_pool_rows && (!p.committed_pool || (cidx >= 0 && cidx < p.committed_pool_rows));
 
+    // The state slice first: its loads are in flight while q and k are prepared
+    // (at B = 1 the step is a chain of dependent loads; this takes one link off it).
+    float4 S[RPT];
+    const i64 hoff = (i64)h * DK * DV;
+    float* run = p.running_pool + (i64)(valid ? ridx : 0) * Hv * DK * DV + hoff;
+    if (valid) {
+#pragma unroll
+        for (int i = 0; i < RPT; ++i) S[i] = *reinterpret_cast<const float4*>(run + (i64)(rg + RG * i) * DV + col);
+    }
     if (tid == 0) {
         meta_pos = p.pos ? p.pos[n] : 0;
         meta_gsum = p.gsum ? p.gsum[(i64)n * Hv + h] : 0.f;
@@ -73,13 +82,6 @@ __device__ void decode(const NatslGdnDecodeParams& p) {
         if (lane == 0) skq[j] = kq;
     }
 
-    float4 S[RPT];
-    const i64 hoff = (i64)h * DK * DV;
-    float* run = p.running_pool + (i64)(valid ? ridx : 0) * Hv * DK * DV + hoff;
-    if (valid) {
-#pragma unroll
-        for (int i = 0; i < RPT; ++i) S[i] = *reinterpret_cast<const float4*>(run + (i64)(rg + RG * i) * DV + col);
-    }
     __syncthreads();
     int pos = meta_pos;
     float gs = meta_gsum;
