@@ -283,7 +283,23 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
     let labd = labels.as_ref().map(|l| rt.stream().clone_htod(l).unwrap());
     // Pools with index maps (rows permuted, extra rows left poisoned).
     let rows = n + 2;
-    let perm: Vec<i32> = (0..n).map(|s| ((s * 3 + 1) % rows) as i32).collect();
+    // s -> (s * m + 1) % rows with m coprime to rows: injective. (A fixed m = 3 mapped
+    // several sequences to one row whenever 3 | n + 2, e.g. the 7-sequence cp-ragged
+    // case: shared h0 rows and racing committed writes, not a kernel error.)
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let m = (3..).step_by(2).find(|&m| gcd(m, rows) == 1).unwrap();
+    let perm: Vec<i32> = (0..n).map(|s| ((s * m + 1) % rows) as i32).collect();
+    {
+        let mut seen = vec![false; rows];
+        for &r in &perm {
+            assert!(!std::mem::replace(&mut seen[r as usize], true), "test pool index map is not injective: {perm:?}");
+        }
+    }
     let mut h0_pool = vec![0.0; rows * sd];
     if let Some(h0) = &h0 {
         for s in 0..n {
@@ -294,7 +310,7 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
     let h0d = testing::upload::<f32>(rt, &h0_pool).unwrap();
     // Every check runs once per prep kernel (outputs re-poisoned for each).
     let mut failures = Vec::new();
-    for prep in [PrepKernel::Substitution, PrepKernel::Blocked] {
+    for prep in [PrepKernel::Substitution, PrepKernel::Blocked, PrepKernel::Compact] {
         println!("  prep kernel {prep:?}");
         let mut od = testing::poisoned::<T>(rt, t * c.hv * c.dv).unwrap();
         let mut comd = testing::poisoned::<f32>(rt, rows * sd).unwrap();
@@ -484,6 +500,75 @@ fn prefill_ragged_plain_gdn_every_head_dim_pair() {
             }
         }
     });
+}
+
+/// The experimental `ScanTile::Full` (128 state columns, 8 warps at dk = 128; 64 / 4
+/// at dk = 64): ragged, random labels, l2norm, h0, GVA, f16; with Segments it falls
+/// back to the plain scan.
+#[test]
+fn prefill_full_scan_tile() {
+    for_arches("prefill_full_scan_tile", |rt| {
+        for (dk, dv) in [(64, 64), (128, 128), (128, 256)] {
+            let mut c = Case::new("full-tile", &RAGGED, 1, 2, dk, dv);
+            c.tile = ScanTile::Full;
+            c.labels = Labels::Random;
+            c.hr = 1;
+            c.l2norm = true;
+            c.seed = 31;
+            run_prefill::<bf16>(rt, &c);
+        }
+        let mut c = Case::new("full-tile-gva-f16", &RAGGED, 2, 4, 128, 128);
+        c.tile = ScanTile::Full;
+        c.labels = Labels::Random;
+        c.hr = 2;
+        c.beta_f32 = false;
+        run_prefill::<f16>(rt, &c);
+        c.cp = ScanParallel::Segments(4);
+        c.labels = Labels::AllAttn;
+        run_prefill::<bf16>(rt, &c);
+    });
+    // Long memory through 256 chunks.
+    if let Some(rt) = testing::gpu_or_skip("prefill_full_scan_tile long") {
+        let mut c = Case::new("full-tile-long", &[16384], 1, 2, 128, 128);
+        c.tile = ScanTile::Full;
+        c.l2norm = true;
+        c.g_lo = -0.02;
+        run_prefill::<bf16>(&rt, &c);
+    }
+}
+
+/// The experimental `ScanTile::Staged` (two operand stages, scan_staged): every
+/// head-dim pair (dk = 256 stays one-stage), ragged, random labels, l2norm, h0; GVA f16;
+/// a long sequence; with Segments it falls back to the plain scan.
+#[test]
+fn prefill_staged_scan_tile() {
+    for_arches("prefill_staged_scan_tile", |rt| {
+        for (dk, dv) in [(64, 64), (128, 128), (256, 256), (128, 256), (192, 384)] {
+            let mut c = Case::new("staged", &RAGGED, 1, 2, dk, dv);
+            c.tile = ScanTile::Staged;
+            c.labels = Labels::Random;
+            c.hr = 1;
+            c.l2norm = true;
+            c.seed = 37;
+            run_prefill::<bf16>(rt, &c);
+        }
+        let mut c = Case::new("staged-gva-f16", &RAGGED, 2, 4, 128, 128);
+        c.tile = ScanTile::Staged;
+        c.labels = Labels::Random;
+        c.hr = 2;
+        c.beta_f32 = false;
+        run_prefill::<f16>(rt, &c);
+        c.cp = ScanParallel::Segments(4);
+        c.labels = Labels::AllAttn;
+        run_prefill::<bf16>(rt, &c);
+    });
+    if let Some(rt) = testing::gpu_or_skip("prefill_staged_scan_tile long") {
+        let mut c = Case::new("staged-long", &[16384], 1, 2, 128, 128);
+        c.tile = ScanTile::Staged;
+        c.l2norm = true;
+        c.g_lo = -0.02;
+        run_prefill::<bf16>(&rt, &c);
+    }
 }
 
 #[test]

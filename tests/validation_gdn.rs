@@ -305,6 +305,22 @@ fn prefill_rejects_state_pool_indices_out_of_range() {
         )),
         "committed"
     );
+    // Output rows must be distinct (two sequences writing one row race); h0 rows may repeat.
+    assert_eq!(
+        arg_of(prefill_err(
+            |_, o, _| o.committed.as_mut().unwrap().index = Some(vec![1, 1])
+        )),
+        "committed"
+    );
+    assert_eq!(
+        arg_of(prefill_err(|_, o, _| o.running.as_mut().unwrap().index = Some(vec![0, 0]))),
+        "running"
+    );
+    {
+        let mut i = good_inputs();
+        i.h0.as_mut().unwrap().index = Some(vec![4, 4]);
+        validate_prefill(&CU, &i, &good_outputs(), &GdnOptions::default()).unwrap();
+    }
     // No index: the pool needs a row per sequence.
     assert_eq!(
         arg_of(prefill_err(|_, o, _| o.running = Some(PoolOut {

@@ -11,6 +11,12 @@ extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS) NATSL_KER
     natsl::gdn::prep<NATSL_DTYPE, NATSL_DK, NATSL_DV, true>(p);
 }
 
+// Same outputs as prep; blocked inverse in two smem regions, T in registers (PrepKernel::Compact).
+extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS, (natsl::gdn::prep_compact_min_ctas<NATSL_DK, NATSL_DV>()))
+NATSL_KERNEL(prep_compact)(const NatslGdnPrefillParams p) {
+    natsl::gdn::prep_compact<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);
+}
+
 extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(scan)(const NatslGdnPrefillParams p) {
     natsl::gdn::scan<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_BLOCK_N, NATSL_WARPS, NATSL_STAGES>(p);
 }

@@ -99,9 +99,19 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             (PrefillPart::Prep, PrepKernel::Substitution, "prep"),
             (PrefillPart::Scan, PrepKernel::Substitution, "scan"),
             (PrefillPart::Prep, PrepKernel::Blocked, "prep blocked"),
+            (PrefillPart::Prep, PrepKernel::Compact, "prep compact"),
+            // Experimental scan tile (ScanTile::Full: 128 columns, 8 warps at dk = 128).
+            (PrefillPart::Scan, PrepKernel::Substitution, "scan full-tile"),
+            // Experimental: two operand stages (ScanTile::Staged).
+            (PrefillPart::Scan, PrepKernel::Substitution, "scan staged"),
         ] {
+            let tile = match tag {
+                "scan full-tile" => ScanTile::Full,
+                "scan staged" => ScanTile::Staged,
+                _ => ScanTile::Auto,
+            };
             let tm = time_it(rt, 3, 10, |_| {
-                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, part: Some(part), ..Default::default() })
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, part: Some(part), ..Default::default() })
             })
             .unwrap();
             recs.push(Record::new(

@@ -141,6 +141,22 @@ fn check_pool(
     Ok(pool.dim(0))
 }
 
+/// Output pools: two sequences writing one row would race (the result is whichever
+/// CTA lands last), so output index maps must be injective.
+fn check_index_distinct(arg: &'static str, index: &Option<Vec<i32>>) -> Result<()> {
+    if let Some(ix) = index {
+        let mut sorted: Vec<(i32, usize)> = ix.iter().copied().zip(0..).collect();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(Error::invalid(
+                arg,
+                format!("index[{}] = index[{}] = {}: output rows must be distinct", w[0].1, w[1].1, w[0].0),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_index(arg: &'static str, index: &Option<Vec<i32>>, n: usize, rows: usize) -> Result<()> {
     match index {
         None => {
@@ -297,10 +313,12 @@ pub fn validate_prefill(
     if let Some(c) = &out.committed {
         let rows = check_pool("committed", c.pool.view(), hv, dk, dv)?;
         check_index("committed", &c.index, n, rows)?;
+        check_index_distinct("committed", &c.index)?;
     }
     if let Some(r) = &out.running {
         let rows = check_pool("running", r.pool.view(), hv, dk, dv)?;
         check_index("running", &r.index, n, rows)?;
+        check_index_distinct("running", &r.index)?;
     }
     if let Some(gs) = &out.gsum_running {
         gs.check_dtype("gsum_running", &[DType::F32])?;
@@ -332,6 +350,10 @@ pub fn prep_smem_bytes(dk: usize, dv: usize) -> usize {
 #[doc(hidden)]
 pub fn prep_kernel_smem_bytes(dk: usize, dv: usize, kernel: PrepKernel) -> usize {
     let a = CHUNK * (CHUNK + 4) * 4;
+    if kernel == PrepKernel::Compact {
+        // Mirror of `prep_compact_smem_bytes`: R0 = max(Q, A f32), R1 = K, 4 x 64 f32.
+        return (CHUNK * (dk + PAD) * 2).max(a) + CHUNK * (dk + PAD) * 2 + 4 * CHUNK * 4;
+    }
     let alias = kernel == PrepKernel::Blocked && (dk + PAD) * 2 >= (CHUNK + 4) * 4;
     2 * CHUNK * (dk + PAD) * 2
         + CHUNK * (dv + PAD) * 2
@@ -344,7 +366,7 @@ pub fn prep_kernel_smem_bytes(dk: usize, dv: usize, kernel: PrepKernel) -> usize
 pub fn scan_smem_bytes(dk: usize, bv: usize, stages: usize) -> usize {
     stages * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD)) * 2
         + (dk + 2 * CHUNK) * (bv + PAD) * 2
-        + 3 * CHUNK * 4
+        + stages * 3 * CHUNK * 4
 }
 
 /// Workspace bytes of a prefill: W, U, P (activation dtype) and the row factors
@@ -409,6 +431,11 @@ pub enum PrepKernel {
     /// blocks by split-bf16 mma (16 -> 32 -> 64); A aliases Q's smem at dk >= 128.
     /// Not yet validated on a device: off by default.
     Blocked,
+    /// Entry `prep_compact`: the blocked inverse with two smem regions (Q -> A/T ->
+    /// V chunks, K -> V chunks), T kept as scaled bf16 mma fragments in registers,
+    /// W, U and P stored from the accumulators: 35 KB at dk = dv = 128 (6 CTAs/SM).
+    /// Not yet validated on a device: off by default.
+    Compact,
 }
 
 impl PrepKernel {
@@ -416,6 +443,7 @@ impl PrepKernel {
         match self {
             PrepKernel::Substitution => "prep",
             PrepKernel::Blocked => "prep_blocked",
+            PrepKernel::Compact => "prep_compact",
         }
     }
 }
@@ -431,6 +459,43 @@ pub enum ScanTile {
     Wide,
     /// The narrow tile where the catalog has one (else the default).
     Narrow,
+    /// Experimental (not in the catalog; JIT on first use): at dk = 128 (dv 128 / 256)
+    /// 128 state columns per CTA with 8 warps (one CTA per SM: 149 KB smem), at dk = 64
+    /// 64 columns with 4 warps; else the default. Per warp the same math as the default
+    /// tile (token phase 16 rows x 64 columns, state 16 x 128 instead of 32 x 64), but
+    /// Q, K, W, P are read once per head instead of once per 64 columns: ~44% less
+    /// L2 -> SM traffic per chunk, where the default tile measured L2 64% / DRAM 48%
+    /// busy (P1). Costs: half the CTAs (P1: 128 on 132 SMs) and no second CTA per SM to
+    /// overlap exposed loads and barriers with.
+    Full,
+    /// Experimental (JIT on first use): the `Auto` tile with two operand stages
+    /// (`scan_staged` in cuda/gdn/scan.cuh: chunk c + 1's operands issued at the start
+    /// of chunk c, two barriers per chunk) where they fit in 227 KB of smem (not
+    /// dk = 256); one CTA per SM. Aimed at the latency-bound launches (P4, P5, P9: at
+    /// most one CTA per SM anyway). Runs the plain scan only (no context parallelism).
+    Staged,
+}
+
+/// The `ScanTile::Staged` spec: `base` with two operand stages where they fit.
+#[doc(hidden)]
+pub fn staged_scan_spec(base: natsl_codegen::spec::KernelSpec, dk: usize) -> natsl_codegen::spec::KernelSpec {
+    let mut s = base;
+    if scan_smem_bytes(dk, base.tile.block_n as usize, 2) <= 227 * 1024 {
+        s.tile.stages = 2;
+    }
+    s
+}
+
+/// The `ScanTile::Full` spec (see there).
+#[doc(hidden)]
+pub fn full_scan_spec(wide: natsl_codegen::spec::KernelSpec, dk: usize) -> natsl_codegen::spec::KernelSpec {
+    use natsl_codegen::spec::Tile;
+    let tile = match dk {
+        128 => Tile::new(64, 128, 8, 1),
+        64 => Tile::new(64, 64, 4, 1),
+        _ => return wide,
+    };
+    natsl_codegen::spec::KernelSpec { tile, ..wide }
 }
 
 /// Intra-GPU context parallelism of the scan (exact; see `cuda/gdn/prefill.cuh`):
@@ -449,27 +514,78 @@ pub enum ScanParallel {
     /// Split every sequence into this many segments (at most its chunk count;
     /// 0 or 1: off).
     Segments(usize),
-    /// Segments = SMs / plain-scan CTAs where that is >= 4 (and >= 4 chunks per
-    /// segment of the longest sequence), else off. Forces the wide tile under
-    /// `ScanTile::Auto`.
+    /// The segment count of a wave model of the three launches where it predicts
+    /// >= 2x over the plain scan, else off (see `cp_auto_segments`). Forces the wide
+    /// tile under `ScanTile::Auto` when it splits.
     Auto,
 }
 
-/// Segments the scan of this launch uses (<= 1: the plain scan).
-fn cp_segments(cp: ScanParallel, ctas: usize, sm: usize, max_chunks: usize) -> usize {
+/// Segments the scan of this launch uses (<= 1: the plain scan). `nchs`: chunks per
+/// sequence; `bv`, `smem`: the scan tile's column width and dynamic smem.
+#[allow(clippy::too_many_arguments)]
+fn cp_segments(cp: ScanParallel, nchs: &[usize], hv: usize, dk: usize, dv: usize, bv: usize, smem: usize, sm: usize) -> usize {
+    let max_chunks = nchs.iter().copied().max().unwrap_or(1).max(1);
     let s = match cp {
         ScanParallel::Off => 1,
         ScanParallel::Segments(s) => s,
-        ScanParallel::Auto => {
-            let s = (sm / ctas.max(1)).min(max_chunks / 4).min(64);
-            if s >= 4 {
-                s
-            } else {
-                1
-            }
-        }
+        ScanParallel::Auto => cp_auto_segments(nchs, hv, dk, dv, bv, smem, sm),
     };
     s.min(max_chunks).max(1)
+}
+
+/// `cp_geometry` in cuda/gdn/scan.cuh: (segment length, segment count) of a sequence
+/// of `nch` chunks split `segments` ways.
+#[doc(hidden)]
+pub fn cp_geometry(nch: usize, segments: usize) -> (usize, usize) {
+    let sl = nch.div_ceil(segments.max(1)).max(1);
+    (sl, nch.div_ceil(sl).max(1))
+}
+
+/// `ScanParallel::Auto`: a wave model of the three cp launches, in units of one
+/// chunk step of a scan CTA (~2.9 us at dk = 128 on H200; a cp_combine step ~1.5).
+///   plain:  max_n nch_n * waves(ctas)
+///   cp(S):  max_n seg_len_n * (waves(pass A CTAs) + waves(pass C CTAs)) + 1.5 (segs - 2)
+/// with waves(x) = ceil(x / (SMs * CTAs per SM)), CTAs counted per sequence (short
+/// sequences of a ragged batch have fewer segments, see cp_geometry): pass A runs
+/// dv/bv tiles for segment 0 and (dk + dv)/bv for each inner segment, pass C dv/bv for
+/// each segment >= 1. Auto takes the cheapest S in 2..=64 (ties: fewer segments) and
+/// uses it only where the model predicts >= 2x over the plain scan: measured on H200
+/// the cp passes run each chunk step ~1.3-2x slower than the plain scan (more CTAs in
+/// flight, the combine, three launches), so a 2x model gain is ~1.1-1.5x real.
+/// H200 2026-11-28 (scan only, ms; 1 x 32768 tokens, d 128 unless noted):
+///   P5 (2/8 heads):          off 1.476, cp4 0.985, cp8 0.631, cp16 0.553 -> Auto 16
+///   natsl-340M (6, 128/256): off 1.510, cp4 1.132, cp8 0.698, cp16 0.739 -> Auto 8
+///   P4 (16/32 heads):        off 1.576, cp4 1.667, cp8 1.627             -> Auto off
+///   P9 (1 x 65536, 16/32):   off 3.13,  cp8 3.17                         -> Auto off
+///   P1 (8 x 8192, 16/16):    plain already one full wave                  -> Auto off
+/// (The previous rule, S = SMs / CTAs, gave P5 8 (0.620) and 340M 5 (0.927).)
+#[doc(hidden)]
+pub fn cp_auto_segments(nchs: &[usize], hv: usize, dk: usize, dv: usize, bv: usize, smem: usize, sm: usize) -> usize {
+    // 228 KiB of smem per SM (H100 / H200; A100 has 164: fewer slots, so this errs
+    // towards more segments there), 1 KiB reserved per CTA; 128-thread CTAs at
+    // <= 255 registers: at most 2 per SM by registers.
+    let per_sm = (233_472 / (smem + 1024)).clamp(1, 2);
+    let slots = (sm * per_sm).max(1);
+    let waves = |ctas: usize| ctas.div_ceil(slots);
+    let (tk, tv) = (dk / bv.max(1), dv / bv.max(1));
+    let max_chunks = nchs.iter().copied().max().unwrap_or(0);
+    let plain = max_chunks * waves(nchs.len() * hv * tv);
+    let mut best = (plain as f64, 1usize);
+    for s in 2..=64.min(max_chunks) {
+        let (mut ca, mut cc, mut crit, mut segs_max) = (0usize, 0usize, 0usize, 1usize);
+        for &nch in nchs.iter().filter(|&&c| c > 0) {
+            let (sl, segs) = cp_geometry(nch, s);
+            ca += hv * (tv + segs.saturating_sub(2) * (tk + tv));
+            cc += hv * (segs - 1) * tv;
+            crit = crit.max(sl);
+            segs_max = segs_max.max(segs);
+        }
+        let cost = (crit * (waves(ca) + waves(cc))) as f64 + 1.5 * segs_max.saturating_sub(2) as f64;
+        if cost < best.0 * 0.999 && (best.1 > 1 || 2.0 * cost <= plain as f64) {
+            best = (cost, s);
+        }
+    }
+    best.1
 }
 
 /// Workspace bytes of the context-parallel scan: E `[N, S, Hv, dk, dv]` and
@@ -512,21 +628,28 @@ fn prefill_launch(
     // tile doubles the CTAs (each re-reads Q, K, W, P: more L2 traffic, same HBM).
     let narrow = catalog::gdn_prefill_narrow_spec(d.dtype, d.dk as u32, d.dv as u32, rt.arch());
     let wide_ctas = d.seqs * d.hv * (d.dv / wide.tile.block_n as usize);
-    let max_chunks = batch
-        .cu_seqlens()
-        .windows(2)
-        .map(|w| ((w[1] - w[0]) as usize).div_ceil(CHUNK))
-        .max()
-        .unwrap_or(1);
     let sm = rt.sm_count() as usize;
-    let cp_wide = cp_segments(cp, wide_ctas, sm, max_chunks);
+    let nchs: Vec<usize> = batch.cu_seqlens().windows(2).map(|w| ((w[1] - w[0]) as usize).div_ceil(CHUNK)).collect();
+    let cp_of = |bv: u32, stages: u32| {
+        cp_segments(cp, &nchs, d.hv, d.dk, d.dv, bv as usize, scan_smem_bytes(d.dk, bv as usize, stages as usize), sm)
+    };
+    let cp_wide = cp_of(wide.tile.block_n, wide.tile.stages);
     let spec = match (tile, narrow) {
         (ScanTile::Narrow, Some(s)) => s,
+        (ScanTile::Full, _) => full_scan_spec(wide, d.dk),
+        (ScanTile::Staged, Some(s)) if wide_ctas <= sm => staged_scan_spec(s, d.dk),
+        (ScanTile::Staged, _) => staged_scan_spec(wide, d.dk),
         (ScanTile::Auto, Some(s)) if wide_ctas <= sm && cp_wide <= 1 => s,
         _ => wide,
     };
-    let ctas = d.seqs * d.hv * (d.dv / spec.tile.block_n as usize);
-    let segments = if spec == wide { cp_wide } else { cp_segments(cp, ctas, sm, max_chunks) };
+    // The Full tile runs the plain scan only (its scan_cp_c spills at dk = dv = 128).
+    let segments = if matches!(tile, ScanTile::Full | ScanTile::Staged) && spec != wide {
+        1
+    } else if spec == wide {
+        cp_wide
+    } else {
+        cp_of(spec.tile.block_n, spec.tile.stages)
+    };
     let tile = spec.tile;
     let prep_smem = prep_kernel_smem_bytes(d.dk, d.dv, prep) as u32;
     let scan_smem = scan_smem_bytes(d.dk, tile.block_n as usize, tile.stages as usize) as u32;
