@@ -626,7 +626,9 @@ fn prep_kernel_smem() {
         let (dk, dv) = (dk as usize, dv as usize);
         let sub = prep_kernel_smem_bytes(dk, dv, PrepKernel::Substitution);
         let blk = prep_kernel_smem_bytes(dk, dv, PrepKernel::Blocked);
-        assert_eq!(sub, prep_smem_bytes(dk, dv));
+        let compact = prep_kernel_smem_bytes(dk, dv, PrepKernel::Compact);
+        assert_eq!(compact, prep_smem_bytes(dk, dv), "the default is Compact");
+        assert!(compact < blk, "dk {dk} dv {dv}: compact {compact} B, blocked {blk} B");
         let saved = if dk >= 128 { 64 * 68 * 4 } else { 0 };
         assert_eq!(blk + saved, sub, "dk {dk} dv {dv}");
         assert!(sub <= 227 * 1024, "dk {dk} dv {dv}: {sub} B");

@@ -126,7 +126,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         }
     }
     if cp {
-        let prep = PrepKernel::Substitution;
+        let prep = PrepKernel::default();
         for (sp, tag) in [
             (ScanParallel::Auto, "cp auto".to_string()),
             (ScanParallel::Segments(4), "cp4".into()),
