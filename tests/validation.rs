@@ -38,10 +38,10 @@ fn router_accepts_a_good_call() {
     let plan = validate(&l, &x, &w, &RouterOptions::default()).unwrap();
     assert_eq!(plan.num_heads, 6);
     assert_eq!(plan.d_model, 1024);
-    // The pooling kernel is off by default and validates like the blocked one.
-    assert_eq!(RouterOptions::default().pool, PoolKernel::Blocked);
-    let tile = RouterOptions { pool: PoolKernel::Tile, ..Default::default() };
-    assert_eq!(validate(&l, &x, &w, &tile).unwrap(), plan);
+    // The tiled pool is the default and validates like the blocked one.
+    assert_eq!(RouterOptions::default().pool, PoolKernel::Tile);
+    let blocked = RouterOptions { pool: PoolKernel::Blocked, ..Default::default() };
+    assert_eq!(validate(&l, &x, &w, &blocked).unwrap(), plan);
     let bad = RouterOptions { pool: PoolKernel::Tile, policy: RouterPolicy::TopK(5), ..Default::default() };
     assert_eq!(arg_of(validate(&l, &x, &w, &bad).unwrap_err()), "policy");
 }

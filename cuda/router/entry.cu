@@ -26,6 +26,6 @@ extern "C" __global__ void __launch_bounds__(natsl::TILE_THREADS, 4) NATSL_KERNE
     natsl::router_tile<NATSL_DTYPE, 0, false>(p);
 }
 
-extern "C" __global__ void __launch_bounds__(natsl::TILE_THREADS) NATSL_KERNEL(tile_select)(const NatslRouterParams p) {
+extern "C" __global__ void __launch_bounds__(natsl::TILE_SELECT_THREADS) NATSL_KERNEL(tile_select)(const NatslRouterParams p) {
     natsl::router_tile_select<(NATSL_TOPK > 0 ? NATSL_TOPK : 0)>(p);
 }

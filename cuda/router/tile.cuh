@@ -39,8 +39,9 @@ __device__ __forceinline__ vec8 ld_stream16(const void* p) {
     return v;
 }
 
-// Exclusive block-wide prefix count of `flag` over TILE_THREADS threads, and the total.
-// `warp_tot` is TILE_THREADS / 32 ints of shared memory; the call has two barriers.
+// Exclusive block-wide prefix count of `flag` over NT threads, and the total.
+// `warp_tot` is NT / 32 ints of shared memory; the call has two barriers.
+template <int NT>
 __device__ __forceinline__ int block_excl_count(bool flag, int* warp_tot, int* total) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const u32 b = __ballot_sync(0xffffffffu, flag);
@@ -48,7 +49,7 @@ __device__ __forceinline__ int block_excl_count(bool flag, int* warp_tot, int* t
     __syncthreads();
     int before = __popc(b & lanemask_lt()), all = 0;
 #pragma unroll
-    for (int w = 0; w < TILE_THREADS / 32; ++w) {
+    for (int w = 0; w < NT / 32; ++w) {
         const int t = warp_tot[w];
         if (w < warp) before += t;
         all += t;
@@ -133,8 +134,9 @@ __device__ __forceinline__ void tile_pool_score(const NatslRouterParams& p, int 
 }
 
 // Labels, margins, logits and the compact ATTN list of head r of sequence n, by
-// the whole CTA (TILE_THREADS threads). Same results as router_select_head.
-template <int COMPILE_K>
+// the whole CTA (NT threads). Same results as router_select_head. `scratch` holds
+// NT / 32 + 2 ints.
+template <int COMPILE_K, int NT>
 __device__ void tile_select_head(const NatslRouterParams& p, int n, int r, u32* hist, int* scratch) {
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int len = p.batch.cu_seqlens[n + 1] - p.batch.cu_seqlens[n];
@@ -153,11 +155,11 @@ __device__ void tile_select_head(const NatslRouterParams& p, int n, int r, u32* 
 
     // Pass 1: logits (partials summed in slice order) and margins, 4 chunks per thread in flight.
     const float* __restrict__ partial = p.partial_logits;
-    for (int c0 = tid; c0 < nch; c0 += TILE_THREADS * 4) {
+    for (int c0 = tid; c0 < nch; c0 += NT * 4) {
         float l0[4], l1[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            const int c = c0 + TILE_THREADS * u;
+            const int c = c0 + NT * u;
             l0[u] = 0.f;
             l1[u] = 0.f;
             if (c < nch) {
@@ -170,7 +172,7 @@ __device__ void tile_select_head(const NatslRouterParams& p, int n, int r, u32* 
         }
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            const int c = c0 + TILE_THREADS * u;
+            const int c = c0 + NT * u;
             if (c < nch) {
                 if (p.logits) {
                     p.logits[((i64)(base + c) * H + r) * 2] = l0[u];
@@ -189,9 +191,9 @@ __device__ void tile_select_head(const NatslRouterParams& p, int n, int r, u32* 
         u32 prefix = 0, mask = 0;
         int remaining = k;
         for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int b = tid; b < 256; b += TILE_THREADS) hist[b] = 0;
+            for (int b = tid; b < 256; b += NT) hist[b] = 0;
             __syncthreads();
-            for (int c = tid; c < ncomplete; c += TILE_THREADS) {
+            for (int c = tid; c < ncomplete; c += NT) {
                 const u32 key = margin_key(margin[c]);
                 if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
             }
@@ -217,14 +219,14 @@ __device__ void tile_select_head(const NatslRouterParams& p, int n, int r, u32* 
 #pragma unroll
                     for (int i = 0; i < 8; ++i) {
                         if (!found) {
-                            if (acc + cnt[i] >= (u32)remaining) { found = true; scratch[4] = 255 - 8 * lane - i; scratch[5] = (int)acc; }
+                            if (acc + cnt[i] >= (u32)remaining) { found = true; scratch[NT / 32] = 255 - 8 * lane - i; scratch[NT / 32 + 1] = (int)acc; }
                             else acc += cnt[i];
                         }
                     }
                 }
             }
             __syncthreads();
-            const int bin = scratch[4], before = scratch[5];
+            const int bin = scratch[NT / 32], before = scratch[NT / 32 + 1];
             __syncthreads();  // scratch[4..5] rewritten by the next pass
             remaining -= before;
             prefix |= (u32)bin << shift;
@@ -234,9 +236,9 @@ __device__ void tile_select_head(const NatslRouterParams& p, int n, int r, u32* 
         take_equal = remaining;
     }
 
-    // Pass 2: labels and the compact list, in chunk order, TILE_THREADS chunks a step.
+    // Pass 2: labels and the compact list, in chunk order, NT chunks a step.
     int running = 0, equal_seen = 0;
-    for (int c0 = 0; c0 < nch; c0 += TILE_THREADS) {
+    for (int c0 = 0; c0 < nch; c0 += NT) {
         const int c = c0 + tid;
         bool attn = false, equal = false;
         if (c < ncomplete) {
@@ -249,11 +251,11 @@ __device__ void tile_select_head(const NatslRouterParams& p, int n, int r, u32* 
             }
         }
         int eq_total;
-        const int eq_before = block_excl_count(equal, scratch, &eq_total);
+        const int eq_before = block_excl_count<NT>(equal, scratch, &eq_total);
         if (equal) attn = equal_seen + eq_before < take_equal;
         equal_seen += eq_total;
         int attn_total;
-        const int attn_before = block_excl_count(attn, scratch, &attn_total);
+        const int attn_before = block_excl_count<NT>(attn, scratch, &attn_total);
         if (c < nch) p.labels[(i64)(base + c) * H + r] = (u8)(c < ncomplete ? (attn ? NATSL_LABEL_ATTN : NATSL_LABEL_GDN) : NATSL_LABEL_PARTIAL);
         if (attn) p.attn_list[(i64)r * ns + base + running + attn_before] = c;
         running += attn_total;
@@ -301,15 +303,17 @@ __device__ void router_tile(const NatslRouterParams& p) {
     __syncthreads();
     u32* hist = reinterpret_cast<u32*>(red);      // red is free after the pool
     int* scratch = reinterpret_cast<int*>(m);     // 6 ints
-    for (int r = rank; r < p.num_heads; r += selectors) tile_select_head<COMPILE_K>(p, n, r, hist, scratch);
+    for (int r = rank; r < p.num_heads; r += selectors) tile_select_head<COMPILE_K, TILE_THREADS>(p, n, r, hist, scratch);
 }
 
-// Select alone (split launch): grid (num_seqs, num_heads).
+// Select alone (split launch): grid (num_seqs, num_heads), TILE_SELECT_THREADS each:
+// at 2048 chunks a pass is 4 steps instead of 16.
+constexpr int TILE_SELECT_THREADS = 512;
 template <int COMPILE_K>
 __device__ void router_tile_select(const NatslRouterParams& p) {
     __shared__ u32 hist[256];
-    __shared__ int scratch[8];
-    tile_select_head<COMPILE_K>(p, blockIdx.x, blockIdx.y, hist, scratch);
+    __shared__ int scratch[TILE_SELECT_THREADS / 32 + 2];
+    tile_select_head<COMPILE_K, TILE_SELECT_THREADS>(p, blockIdx.x, blockIdx.y, hist, scratch);
 }
 
 } // namespace natsl
