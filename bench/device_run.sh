@@ -12,20 +12,30 @@ NCU="ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAna
 for step in $steps; do
   case $step in
     tests)
-      for t in .gpu/tests/gpu_* .gpu/tests/reference .gpu/tests/validation*; do
-        echo "== $t"; timeout 300 "$t" --nocapture --test-threads=4 2>&1
-      done > "$OUT/tests.log" 2>&1
-      grep -E "^== |test result|panicked|near-tie" "$OUT/tests.log" ;;
+      # The three GPU suites in parallel (mostly NVRTC compiles and small launches).
+      for t in gpu_gdn gpu_sparse gpu_router; do
+        (timeout 400 .gpu/tests/$t --nocapture --test-threads=6 > "$OUT/tests-$t.log" 2>&1; echo "== $t rc $?" >> "$OUT/tests-$t.log") &
+      done
+      wait
+      for t in .gpu/tests/reference .gpu/tests/validation*; do
+        echo "== $t"; timeout 100 "$t" 2>&1
+      done > "$OUT/tests-cpu.log" 2>&1
+      cat "$OUT"/tests-*.log > "$OUT/tests.log"
+      grep -hE "^== |test result|panicked|near-tie" "$OUT"/tests-*.log ;;
     sanitize)
+      # Every kernel family, including the defaults (tiled router, compact prep, cp scan)
+      # and the warp-specialized sparse prefill; the runs go in parallel.
       for spec in "gpu_router router_matches_reference_best_arch" "gpu_gdn decode_speculative_tokens_cross_a_chunk_boundary" \
-                  "gpu_gdn prefill_f16_and_bf16_gva_labels_l2norm" "gpu_sparse prefill_routed_ragged_every_dims" \
-                  "gpu_sparse decode_speculative_queries_and_splits"; do
+                  "gpu_gdn prefill_f16_and_bf16_gva_labels_l2norm" "gpu_gdn prefill_cp_segments_single_sequence" \
+                  "gpu_sparse prefill_routed_ragged_every_dims" "gpu_sparse decode_speculative_queries_and_splits"; do
         set -- $spec
         for tool in memcheck racecheck; do
-          echo "-- $tool $1 $2"
-          timeout 150 compute-sanitizer --tool $tool ".gpu/tests/$1" "$2" 2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result" | head -3
+          (timeout 420 compute-sanitizer --tool $tool ".gpu/tests/$1" "$2" > "$OUT/san-$tool-$2.log" 2>&1
+           echo "-- $tool $1 $2: $(grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$OUT/san-$tool-$2.log" | tr '\n' ' ')") &
         done
-      done 2>&1 | tee "$OUT/sanitizer.log" ;;
+      done > "$OUT/sanitizer.log" 2>&1
+      wait
+      cat "$OUT/sanitizer.log"; rm -f "$OUT"/san-*.log ;;
     bench)
       timeout 240 .gpu/tests/gdn > "$OUT/gdn_bench.log" 2>&1
       timeout 200 .gpu/tests/sparse > "$OUT/sparse_bench.log" 2>&1

@@ -715,6 +715,8 @@ struct DecodeCase {
     commit: bool,
     l2norm: bool,
     seed: u64,
+    /// A forced state tile (`gdn_decode_variant`); None = the catalog's.
+    tile: Option<natsl_codegen::spec::Tile>,
 }
 
 fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
@@ -870,7 +872,7 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
                 gsum: Some(TensorMut::new(&mut gsd, &[n, hv])),
                 pos: Some(TensorMut::new(&mut posd, &[n])),
             };
-            gdn_decode(
+            gdn_decode_variant(
                 rt,
                 &inp,
                 &mut o,
@@ -880,6 +882,7 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
                     l2norm: c.l2norm,
                 },
                 &mut ws,
+                c.tile,
             )
             .unwrap();
         }
@@ -933,6 +936,7 @@ fn decode_single_token_with_commit_across_positions() {
             commit: true,
             l2norm: true,
             seed: 3,
+            tile: None,
         };
         run_decode::<bf16>(rt, &c);
         run_decode::<f16>(rt, &DecodeCase { l2norm: false, ..c });
@@ -958,6 +962,7 @@ fn decode_speculative_tokens_cross_a_chunk_boundary() {
             commit: true,
             l2norm: true,
             seed: 11,
+            tile: None,
         };
         run_decode::<bf16>(&rt, &c);
     }
@@ -974,6 +979,7 @@ fn decode_speculative_tokens_cross_a_chunk_boundary() {
         commit: true,
         l2norm: false,
         seed: 12,
+        tile: None,
     };
     run_decode::<f16>(&rt, &c);
 }
@@ -996,6 +1002,36 @@ fn decode_plain_gdn_without_commit() {
         commit: false,
         l2norm: true,
         seed: 5,
+        tile: None,
     };
     run_decode::<bf16>(&rt, &c);
+}
+
+#[test]
+fn decode_state_tiles() {
+    // Every state tile the bench compares, with commit and speculative tokens.
+    use natsl_codegen::spec::Tile;
+    let Some(rt) = testing::gpu_or_skip("decode_state_tiles") else {
+        return;
+    };
+    for tile in [Tile::new(1, 64, 4, 1), Tile::new(1, 64, 8, 1), Tile::new(1, 32, 8, 1), Tile::new(1, 16, 2, 1)] {
+        for (dk, dv) in [(128, 128), (64, 64), (128, 256)] {
+            let c = DecodeCase {
+                name: "tile",
+                pos: vec![60, 61, 3, 127, 64],
+                tokens_per_seq: 3,
+                steps: 2,
+                hqk: 1,
+                hv: 2,
+                hr: 1,
+                dk,
+                dv,
+                commit: true,
+                l2norm: true,
+                seed: 17,
+                tile: Some(tile),
+            };
+            run_decode::<bf16>(&rt, &c);
+        }
+    }
 }

@@ -164,7 +164,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
     recs
 }
 
-fn bench_decode(rt: &Runtime, b: usize, hqk: usize, hv: usize, d: usize, commit: bool) -> Record {
+fn bench_decode(rt: &Runtime, b: usize, hqk: usize, hv: usize, d: usize, commit: bool, tile: Option<natsl_codegen::spec::Tile>) -> Record {
     let (dk, dv) = (d, d);
     let q = fill::<bf16>(rt, b * hqk * dk, -1.0, 1.0, 1);
     let k = fill::<bf16>(rt, b * hqk * dk, -1.0, 1.0, 2);
@@ -210,7 +210,7 @@ fn bench_decode(rt: &Runtime, b: usize, hqk: usize, hv: usize, d: usize, commit:
         l2norm: true,
     };
     let timing = time_it(rt, 5, 50, |_| {
-        gdn_decode(rt, &inp, &mut ot, &mut st, &opts, &mut ws)
+        gdn_decode_variant(rt, &inp, &mut ot, &mut st, &opts, &mut ws, tile)
     })
     .unwrap();
     let flops = (b * hv) as f64 * 6.0 * (dk * dv) as f64;
@@ -220,11 +220,11 @@ fn bench_decode(rt: &Runtime, b: usize, hqk: usize, hv: usize, d: usize, commit:
         rt,
         "gdn_decode",
         format!("B{b} h{hqk}/{hv} d{d}"),
-        if commit {
-            "bf16 commit".into()
-        } else {
-            "bf16".into()
-        },
+        format!(
+            "bf16{}{}",
+            if commit { " commit" } else { "" },
+            tile.map_or(String::new(), |t| format!(" n{}w{}", t.block_n, t.warps))
+        ),
         &timing,
         flops,
         bytes,
@@ -303,8 +303,17 @@ pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
         for b in [1, 32, 128, 512] {
             for commit in [false, true] {
                 if want(&format!("decode B{b} h{hqk}/{hv}")) {
-                    let r = bench_decode(rt, b, hqk, hv, 128, commit);
-                    println!("{:<34} {:>9.4} ms", r.shape, r.ms);
+                    let r = bench_decode(rt, b, hqk, hv, 128, commit, None);
+                    println!("{:<34} {:<22} {:>9.4} ms", r.shape, r.variant, r.ms);
+                    recs.push(r);
+                }
+            }
+            // Other state tiles (columns per CTA, warps) against the catalog's n32w4.
+            use natsl_codegen::spec::Tile;
+            for tile in [Tile::new(1, 64, 4, 1), Tile::new(1, 64, 8, 1), Tile::new(1, 32, 8, 1), Tile::new(1, 16, 2, 1)] {
+                if hv == 32 && want(&format!("decode B{b} h{hqk}/{hv}")) {
+                    let r = bench_decode(rt, b, hqk, hv, 128, false, Some(tile));
+                    println!("{:<34} {:<22} {:>9.4} ms", r.shape, r.variant, r.ms);
                     recs.push(r);
                 }
             }

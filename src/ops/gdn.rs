@@ -981,9 +981,35 @@ pub fn gdn_decode(
     opts: &GdnOptions,
     ws: &mut GdnDecodeWorkspace,
 ) -> Result<()> {
+    gdn_decode_variant(rt, inp, o, st, opts, ws, None)
+}
+
+/// [`gdn_decode`] with a forced state tile (`block_n` state columns per CTA,
+/// `warps` warps; JIT-compiled on first use when not the catalog's). Tests and
+/// benches compare tiles with it.
+#[doc(hidden)]
+pub fn gdn_decode_variant(
+    rt: &Runtime,
+    inp: &GdnDecodeInputs,
+    o: &mut TensorMut,
+    st: &mut GdnDecodeState,
+    opts: &GdnOptions,
+    ws: &mut GdnDecodeWorkspace,
+    tile: Option<natsl_codegen::spec::Tile>,
+) -> Result<()> {
     let d = validate_decode(inp, o.view(), st, opts)?;
     let scale = resolve_scale(opts, d.dk)?;
-    let spec = catalog::gdn_decode_spec(d.dtype, d.dk as u32, d.dv as u32, rt.arch());
+    let mut spec = catalog::gdn_decode_spec(d.dtype, d.dk as u32, d.dv as u32, rt.arch());
+    if let Some(t) = tile {
+        // The kernel's layout: column groups of 4, a warp spans whole row groups.
+        let (bn, threads) = (t.block_n as usize, t.warps as usize * 32);
+        let cg = bn / 4;
+        let ok = bn % 4 == 0 && cg > 0 && 32 % cg == 0 && d.dv % bn == 0 && (threads / cg) > 0 && d.dk % (threads / cg) == 0;
+        if !ok {
+            return Err(Error::invalid("tile", format!("decode tile {bn} columns x {} warps does not fit dk {} / dv {}", t.warps, d.dk, d.dv)));
+        }
+        spec.tile = t;
+    }
     let f = rt.function(&spec, "step", 0)?;
     ws.reserve(rt, d.seqs)?;
     let s = rt.stream();
