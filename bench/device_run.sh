@@ -20,8 +20,12 @@ for step in $steps; do
       for t in .gpu/tests/reference .gpu/tests/validation*; do
         echo "== $t"; timeout 100 "$t" 2>&1
       done > "$OUT/tests-cpu.log" 2>&1
+      # The main job (router -> GDN -> sparse on a natsl-340M input, checked) and the examples.
+      for t in .gpu/bin/natsl .gpu/bin/0*; do
+        echo "== $t rc $(timeout 120 "$t" > "$OUT/run.tmp" 2>&1; echo $?)"; tail -25 "$OUT/run.tmp"
+      done > "$OUT/tests-run.log" 2>&1; rm -f "$OUT/run.tmp"
       cat "$OUT"/tests-*.log > "$OUT/tests.log"
-      grep -hE "^== |test result|panicked|near-tie" "$OUT"/tests-*.log ;;
+      grep -hE "^== |test result|panicked|near-tie" "$OUT"/tests-gpu*.log "$OUT"/tests-cpu.log; cat "$OUT/tests-run.log" ;;
     sanitize)
       # Every kernel family, including the defaults (tiled router, compact prep, cp scan)
       # and the warp-specialized sparse prefill; the runs go in parallel.
