@@ -24,8 +24,8 @@ for step in $steps; do
       for t in .gpu/bin/natsl .gpu/bin/0*; do
         echo "== $t rc $(timeout 120 "$t" > "$OUT/run.tmp" 2>&1; echo $?)"; tail -25 "$OUT/run.tmp"
       done > "$OUT/tests-run.log" 2>&1; rm -f "$OUT/run.tmp"
-      cat "$OUT"/tests-*.log > "$OUT/tests.log"
-      grep -hE "^== |test result|panicked|near-tie" "$OUT"/tests-gpu*.log "$OUT"/tests-cpu.log; cat "$OUT/tests-run.log" ;;
+      grep -hE "^== |test result|panicked|near-tie" "$OUT"/tests-gpu*.log "$OUT"/tests-cpu.log; cat "$OUT/tests-run.log"
+      cat "$OUT"/tests-*.log > "$OUT/tests.log"; rm -f "$OUT"/tests-*.log ;;  # at most 8 files come back
     sanitize)
       # Every kernel family, including the defaults (tiled router, compact prep, cp scan)
       # and the warp-specialized sparse prefill; the runs go in parallel.
