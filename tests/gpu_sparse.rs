@@ -37,10 +37,15 @@ struct Case {
     lse: bool,
     /// Also compare with dense causal attention (all labels ATTN).
     dense_check: bool,
+    /// Amplitude of q (uniform in [-q_amp, q_amp]). At 1 the scores are small and the
+    /// softmax is nearly uniform, so o barely depends on q: a kernel that used a wrong
+    /// Q from the second block on (the first prefill_ws at dk = dv = 64) passed the bf16
+    /// check with 2.5e-3. A peaked softmax (q_amp 6) makes o depend on every score.
+    q_amp: f64,
 }
 
 fn base(lens: &[usize], dk: usize, dv: usize) -> Case {
-    Case { lens: lens.to_vec(), hq: 4, hkv: 2, hr: 1, dk, dv, mask: Mask::Routed(0.5), strided: false, norm: false, lse: true, dense_check: false }
+    Case { lens: lens.to_vec(), hq: 4, hkv: 2, hr: 1, dk, dv, mask: Mask::Routed(0.5), strided: false, norm: false, lse: true, dense_check: false, q_amp: 1.0 }
 }
 
 /// Upload `x` ([rows, h, d] contiguous) into a buffer with row stride `h * d + pad` (pad 0: contiguous).
@@ -72,7 +77,7 @@ fn check_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
     let t = *cu.last().unwrap() as usize;
     let n = c.lens.len();
     let (hq, hkv, dk, dv) = (c.hq, c.hkv, c.dk, c.dv);
-    let q = testing::quantize::<T>(&testing::rand_vec(&mut rng, t * hq * dk, 1.0));
+    let q = testing::quantize::<T>(&testing::rand_vec(&mut rng, t * hq * dk, c.q_amp));
     let k = testing::quantize::<T>(&testing::rand_vec(&mut rng, t * hkv * dk, 1.0));
     let v = testing::quantize::<T>(&testing::rand_vec(&mut rng, t * hkv * dv, 1.0));
     let qw = testing::quantize::<T>(&testing::rand_range(&mut rng, dk, 0.5, 1.5));
@@ -264,6 +269,21 @@ fn prefill_routed_ragged_every_dims() {
 }
 
 #[test]
+fn prefill_peaked_softmax_every_dims() {
+    // Large scores (q in [-6, 6]): o depends on q through every visited block, so a
+    // kernel that loses or corrupts Q (or a score) anywhere in its block loop fails
+    // here even where the near-uniform softmax of the other cases hides it.
+    both_arches(|rt| {
+        for (i, &(dk, dv)) in sparse::supported_dims().iter().enumerate() {
+            let mut c = base(&RAGGED, dk as usize, dv as usize);
+            c.q_amp = 6.0;
+            check_prefill::<bf16>(rt, &c, 110 + i as u64);
+            check_prefill::<f16>(rt, &c, 120 + i as u64);
+        }
+    });
+}
+
+#[test]
 fn prefill_all_attn_is_dense_causal_and_all_gdn_is_diagonal() {
     both_arches(|rt| {
         for (dk, dv) in [(64, 128), (128, 128)] {
@@ -311,7 +331,7 @@ fn prefill_long_sequences_wrap_the_kv_ring() {
     // of the warp-specialized kernel flip on every wrap); odd and even chunk counts,
     // a partial last chunk on either chunk of a pair.
     both_arches(|rt| {
-        for (dk, dv) in [(64, 128), (128, 128)] {
+        for (dk, dv) in [(64, 64), (64, 128), (128, 128)] {
             let mut c = base(&[1500, 777, 1024], dk, dv);
             c.mask = Mask::Routed(1.0);
             c.dense_check = true;

@@ -1,6 +1,8 @@
 // prefill_ws.cuh: warp-specialized block-sparse flash softmax prefill on sm_90a
-// (entries prefill_ws / prefill_ws2: PrefillKernel::WarpSpecialized / ...Pipelined),
-// FlashAttention-3 structure, loads by cp.async (no TMA tensor maps: no new params).
+// (entries prefill_ws / prefill_ws2: PrefillKernel::WarpSpecialized / ...Pipelined;
+// prefill_ws3 / ws4 / ws5: ...PingPong / ...PingPongPipelined / ...PingPongWide, the
+// PP and WIDE flags below), FlashAttention-3 structure, loads by cp.async (no TMA
+// tensor maps: no new params).
 //
 // CTA = 128 query rows = two consecutive 64-row chunks c0 = 2i, c1 = 2i + 1 of one
 // (sequence, query head); 384 threads = 3 warpgroups:
@@ -69,8 +71,10 @@ __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
 // Named barrier ids: 1, 2 = consumer warpgroup 0, 1 (128 threads); 3 = the one-time
-// offset of consumer 1 behind consumer 0 (256 threads).
+// offset of consumer 1 behind consumer 0 (256 threads); 4, 5 = the ping-pong turns of
+// consumer 0, 1 (PP: 256 threads, bar.sync by the owner, bar.arrive by the other).
 constexpr int kWsOffsetBar = 3;
+constexpr int kWsTurnBar = 4;
 template <int N> __device__ __forceinline__ void reg_dealloc() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void reg_alloc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
 
@@ -97,6 +101,25 @@ template <typename T> __device__ __forceinline__ void wgmma_rs_kmajor(float (*d)
 NATSL_WS_RS_KMAJOR(bf16, "bf16")
 NATSL_WS_RS_KMAJOR(f16, "f16")
 #undef NATSL_WS_RS_KMAJOR
+
+// D[64 x 128] (+)= A[64 x 16] B[16 x 128]: A from registers, B MN-major in shared memory
+// as two sw128 64-column panels `lbo` bytes apart (the descriptor's leading byte
+// offset). d is the o[16][4] fragment of the two panels in order (the same register
+// layout as two m64n64 accumulators o[0..8), o[8..16)).
+template <typename T> __device__ __forceinline__ void wgmma_rs_n128(float (*d)[4], const u32* a, unsigned long long db, int accumulate);
+#define NATSL_WS_RS_N128(TY, PTX_T) \
+    template <> __device__ __forceinline__ void wgmma_rs_n128<TY>(float (*d)[4], const u32* a, unsigned long long db, int accumulate) { \
+        asm volatile( \
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_T "." PTX_T " " \
+            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
+            "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n" \
+            : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate)); \
+    }
+NATSL_WS_RS_N128(bf16, "bf16")
+NATSL_WS_RS_N128(f16, "f16")
+#undef NATSL_WS_RS_N128
 
 // Keep P fragments alive and unmodified until the PV wgmma reading them was waited on.
 __device__ __forceinline__ void ws_hold_a(u32 (*a)[4]) {
@@ -221,7 +244,22 @@ __device__ __forceinline__ void ws_store_output(const NatslSparsePrefillParams& 
     }
 }
 
-template <typename T, int DK, int DV, bool PIPE>
+// PP (entries prefill_ws3 / prefill_ws4): FA3 ping-pong. The two consumers take turns
+// at issuing their wgmmas, one turn per loaded stage, consumer 0 first: consumer w
+// waits for its turn (bar.sync kWsTurnBar + w) before issuing the stage's QK^T (PIPE:
+// with the held block's PV) and hands the turn over (bar.arrive on the other's) right
+// after, so one consumer's softmax runs under the other's tensor-core work on every
+// stage, not only at the start (the one-time offset of the non-PP entries drifts into
+// lock-step). Both consumers walk the same loaded stages (used or not: an unused stage
+// is a turn taken and handed over at once), so the turns always pair up: consumer 1
+// arrives once up front, and consumer 0 consumes consumer 1's last hand-over after
+// the loop; nothing is left pending on either barrier at exit.
+//
+// WIDE (entry prefill_ws5, with PIPE and PP): O += P V as m64n128k16 wgmmas (one per
+// 16 keys and 128 columns of V, B spanning two 64-column panels through the
+// descriptor's leading byte offset) instead of m64n64k16 per panel: half the PV
+// wgmmas and half the A-fragment register reads per MAC. dv = 64 keeps m64n64.
+template <typename T, int DK, int DV, bool PIPE, bool PP = false, bool WIDE = false>
 __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     static_assert(DK % 64 == 0 && DV % 64 == 0 && DK <= 256 && DV <= 256, "head dims");
     using S = WsCfg<DK, DV>;
@@ -307,8 +345,16 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     // d <= 128: Q K^T takes Q from registers (A fragments of the warp's 16 rows), so
     // the QK wgmma reads only K from shared memory (SS m64n64 would read 4 KB per
     // 32 tensor-core cycles, the whole smem bandwidth). d 256 keeps Q in smem (registers go to O).
+    //
+    // qa is defined on every path (zeros for an inactive consumer, which never uses
+    // it). Left undefined on the inactive path (as the first version did), ptxas
+    // (CUDA 13.0) treated the fragments as dead after each QK^T wgmma of the loop
+    // and reused their registers for P (dk = dv = 64, prefill_ws): from the second
+    // visited block on, S was P_prev K^T (the 64/64 failure of 2026-11-28).
     constexpr bool Q_REGS = DK <= 128;
     u32 qa[Q_REGS ? DK / 16 : 1][4];
+#pragma unroll
+    for (int ks = 0; ks < (Q_REGS ? DK / 16 : 1); ++ks) qa[ks][0] = qa[ks][1] = qa[ks][2] = qa[ks][3] = 0u;
     if (Q_REGS && active) {
 #pragma unroll
         for (int ks = 0; ks < DK / 16; ++ks) ldmatrix_x4(qa[ks], sq + sw128<64>(warp * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8));
@@ -336,10 +382,18 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     int held = -1, held_slot = 0;  // PIPE: stage whose PV is pending, and its slot
     auto issue_pv = [&](int vslot) {
         const u32 v_addr = sbase + S::V + vslot * 64 * DV * 2;
+        if constexpr (WIDE && DV % 128 == 0) {
 #pragma unroll
-        for (int pn = 0; pn < DV / 64; ++pn) {
+            for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) wgmma_rs<T>(o + pn * 8, pa[kk], wg_desc(v_addr + pn * PANEL + kk * 16 * 128), 1);
+                for (int pw = 0; pw < DV / 128; ++pw) wgmma_rs_n128<T>(o + pw * 16, pa[kk], wg_desc(v_addr + pw * 2 * PANEL + kk * 16 * 128, PANEL), 1);
+            }
+        } else {
+#pragma unroll
+            for (int pn = 0; pn < DV / 64; ++pn) {
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk) wgmma_rs<T>(o + pn * 8, pa[kk], wg_desc(v_addr + pn * PANEL + kk * 16 * 128), 1);
+            }
         }
         wg_commit();
     };
@@ -357,16 +411,31 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         held = -1;
     };
 
+    const int my_turn = kWsTurnBar + cw, other_turn = kWsTurnBar + (cw ^ 1);
+    if (PP && cw == 1) named_bar_arrive(kWsTurnBar, 256);  // consumer 0 goes first
+
+    // The list entry of the next position is read one position ahead, after this
+    // position's wgmmas are issued (and after fence.proxy.async, whose MEMBAR would
+    // wait for the load): its global load overlaps the softmax instead of stalling
+    // the loop head.
     int k = 0, nb = 0;
+    int b_next = 0;
+    int mask_next = w.npos > 0 ? w.item(0, &b_next) : 0;
 #pragma unroll 1
     for (int pos = 0; pos < w.npos; ++pos) {
-        int b;
-        const int mask = w.item(pos, &b);
-        if (!mask) continue;
+        const int b = b_next;
+        const int mask = mask_next;
+        auto fetch_next = [&]() {
+            if (pos + 1 < w.npos) mask_next = w.item(pos + 1, &b_next);
+        };
+        if (!mask) {
+            fetch_next();
+            continue;
+        }
         const int slot = k % ST;
         if (PIPE && held >= 0 && k - held >= ST) flush();
         mbar_wait(full_bar + 8 * slot, (k / ST) & 1);
-        // Stage 0 (every CTA has one: block c0): consumer 1 starts its first QK^T only
+        // Not PP: stage 0 (every CTA has one: block c0): consumer 1 starts its first QK^T only
         // once consumer 0's has completed, so that the two run out of phase (one's
         // softmax under the other's wgmma) instead of in lock-step on shared stages.
         // Exactly one arrive (consumer 0) and one sync (consumer 1) per CTA, both at
@@ -375,14 +444,19 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         const int kcur = k;
         ++k;
         if (!(mask & (1 << cw))) {
-            if (stage0) {
+            if (PP) {
+                named_bar_sync(my_turn, 256);
+                named_bar_arrive(other_turn, 256);
+            } else if (stage0) {
                 if (cw == 0) named_bar_arrive(kWsOffsetBar, 256);
                 else named_bar_sync(kWsOffsetBar, 256);
             }
             release(slot);
+            fetch_next();
             continue;
         }
-        if (stage0 && cw == 1) named_bar_sync(kWsOffsetBar, 256);
+        if (PP) named_bar_sync(my_turn, 256);
+        else if (stage0 && cw == 1) named_bar_sync(kWsOffsetBar, 256);
         fence_proxy_async();  // the producer's cp.async (generic proxy) writes before the wgmma reads
         const u32 k_addr = sbase + S::K + slot * 64 * DK * 2;
 
@@ -408,8 +482,12 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         if (pv_pending) {
             wg_fence();  // in this basic block (ptxas would inject it); waits for no wgmma
             issue_pv(held_slot);
+            if (PP) named_bar_arrive(other_turn, 256);
+            fetch_next();
             wg_wait<1>();
         } else {
+            if (PP) named_bar_arrive(other_turn, 256);
+            fetch_next();
             wg_wait<0>();
         }
         wg_hold(s);
@@ -423,7 +501,7 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
             if ((wtid & 1) == 0) kscale[r] = rsqrtf(ss / (float)DK + p.norm_eps);
             named_bar_sync(bar, 128);
         }
-        if (stage0 && cw == 0) named_bar_arrive(kWsOffsetBar, 256);
+        if (!PP && stage0 && cw == 0) named_bar_arrive(kWsOffsetBar, 256);
 
         const bool diag = b == c;
 #pragma unroll
@@ -487,6 +565,7 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         ++nb;
     }
     if (PIPE && held >= 0) flush();
+    if (PP && cw == 0) named_bar_sync(kWsTurnBar, 256);  // consumer 1's last hand-over
 
     if (!active) return;
     // The Q tile becomes the O staging tile: every warp of this warpgroup is done

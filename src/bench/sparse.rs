@@ -149,7 +149,7 @@ pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
     for s in &pre {
         if want(&s.name) {
             // Every prefill kernel the device has (mma.sync; wgmma, pipelined wgmma and
-            // warp-specialized on sm_90a).
+            // the four warp-specialized schedules on sm_90a).
             for kernel in sparse::prefill_kernels(rt) {
                 recs.push(bench_prefill(rt, s, kernel));
             }

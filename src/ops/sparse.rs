@@ -82,6 +82,18 @@ pub enum PrefillKernel {
     /// previous block's PV, and the softmax runs under the PV (prefill_wgmma2's
     /// schedule). ROUTED lists only, as WarpSpecialized. Not yet proven on a device.
     WarpSpecializedPipelined,
+    /// [`PrefillKernel::WarpSpecialized`] with FA3 ping-pong (entry `prefill_ws3`): the
+    /// two consumer warpgroups take turns (named barriers, every K/V stage) at issuing
+    /// their wgmmas, so one's softmax always runs under the other's tensor-core work.
+    /// ROUTED lists only. Not yet proven on a device.
+    WarpSpecializedPingPong,
+    /// Ping-pong and intra-warpgroup pipelining together (entry `prefill_ws4`, FA3's
+    /// full schedule). ROUTED lists only. Not yet proven on a device.
+    WarpSpecializedPingPongPipelined,
+    /// [`PrefillKernel::WarpSpecializedPingPongPipelined`] with O += P V as m64n128k16
+    /// wgmmas (entry `prefill_ws5`; dv 64 runs the same code as `prefill_ws4`). ROUTED
+    /// lists only. Not yet proven on a device.
+    WarpSpecializedPingPongWide,
 }
 
 /// The prefill kernels a runtime can run (the explicit choices, Auto excluded).
@@ -92,6 +104,9 @@ pub fn prefill_kernels(rt: &Runtime) -> Vec<PrefillKernel> {
         v.push(PrefillKernel::WgmmaPipelined);
         v.push(PrefillKernel::WarpSpecialized);
         v.push(PrefillKernel::WarpSpecializedPipelined);
+        v.push(PrefillKernel::WarpSpecializedPingPong);
+        v.push(PrefillKernel::WarpSpecializedPingPongPipelined);
+        v.push(PrefillKernel::WarpSpecializedPingPongWide);
     }
     v
 }
@@ -189,7 +204,7 @@ pub fn prefill_wgmma2_smem(dims: HeadDims) -> u32 {
     64 * dims.dk * 2 + 2 * 64 * (dims.dk + dims.dv) * 2 + 2 * 64 * 4 + 1024
 }
 
-/// Threads per CTA of the warp-specialized prefills (`prefill_ws`, `prefill_ws2`): 1 producer + 2 consumer warpgroups.
+/// Threads per CTA of the warp-specialized prefills (`prefill_ws` .. `prefill_ws5`): 1 producer + 2 consumer warpgroups.
 pub const WS_THREADS: u32 = 384;
 
 /// K/V ring depth of the warp-specialized prefill (as `WsCfg::STAGES` in cuda/sparse/prefill_ws.cuh).
@@ -304,15 +319,27 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
             }
             ("prefill_wgmma2", prefill_wgmma2_smem(plan.dims))
         }
-        PrefillKernel::WarpSpecialized | PrefillKernel::WarpSpecializedPipelined => {
+        PrefillKernel::WarpSpecialized
+        | PrefillKernel::WarpSpecializedPipelined
+        | PrefillKernel::WarpSpecializedPingPong
+        | PrefillKernel::WarpSpecializedPingPongPipelined
+        | PrefillKernel::WarpSpecializedPingPongWide => {
             if rt.arch() != natsl_codegen::Arch::Sm90a {
                 return Err(Error::Unsupported(format!("the warp-specialized prefill needs the sm_90a code path, not {:?}", rt.arch())));
             }
             match mask {
                 // The warp-specialized kernels walk router lists only; block lists keep the wgmma kernel.
                 BlockMask::Blocks { .. } => ("prefill_wgmma", prefill_wgmma_smem(plan.dims)),
-                BlockMask::Routed { .. } if kernel == PrefillKernel::WarpSpecialized => ("prefill_ws", prefill_ws_smem(plan.dims)),
-                BlockMask::Routed { .. } => ("prefill_ws2", prefill_ws_smem(plan.dims)),
+                BlockMask::Routed { .. } => {
+                    let entry = match kernel {
+                        PrefillKernel::WarpSpecialized => "prefill_ws",
+                        PrefillKernel::WarpSpecializedPipelined => "prefill_ws2",
+                        PrefillKernel::WarpSpecializedPingPong => "prefill_ws3",
+                        PrefillKernel::WarpSpecializedPingPongPipelined => "prefill_ws4",
+                        _ => "prefill_ws5",
+                    };
+                    (entry, prefill_ws_smem(plan.dims))
+                }
             }
         }
     };
@@ -355,7 +382,7 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
         max_q_blocks: qb as i32,
         max_kv_blocks: kb as i32,
     };
-    let cfg = if entry == "prefill_ws" || entry == "prefill_ws2" {
+    let cfg = if entry.starts_with("prefill_ws") {
         // validate_prefill bounded max_chunks * N * Hq by i32::MAX; the pair grid is at most that.
         let grid = prefill_ws_grid(plan.max_chunks, batch.num_seqs(), plan.hq) as u32;
         LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (WS_THREADS, 1, 1), shared_mem_bytes: smem_bytes }
