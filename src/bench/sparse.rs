@@ -150,7 +150,12 @@ pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
         if want(&s.name) {
             // Every prefill kernel the device has (mma.sync; wgmma, pipelined wgmma and
             // the four warp-specialized schedules on sm_90a).
+            // NATSL_BENCH_KERNELS=Wgmma,WarpSpecialized (names as printed): only those.
+            let only = std::env::var("NATSL_BENCH_KERNELS").ok();
             for kernel in sparse::prefill_kernels(rt) {
+                if only.as_ref().is_some_and(|o| !o.split(',').any(|k| k == format!("{kernel:?}"))) {
+                    continue;
+                }
                 recs.push(bench_prefill(rt, s, kernel));
             }
         }
