@@ -14,7 +14,7 @@ fn decode_tiles_compile_without_spills() {
     }
     let mut bad = Vec::new();
     for arch in [Arch::Sm90a, Arch::Sm80] {
-        for tile in [Tile::new(1, 64, 4, 1), Tile::new(1, 64, 8, 1), Tile::new(1, 32, 8, 1), Tile::new(1, 16, 2, 1)] {
+        for tile in [Tile::new(1, 32, 4, 1), Tile::new(1, 64, 8, 1), Tile::new(1, 32, 8, 1), Tile::new(1, 16, 2, 1)] {
             for (dk, dv) in [(128u32, 128u32), (64, 64), (128, 256)] {
                 let mut spec = catalog::gdn_decode_spec(DType::Bf16, dk, dv, arch);
                 spec.tile = tile;
