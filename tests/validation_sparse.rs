@@ -191,8 +191,8 @@ fn wgmma_prefill_is_not_serialized() {
         eprintln!("skipped: NVRTC not available");
         return;
     }
-    // Every shipped head-dim pair: the unit holds both wgmma entries (prefill_wgmma
-    // and the pipelined prefill_wgmma2), whose register pressure grows with dv.
+    // Every shipped head-dim pair: the unit holds every wgmma entry (prefill_wgmma and
+    // the warp-specialized ones), whose register pressure grows with dv.
     for (dk, dv) in natsl_codegen::catalog::SPARSE_DIMS {
         let spec = natsl_codegen::catalog::sparse_prefill_spec(natsl_codegen::DType::Bf16, natsl_codegen::HeadDims { dk, dv }, natsl_codegen::Arch::Sm90a);
         let unit = natsl_codegen::emit(&spec).unwrap();

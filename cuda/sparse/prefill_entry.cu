@@ -1,12 +1,10 @@
 // Sparse softmax prefill entries (see sparse/prefill.cuh, sparse/prefill_wgmma.cuh,
-// sparse/prefill_wgmma2.cuh, sparse/prefill_ws.cuh; prefill_ws..ws5 = the warp-specialized
-// variants, see PrefillKernel in src/ops/sparse.rs). Spec macros come from natsl-codegen. `prefill_wgmma`
-// and `prefill_wgmma2` exist on every arch so the
-// entry list is the same; off sm_90a it is an empty stub the host never launches.
+// sparse/prefill_ws.cuh; PrefillKernel in src/ops/sparse.rs). Spec macros come from
+// natsl-codegen. The sm_90a entries exist on every arch so the entry list is the same;
+// off sm_90a they are empty stubs the host never launches.
 #include "include/natsl_params.h"
 #include "sparse/prefill.cuh"
 #include "sparse/prefill_wgmma.cuh"
-#include "sparse/prefill_wgmma2.cuh"
 #include "sparse/prefill_ws.cuh"
 
 extern "C" __global__ void __launch_bounds__(NATSL_THREADS) NATSL_KERNEL(prefill)(const NatslSparsePrefillParams p) {
@@ -21,14 +19,6 @@ extern "C" __global__ void __launch_bounds__(128) NATSL_KERNEL(prefill_wgmma)(co
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(128) NATSL_KERNEL(prefill_wgmma2)(const NatslSparsePrefillParams p) {
-#if NATSL_SM90A
-    natsl::sparse::sparse_prefill_wgmma2<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);
-#else
-    (void)p;
-#endif
-}
-
 // Warp-specialized (FA3 structure): 1 producer + 2 consumer warpgroups, 128 query rows.
 extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws)(const NatslSparsePrefillParams p) {
 #if NATSL_SM90A
@@ -38,35 +28,8 @@ extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws)(co
 #endif
 }
 
-// The same with intra-warpgroup pipelining (next QK^T issued with the previous PV).
-extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws2)(const NatslSparsePrefillParams p) {
-#if NATSL_SM90A
-    natsl::sparse::sparse_prefill_ws<NATSL_DTYPE, NATSL_DK, NATSL_DV, true>(p);
-#else
-    (void)p;
-#endif
-}
-
-// FA3 ping-pong between the two consumers (turns by named barriers, every stage).
-extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws3)(const NatslSparsePrefillParams p) {
-#if NATSL_SM90A
-    natsl::sparse::sparse_prefill_ws<NATSL_DTYPE, NATSL_DK, NATSL_DV, false, true>(p);
-#else
-    (void)p;
-#endif
-}
-
-// Ping-pong + intra-warpgroup pipelining (FA3's full schedule).
-extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws4)(const NatslSparsePrefillParams p) {
-#if NATSL_SM90A
-    natsl::sparse::sparse_prefill_ws<NATSL_DTYPE, NATSL_DK, NATSL_DV, true, true>(p);
-#else
-    (void)p;
-#endif
-}
-
-// prefill_ws4 with O += P V as m64n128k16 (dv >= 128; dv 64 is prefill_ws4).
-extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws5)(const NatslSparsePrefillParams p) {
+// FA3's schedule: ping-pong consumers, intra-warpgroup pipelining, O += P V as m64n128k16.
+extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws_pingpong)(const NatslSparsePrefillParams p) {
 #if NATSL_SM90A
     natsl::sparse::sparse_prefill_ws<NATSL_DTYPE, NATSL_DK, NATSL_DV, true, true, true>(p);
 #else

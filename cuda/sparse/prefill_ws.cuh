@@ -1,8 +1,9 @@
 // prefill_ws.cuh: warp-specialized block-sparse flash softmax prefill on sm_90a
-// (entries prefill_ws / prefill_ws2: PrefillKernel::WarpSpecialized / ...Pipelined;
-// prefill_ws3 / ws4 / ws5: ...PingPong / ...PingPongPipelined / ...PingPongWide, the
-// PP and WIDE flags below), FlashAttention-3 structure, loads by cp.async (no TMA
-// tensor maps: no new params).
+// (entries prefill_ws: PrefillKernel::WarpSpecialized, no flags; prefill_ws_pingpong:
+// PrefillKernel::WarpSpecializedPingPong, PIPE + PP + WIDE below), FlashAttention-3
+// structure, loads by cp.async (no TMA tensor maps: no new params). Run g (H200) timed
+// each flag alone too (entries since removed): PIPE, PP, PIPE + PP each within 2% of
+// no flags; PIPE + PP + WIDE 3-4% faster.
 //
 // CTA = 128 query rows = two consecutive 64-row chunks c0 = 2i, c1 = 2i + 1 of one
 // (sequence, query head); 384 threads = 3 warpgroups:
@@ -16,9 +17,9 @@
 //             (wgmma RS, P from registers), as prefill_wgmma.cuh. Consumer 1 starts
 //             one QK^T behind consumer 0 (named barrier 3, once), so the two run out
 //             of phase: one's softmax under the other's tensor-core work.
-//             PIPE (entry prefill_ws2): each consumer also issues block i's QK^T
-//             with block i-1's PV and does its softmax under the PV (prefill_wgmma2's
-//             schedule); the held stage is released when that PV completes.
+//             PIPE: each consumer also issues block i's QK^T with block i-1's PV and
+//             does its softmax under the PV; the held stage is released when that PV
+//             completes.
 // Both chunks share every K/V byte the producer loads (the list entries < c0 and
 // block c0), which halves K/V traffic against one CTA per chunk.
 //
@@ -244,7 +245,7 @@ __device__ __forceinline__ void ws_store_output(const NatslSparsePrefillParams& 
     }
 }
 
-// PP (entries prefill_ws3 / prefill_ws4): FA3 ping-pong. The two consumers take turns
+// PP: FA3 ping-pong. The two consumers take turns
 // at issuing their wgmmas, one turn per loaded stage, consumer 0 first: consumer w
 // waits for its turn (bar.sync kWsTurnBar + w) before issuing the stage's QK^T (PIPE:
 // with the held block's PV) and hands the turn over (bar.arrive on the other's) right
@@ -255,7 +256,7 @@ __device__ __forceinline__ void ws_store_output(const NatslSparsePrefillParams& 
 // arrives once up front, and consumer 0 consumes consumer 1's last hand-over after
 // the loop; nothing is left pending on either barrier at exit.
 //
-// WIDE (entry prefill_ws5, with PIPE and PP): O += P V as m64n128k16 wgmmas (one per
+// WIDE (with PIPE and PP): O += P V as m64n128k16 wgmmas (one per
 // 16 keys and 128 columns of V, B spanning two 64-column panels through the
 // descriptor's leading byte offset) instead of m64n64k16 per panel: half the PV
 // wgmmas and half the A-fragment register reads per MAC. dv = 64 keeps m64n64.
@@ -373,7 +374,7 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
 
     // PIPE: block i's QK^T and the previous own block's PV are issued back to back;
     // the warpgroup waits for the QK^T only, and does block i's mask / max / exp2
-    // under the PV (prefill_wgmma2.cuh's schedule). The previous block's stage is
+    // under the PV. The previous block's stage is
     // held until its PV completes; before waiting on stage k the held stage is
     // flushed if k is STAGES or more stages past it (the producer may need its slot).
     u32 pa[4][4];  // P of the held block (PIPE) / of the current block

@@ -57,43 +57,28 @@ pub enum BlockMask<'a> {
 /// Which prefill kernel runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKernel {
-    /// The best proven kernel for the device: [`PrefillKernel::Wgmma`] on the sm_90a
-    /// path (passed every prefill test and compute-sanitizer on the H200, and was
-    /// 4-11% faster on every shape of benches/sparse.rs, 2026-11-28), else mma.sync.
+    /// The best proven kernel for the device: on the sm_90a path
+    /// [`PrefillKernel::WarpSpecializedPingPong`] for router lists (H200 2026-11-28,
+    /// run g: dense causal d128 7.51 ms vs wgmma 9.49, NAtS-L 64/128 rho 1 9.04 vs 12.24)
+    /// and [`PrefillKernel::Wgmma`] for block lists; mma.sync elsewhere.
     #[default]
     Auto,
     /// FlashAttention-2 style on mma.sync (every arch).
     MmaSync,
-    /// wgmma (sm_90a only; an error on other code paths).
+    /// wgmma, one warpgroup per 64-row chunk (sm_90a only; an error on other code paths).
     Wgmma,
-    /// wgmma with intra-warpgroup pipelining (sm_90a only): the next block's QK^T
-    /// and the previous block's PV run on the tensor cores while the warpgroup does
-    /// the softmax (entry `prefill_wgmma2`). Not yet proven on a device: Auto does
-    /// not pick it.
-    WgmmaPipelined,
     /// Warp-specialized wgmma (sm_90a only; entry `prefill_ws`, FlashAttention-3
     /// structure): 384-thread CTAs of 128 query rows (two chunks), one producer
     /// warpgroup loading a 2-3 stage K/V ring through cp.async + mbarriers, two
     /// consumer warpgroups. ROUTED lists only: a BLOCKS mask runs [`PrefillKernel::Wgmma`].
-    /// Not yet proven on a device: Auto does not pick it.
     WarpSpecialized,
-    /// [`PrefillKernel::WarpSpecialized`] with intra-warpgroup pipelining in each
-    /// consumer (entry `prefill_ws2`): the next block's QK^T is issued with the
-    /// previous block's PV, and the softmax runs under the PV (prefill_wgmma2's
-    /// schedule). ROUTED lists only, as WarpSpecialized. Not yet proven on a device.
-    WarpSpecializedPipelined,
-    /// [`PrefillKernel::WarpSpecialized`] with FA3 ping-pong (entry `prefill_ws3`): the
-    /// two consumer warpgroups take turns (named barriers, every K/V stage) at issuing
-    /// their wgmmas, so one's softmax always runs under the other's tensor-core work.
-    /// ROUTED lists only. Not yet proven on a device.
+    /// [`PrefillKernel::WarpSpecialized`] with FA3's schedule (entry `prefill_ws_pingpong`):
+    /// the consumers take turns at the tensor cores (named barriers, every stage), each
+    /// issues block i's QK^T with block i-1's PV and runs its softmax under them, and
+    /// O += P V runs as m64n128k16. ROUTED lists only. Run g measured the schedule's
+    /// parts separately (pipelining alone, ping-pong alone, both with m64n64 PV): each
+    /// within 2% of WarpSpecialized; together with the wide PV 3-4% faster.
     WarpSpecializedPingPong,
-    /// Ping-pong and intra-warpgroup pipelining together (entry `prefill_ws4`, FA3's
-    /// full schedule). ROUTED lists only. Not yet proven on a device.
-    WarpSpecializedPingPongPipelined,
-    /// [`PrefillKernel::WarpSpecializedPingPongPipelined`] with O += P V as m64n128k16
-    /// wgmmas (entry `prefill_ws5`; dv 64 runs the same code as `prefill_ws4`). ROUTED
-    /// lists only. Not yet proven on a device.
-    WarpSpecializedPingPongWide,
 }
 
 /// The prefill kernels a runtime can run (the explicit choices, Auto excluded).
@@ -101,12 +86,8 @@ pub fn prefill_kernels(rt: &Runtime) -> Vec<PrefillKernel> {
     let mut v = vec![PrefillKernel::MmaSync];
     if rt.arch() == natsl_codegen::Arch::Sm90a {
         v.push(PrefillKernel::Wgmma);
-        v.push(PrefillKernel::WgmmaPipelined);
         v.push(PrefillKernel::WarpSpecialized);
-        v.push(PrefillKernel::WarpSpecializedPipelined);
         v.push(PrefillKernel::WarpSpecializedPingPong);
-        v.push(PrefillKernel::WarpSpecializedPingPongPipelined);
-        v.push(PrefillKernel::WarpSpecializedPingPongWide);
     }
     v
 }
@@ -198,13 +179,7 @@ pub fn prefill_wgmma_smem(dims: HeadDims) -> u32 {
     64 * dims.dk * 2 + st * 64 * (dims.dk + dims.dv) * 2 + st * 64 * 4 + 1024
 }
 
-/// Smem bytes of the pipelined sm_90a prefill (`prefill_wgmma2`): Q, two K slots,
-/// two V slots, two per-key RMS scale rows, plus 1 KB to align the tiles.
-pub fn prefill_wgmma2_smem(dims: HeadDims) -> u32 {
-    64 * dims.dk * 2 + 2 * 64 * (dims.dk + dims.dv) * 2 + 2 * 64 * 4 + 1024
-}
-
-/// Threads per CTA of the warp-specialized prefills (`prefill_ws` .. `prefill_ws5`): 1 producer + 2 consumer warpgroups.
+/// Threads per CTA of the warp-specialized prefills: 1 producer + 2 consumer warpgroups.
 pub const WS_THREADS: u32 = 384;
 
 /// K/V ring depth of the warp-specialized prefill (as `WsCfg::STAGES` in cuda/sparse/prefill_ws.cuh).
@@ -301,7 +276,7 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
     let plan = validate_prefill(batch.cu_seqlens(), q, k, v, mask, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
     let spec = catalog::sparse_prefill_spec(plan.dtype, plan.dims, rt.arch());
     let kernel = match opts.kernel {
-        PrefillKernel::Auto if rt.arch() == natsl_codegen::Arch::Sm90a => PrefillKernel::Wgmma,
+        PrefillKernel::Auto if rt.arch() == natsl_codegen::Arch::Sm90a => PrefillKernel::WarpSpecializedPingPong,
         PrefillKernel::Auto => PrefillKernel::MmaSync,
         k => k,
     };
@@ -313,17 +288,7 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
             }
             ("prefill_wgmma", prefill_wgmma_smem(plan.dims))
         }
-        PrefillKernel::WgmmaPipelined => {
-            if rt.arch() != natsl_codegen::Arch::Sm90a {
-                return Err(Error::Unsupported(format!("the pipelined wgmma prefill needs the sm_90a code path, not {:?}", rt.arch())));
-            }
-            ("prefill_wgmma2", prefill_wgmma2_smem(plan.dims))
-        }
-        PrefillKernel::WarpSpecialized
-        | PrefillKernel::WarpSpecializedPipelined
-        | PrefillKernel::WarpSpecializedPingPong
-        | PrefillKernel::WarpSpecializedPingPongPipelined
-        | PrefillKernel::WarpSpecializedPingPongWide => {
+        PrefillKernel::WarpSpecialized | PrefillKernel::WarpSpecializedPingPong => {
             if rt.arch() != natsl_codegen::Arch::Sm90a {
                 return Err(Error::Unsupported(format!("the warp-specialized prefill needs the sm_90a code path, not {:?}", rt.arch())));
             }
@@ -331,13 +296,7 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
                 // The warp-specialized kernels walk router lists only; block lists keep the wgmma kernel.
                 BlockMask::Blocks { .. } => ("prefill_wgmma", prefill_wgmma_smem(plan.dims)),
                 BlockMask::Routed { .. } => {
-                    let entry = match kernel {
-                        PrefillKernel::WarpSpecialized => "prefill_ws",
-                        PrefillKernel::WarpSpecializedPipelined => "prefill_ws2",
-                        PrefillKernel::WarpSpecializedPingPong => "prefill_ws3",
-                        PrefillKernel::WarpSpecializedPingPongPipelined => "prefill_ws4",
-                        _ => "prefill_ws5",
-                    };
+                    let entry = if kernel == PrefillKernel::WarpSpecialized { "prefill_ws" } else { "prefill_ws_pingpong" };
                     (entry, prefill_ws_smem(plan.dims))
                 }
             }
