@@ -310,7 +310,7 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
     let h0d = testing::upload::<f32>(rt, &h0_pool).unwrap();
     // Every check runs once per prep kernel (outputs re-poisoned for each).
     let mut failures = Vec::new();
-    for prep in [PrepKernel::Substitution, PrepKernel::Blocked, PrepKernel::Compact] {
+    for prep in [PrepKernel::Substitution, PrepKernel::Blocked, PrepKernel::Compact, PrepKernel::Grouped] {
         println!("  prep kernel {prep:?}");
         let mut od = testing::poisoned::<T>(rt, t * c.hv * c.dv).unwrap();
         let mut comd = testing::poisoned::<f32>(rt, rows * sd).unwrap();
@@ -568,6 +568,105 @@ fn prefill_staged_scan_tile() {
         c.l2norm = true;
         c.g_lo = -0.02;
         run_prefill::<bf16>(&rt, &c);
+    }
+}
+
+/// The experimental `ScanTile::Reg` (scan_reg: state only in registers, transposed;
+/// one CTA barrier + one pair barrier per chunk): every head-dim pair (dk 192 / 256
+/// fall back to the default tile), ragged, random labels, l2norm, h0; GVA f16; the
+/// 64-column / 8-warp tile (more than one default CTA per SM: many heads); context
+/// parallelism (pass A's offset / transition tiles and pass C run scan_reg too);
+/// long sequences (16384 and 65536 tokens, long memory).
+#[test]
+fn prefill_reg_scan_tile() {
+    for_arches("prefill_reg_scan_tile", |rt| {
+        for (dk, dv) in [(64, 64), (128, 128), (256, 256), (128, 256), (192, 384)] {
+            let mut c = Case::new("reg", &RAGGED, 1, 2, dk, dv);
+            c.tile = ScanTile::Reg;
+            c.labels = Labels::Random;
+            c.hr = 1;
+            c.l2norm = true;
+            c.seed = 41;
+            run_prefill::<bf16>(rt, &c);
+        }
+        let mut c = Case::new("reg-gva-f16", &RAGGED, 2, 4, 128, 128);
+        c.tile = ScanTile::Reg;
+        c.labels = Labels::Random;
+        c.hr = 2;
+        c.beta_f32 = false;
+        run_prefill::<f16>(rt, &c);
+        c.labels = Labels::AllAttn;
+        run_prefill::<bf16>(rt, &c);
+        // Reg's choice with > 1 default CTA per SM (many heads: 128 columns / 8 warps at
+        // dk 128, 64 / 4 at dk 64).
+        for (dk, dv, hv) in [(128, 128, 16), (128, 256, 12), (64, 64, 32)] {
+            let mut c = Case::new("reg-wide", &RAGGED, hv / 2, hv, dk, dv);
+            c.tile = ScanTile::Reg;
+            c.labels = Labels::Random;
+            c.hr = hv / 2;
+            c.l2norm = true;
+            c.seed = 43;
+            run_prefill::<bf16>(rt, &c);
+        }
+        // The forced alternatives the bench measures (n32w4 / n128w8 are Reg's own
+        // choices above): n64w8 (dk-half pairs) with and without context parallelism,
+        // n64w4 (a warp holds 128 dk rows; plain scan only).
+        for (block_n, warps) in [(64, 8), (64, 4)] {
+            let mut c = Case::new("reg-forced", &RAGGED, 1, 2, 128, 128);
+            c.tile = ScanTile::RegWith { block_n, warps };
+            c.labels = Labels::Random;
+            c.hr = 1;
+            c.l2norm = true;
+            c.seed = 59;
+            run_prefill::<bf16>(rt, &c);
+            c.cp = ScanParallel::Segments(3);
+            run_prefill::<bf16>(rt, &c);
+        }
+        // Context parallelism on the register-state tile.
+        for segs in [2, 3, 7, 16] {
+            let mut c = Case::new("reg-cp-single", &[1000], 1, 2, 128, 128);
+            c.tile = ScanTile::Reg;
+            c.labels = Labels::Random;
+            c.hr = 1;
+            c.seed = 47 + segs as u64;
+            c.cp = ScanParallel::Segments(segs);
+            run_prefill::<bf16>(rt, &c);
+        }
+        for (dk, dv) in [(64, 64), (128, 128), (128, 256)] {
+            let mut c = Case::new("reg-cp-ragged", &[1, 63, 64, 65, 200, 1000, 640], 1, 2, dk, dv);
+            c.tile = ScanTile::Reg;
+            c.labels = Labels::Random;
+            c.hr = 1;
+            c.l2norm = true;
+            c.seed = 53;
+            c.cp = ScanParallel::Segments(4);
+            run_prefill::<bf16>(rt, &c);
+        }
+        let mut c = Case::new("reg-cp-f16", &RAGGED, 2, 4, 128, 128);
+        c.tile = ScanTile::Reg;
+        c.labels = Labels::Random;
+        c.hr = 2;
+        c.beta_f32 = false;
+        c.cp = ScanParallel::Segments(3);
+        run_prefill::<f16>(rt, &c);
+    });
+    if let Some(rt) = testing::gpu_or_skip("prefill_reg_scan_tile long") {
+        let mut c = Case::new("reg-long", &[16384], 1, 2, 128, 128);
+        c.tile = ScanTile::Reg;
+        c.l2norm = true;
+        c.g_lo = -0.02;
+        run_prefill::<bf16>(&rt, &c);
+        c.cp = ScanParallel::Segments(8);
+        run_prefill::<bf16>(&rt, &c);
+        let mut c = Case::new("reg-long-65536", &[65536], 1, 1, 128, 128);
+        c.tile = ScanTile::Reg;
+        c.l2norm = true;
+        c.g_lo = -0.02;
+        run_prefill::<bf16>(&rt, &c);
+        c.labels = Labels::Random;
+        c.hr = 1;
+        c.l2norm = false;
+        run_prefill::<f16>(&rt, &c);
     }
 }
 
@@ -1014,7 +1113,7 @@ fn decode_state_tiles() {
     let Some(rt) = testing::gpu_or_skip("decode_state_tiles") else {
         return;
     };
-    for tile in [Tile::new(1, 64, 4, 1), Tile::new(1, 64, 8, 1), Tile::new(1, 32, 8, 1), Tile::new(1, 16, 2, 1)] {
+    for tile in [Tile::new(1, 32, 4, 1), Tile::new(1, 64, 8, 1), Tile::new(1, 32, 8, 1), Tile::new(1, 16, 2, 1)] {
         for (dk, dv) in [(128, 128), (64, 64), (128, 256)] {
             let c = DecodeCase {
                 name: "tile",

@@ -635,6 +635,28 @@ fn prep_kernel_smem() {
     }
 }
 
+/// The grouped prep (one CTA per q/k head, PrepKernel::Grouped) has Compact's two
+/// regions plus one more 64 x f32 gate array, and fits 4 CTAs per SM (its launch
+/// bounds ask for 4) at every catalog head-dim pair up to dk = 128.
+#[test]
+fn prep_kernel_smem_grouped() {
+    use natsl::ops::gdn::{prep_kernel_smem_bytes, PrepKernel};
+    for (dk, dv) in natsl_codegen::catalog::GDN_DIMS {
+        let (dk, dv) = (dk as usize, dv as usize);
+        let cmp = prep_kernel_smem_bytes(dk, dv, PrepKernel::Compact);
+        let grp = prep_kernel_smem_bytes(dk, dv, PrepKernel::Grouped);
+        assert_eq!(grp, cmp + 64 * 4, "dk {dk} dv {dv}");
+        let r0 = (64 * (dk + 8) * 2).max(64 * 68 * 4);
+        assert_eq!(grp, r0 + 64 * (dk + 8) * 2 + 5 * 64 * 4, "dk {dk} dv {dv}");
+        // V goes through R0 in chunks of min(dk, dv) columns.
+        assert!(64 * (dk.min(dv) + 8) * 2 <= r0, "dk {dk} dv {dv}");
+        assert!(grp <= 227 * 1024, "dk {dk} dv {dv}: {grp} B");
+        if dk <= 128 {
+            assert!(4 * (grp + 1024) <= 228 * 1024, "dk {dk} dv {dv}: {grp} B, fewer than 4 CTAs/SM");
+        }
+    }
+}
+
 /// The math of the context-parallel scan (`ScanParallel`, cuda/gdn/prefill.cuh) on the
 /// f64 reference: per segment of whole chunks, the end state is affine in the start
 /// state, S_end = A_s S_start + E_s, with E_s the segment run from a zero state and

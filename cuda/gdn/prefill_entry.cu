@@ -17,6 +17,13 @@ NATSL_KERNEL(prep_compact)(const NatslGdnPrefillParams p) {
     natsl::gdn::prep_compact<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);
 }
 
+// Same outputs as prep_compact; one CTA per (chunk slot, q/k head) serving its
+// Hv / Hqk value heads (Q K^T, q/k loads and norms once per group; PrepKernel::Grouped).
+extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS, (natsl::gdn::prep_grouped_min_ctas<NATSL_DK, NATSL_DV>()))
+NATSL_KERNEL(prep_grouped)(const NatslGdnPrefillParams p) {
+    natsl::gdn::prep_grouped<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);
+}
+
 extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(scan)(const NatslGdnPrefillParams p) {
     natsl::gdn::scan<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_BLOCK_N, NATSL_WARPS, NATSL_STAGES>(p);
 }

@@ -533,11 +533,481 @@ __device__ void scan_staged(const NatslGdnPrefillParams& p) {
     if (p.gsum_running && vt == 0 && tid == 0) p.gsum_running[(i64)n * Hv + h] = glast_final;
 }
 
+// ---------------------------------------------------------------- register-state scan
+//
+// ScanTile::Reg (tile stages = 3 marks it; two operand stages): the state lives only in
+// f32 registers, transposed, in the accumulator layout whose bf16 packing is directly
+// the A operand of the next chunk's products, so the per-chunk chain has no state copy
+// in smem and no CTA-wide exchange of v_new:
+//   warp (cg, ks): value columns vc0 = 16 cg .. +15 of the tile, dk rows 64 ks .. +63;
+//   S^T slice 16 x 64 (f32, 32 regs): rows = value columns, cols = dk.
+//   aw^T = S^T W^T, ao^T = S^T Q^T  (A = S^T packed from registers, B = W, Q from smem)
+//   at dk = 128 (KS = 2) the two dk halves of a column group add their partial aw / ao
+//   through 6 KB of smem per warp and one 64-thread named barrier (the only sync inside
+//   the chain); at dk = 64 (KS = 1) there is none.
+//   v_new^T = U^T - aw^T (U^T by ldmatrix.trans: directly the accumulator layout),
+//   S'^T = e^{G_L} S^T + (v_new^T diag(fk)) K      (A = v_new^T packed from registers)
+//   o^T  = diag(fq)-scaled ao^T + v_new^T P^T       (off the state chain; each dk half
+//          finishes 2 of the 4 16-token blocks, balanced against the triangle of P),
+//   o stored through movmatrix.trans (16-byte row pieces like the other scans).
+// One __syncthreads per chunk (chunk c's operands landed, chunk c - 1's stage free:
+// chunk c + 1 is then issued into it and lands under chunk c's math).
+// Tiles (BV columns, NW warps; KS = NW * 16 / BV warps per 16 columns, DKW = DK / KS):
+//   n32w4 / n64w8 at dk 128: KS = 2 (dk halves, pair exchange); n64w4 / n128w8 at dk
+//   128: KS = 1, a warp holds all 128 dk rows (64 state regs): LATE_O, Q S per output
+//   block after the state update from the old state's bf16 A fragments, kept in the
+//   thread's own smem slots (registers: 64 state + 32 aw + fragments); dk 64: n64w4.
+// Per warp and chunk, dk = 128, KS = 2: 64 mma (aw, ao) + 32 (state) + 10 (P v_new),
+// ~57 ldmatrix, ~500 instructions (the split scan: ~1.3k per warp, 3 CTA barriers, the
+// state copy and v_new through smem). The chain from one chunk's operands to the next
+// chunk's first mma: 4 k-steps of aw (16 independent accumulators: issue bound,
+// ~32 x 8 cycles) + ao (32 mma, same warp) + pair exchange (STS, bar, LDS ~100) +
+// v_new packing (~60) + 4 k-steps of the state update (8 accumulators, ~32 x 8) +
+// the off-chain o part (~10 mma + stores) + 1 CTA barrier: ~1.2-1.5k cycles per chunk
+// at one warp per scheduler (narrow launches, P4 / P9), against ~4.6k measured for
+// the split scan's narrow tile. Then the L2 -> SM operand traffic bounds it (n32:
+// ~60 KB per CTA and chunk; n128 reads Q, K, W, P once per head).
+// Context parallelism: same body with the scan_cp geometry (MODE), see scan_cp.
+template <int V> struct IntC { static constexpr int value = V; };
+
+__device__ __forceinline__ u32 movmatrix_trans(u32 a) {
+    u32 d;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(d) : "r"(a));
+    return d;
+}
+__device__ __forceinline__ void bar_named(int id, int count) { asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(count) : "memory"); }
+
+// Async copy of ROWS x COLS elements (compile-time trip count; GUARD: rows >= valid
+// zero-filled). Each thread walks one column slot down the rows: one pointer bump per copy.
+template <typename T, int ROWS, int COLS, int NT, bool GUARD>
+__device__ __forceinline__ void load_tile_async(T* s, int ld, const T* src, i64 stride, int valid) {
+    constexpr int VPR = COLS / 8, TOT = ROWS * VPR;
+    if constexpr (NT % VPR == 0 && TOT % NT == 0) {
+        constexpr int RSTEP = NT / VPR, IT = TOT / NT;
+        const int r0 = (int)threadIdx.x / VPR, c = ((int)threadIdx.x % VPR) * 8;
+        const T* g = src + (i64)r0 * stride + c;
+        T* d = s + r0 * ld + c;
+#pragma unroll
+        for (int j = 0; j < IT; ++j) {
+            const bool ok = !GUARD || r0 + j * RSTEP < valid;
+            cp_async16(d + j * RSTEP * ld, ok ? g : src, ok ? 16 : 0);
+            g += (i64)RSTEP * stride;
+        }
+    } else {
+        constexpr int IT = (TOT + NT - 1) / NT;
+#pragma unroll
+        for (int j = 0; j < IT; ++j) {
+            const int i = (int)threadIdx.x + j * NT;
+            if (i < TOT) {
+                const int r = i / VPR, c = (i % VPR) * 8;
+                const bool ok = !GUARD || r < valid;
+                cp_async16(s + r * ld + c, ok ? src + (i64)r * stride + c : src, ok ? 16 : 0);
+            }
+        }
+    }
+}
+
+// Dynamic smem of scan_reg (mirrored by src/ops/gdn.rs reg_scan_smem_bytes): two
+// operand stages (Q, K, W, P, U, F) + the dk-half exchange (KS = 2: 12 float4 per thread)
+// or the old state's and v_new^T diag(fk)'s A fragments (a warp holds 128 dk rows:
+// 8 + 4 uint4 per thread).
+template <int DK, int BV, int NW>
+constexpr int scan_reg_smem_bytes() {
+    return 2 * (3 * C * (DK + PAD) + C * (C + PAD) + C * (BV + PAD) + 6 * C) * 2 + (NW * 16 / BV == 2 || DK == 128 ? NW * 12 * 32 * 16 : 0);
+}
+
+template <typename T, int DK, int DV, int BV, int NW, int MODE>
+__device__ void scan_reg(const NatslGdnPrefillParams& p) {
+    // KS warps (1 or 2) share 16 value columns, each holding DKW = DK / KS dk rows.
+    constexpr int NCG = BV / 16, KS = NW / NCG, DKW = DK / KS, NJ = DKW / 8, NT = NW * 32;
+    static_assert(BV % 16 == 0 && NW % NCG == 0 && (KS == 1 || KS == 2) && DK % KS == 0 && DKW % 16 == 0 && DKW <= 128 && DV % BV == 0, "scan_reg tile");
+    static_assert(NT >= 3 * C / 4, "scan_reg: F copy needs 48 threads");
+    constexpr int LDK = DK + PAD, LDB = BV + PAD, LDP = C + PAD;
+    constexpr int ST_Q = 0, ST_K = C * LDK, ST_W = 2 * C * LDK, ST_P = 3 * C * LDK, ST_U = ST_P + C * LDP, ST_F = ST_U + C * LDB;
+    constexpr int STAGE = ST_F + 6 * C;  // elements of T (F: 3 x C f32)
+    constexpr int NOWN = 4 / KS;         // 16-token output blocks each warp finishes
+    // LATE_O (a warp holds 128 dk rows): Q S is computed per 16-token output block after
+    // the state update, from the bf16 packing of the old state (32 regs instead of 32 f32
+    // accumulators live across the whole chunk: the register budget of 64 state regs).
+    constexpr bool LATE_O = NJ == 16;
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* st0 = reinterpret_cast<T*>(smem);
+    float4* xb = reinterpret_cast<float4*>(st0 + 2 * STAGE);  // [NW][12][32] (KS = 2)
+
+    const int h = blockIdx.y, n = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+    const int cg = warp / KS, ks = warp % KS;
+    const int vc0 = cg * 16, dk0 = ks * DKW;
+    // LATE_O: the old state's bf16 A fragments, [NW][NJ / 2][32] uint4 (same region as xb).
+    uint4* sA = reinterpret_cast<uint4*>(st0 + 2 * STAGE) + warp * (NJ / 2) * 32 + lane;
+    // LATE_O: v_new^T diag(fk) A fragments, [NW][4][32] uint4 after sA.
+    uint4* sVkp = reinterpret_cast<uint4*>(st0 + 2 * STAGE) + NW * (NJ / 2) * 32 + warp * 4 * 32 + lane;
+    const int Hv = p.num_v_heads;
+    const int hq = h / (Hv / p.num_qk_heads);
+    int bos = p.batch.cu_seqlens[n];
+    int len_seq = p.batch.cu_seqlens[n + 1] - bos;
+    int nch = (len_seq + C - 1) / C;
+    int base = slot_base(p.batch.cu_seqlens, n);
+    int vt = blockIdx.x, seg = 0;
+    bool ident = false, want_o = true, final_seg = true;
+    if (MODE != MODE_SCAN) {
+        static_assert(MODE == MODE_SCAN || DK % BV == 0, "scan_cp_a: identity tiles need BV | dk");
+        constexpr int TV = DV / BV, TK = DK / BV;
+        int seg_len, segs;
+        cp_geometry(nch, p.cp_segments, &seg_len, &segs);
+        if (MODE == MODE_CP_A) {
+            seg = blockIdx.x / (TK + TV);
+            const int t = blockIdx.x % (TK + TV);
+            ident = t < TK;
+            if (seg >= segs || (seg > 0 && seg == segs - 1) || (seg == 0 && ident)) return;
+            vt = ident ? t : t - TK;
+            want_o = seg == 0;
+        } else {
+            seg = 1 + blockIdx.x / TV;
+            vt = blockIdx.x % TV;
+            if (seg >= segs) return;
+        }
+        const int c_begin = seg * seg_len, c_end = min(nch, c_begin + seg_len);
+        final_seg = c_end == nch;
+        bos += c_begin * C;
+        len_seq = min(len_seq - c_begin * C, (c_end - c_begin) * C);
+        base += c_begin;
+        nch = c_end - c_begin;
+    }
+    // The segment geometry is re-read from smem at each use (as in scan_cp): the issue
+    // path's loop-invariant values otherwise take registers from the state (LATE_O).
+    __shared__ int s_geo[4];
+    if (tid == 0) {
+        s_geo[0] = bos;
+        s_geo[1] = len_seq;
+        s_geo[2] = base;
+        s_geo[3] = nch;
+    }
+    __syncthreads();
+    auto geo = [&](int i) { return *reinterpret_cast<volatile int*>(s_geo + i); };
+    const int col0 = vt * BV;
+    const i64 cp_row = ((i64)n * p.cp_segments + seg) * Hv + h;
+    const T* gq = reinterpret_cast<const T*>(p.q) + (i64)hq * p.q_stride_h;
+    const T* gk = reinterpret_cast<const T*>(p.k) + (i64)hq * p.k_stride_h;
+    const T* gw = reinterpret_cast<const T*>(p.ws_w);
+    const T* gu = reinterpret_cast<const T*>(p.ws_u);
+    const T* gp = reinterpret_cast<const T*>(p.ws_p);
+
+    // All operands of chunk cc (one cp.async group) into stage cc & 1.
+    // idl, wo: ident, want_o (passed in: constants inside each loop instantiation).
+    auto issue = [&](int cc, bool idl, bool wo) {
+        if (cc < geo(3)) {
+            T* st = st0 + (cc & 1) * STAGE;
+            const int tt = geo(0) + cc * C, ln = min(C, geo(1) - cc * C);
+            const i64 wrow = (i64)(geo(2) + cc) * Hv + h;
+            load_tile_async<T, C, DK, NT, false>(st + ST_W, LDK, gw + wrow * C * DK, DK, C);
+            if (!idl) load_tile_async<T, C, BV, NT, false>(st + ST_U, LDB, gu + wrow * C * DV + col0, DV, C);
+            if (tid < 3 * C / 4) cp_async16(reinterpret_cast<float*>(st + ST_F) + tid * 4, p.ws_g + wrow * (3 * C) + tid * 4);
+            load_tile_async<T, C, DK, NT, true>(st + ST_K, LDK, gk + (i64)tt * p.k_stride_t, p.k_stride_t, ln);
+            if (wo) {
+                load_tile_async<T, C, DK, NT, true>(st + ST_Q, LDK, gq + (i64)tt * p.q_stride_t, p.q_stride_t, ln);
+                load_tile_async<T, C, C, NT, false>(st + ST_P, LDP, gp + wrow * C * C, C, C);
+            }
+        }
+        cp_async_commit();
+    };
+    issue(0, ident, want_o);
+
+    // S^T slice: SS[j] = rows vc0 + g (+8), dk columns dk0 + 8 j + 2 t4 (+1).
+    float SS[NJ][4];
+    {
+        const float* h0 = nullptr;
+        if (seg == 0) {
+            if (p.h0_pool) h0 = p.h0_pool + ((i64)(p.h0_index ? p.h0_index[n] : n) * Hv + h) * DK * DV;
+        } else if (MODE == MODE_CP_C) {
+            h0 = p.ws_cp_e + (cp_row - Hv) * DK * DV;
+        }
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = col0 + vc0 + g + (e >> 1) * 8, k = dk0 + 8 * j + 2 * t4 + (e & 1);
+                SS[j][e] = ident ? (k == r ? 1.f : 0.f) : h0 ? h0[(i64)k * DV + r] : 0.f;
+            }
+    }
+    auto write_state = [&](float* dst, int ld) {
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = col0 + vc0 + g + (e >> 1) * 8, k = dk0 + 8 * j + 2 * t4 + (e & 1);
+                dst[(i64)k * ld + r] = SS[j][e];
+            }
+    };
+    auto write_pool = [&](float* pool, const int* index) {
+        write_state(pool + ((i64)(index ? index[n] : n) * Hv + h) * DK * DV, DV);
+    };
+
+    const int hr = p.labels ? h / (Hv / p.num_r_heads) : 0;
+    float glast_final = 0.f;
+    bool last_complete = true;
+    T* go_seq = reinterpret_cast<T*>(p.o) + (i64)(MODE == MODE_SCAN ? bos : 0) * p.o_stride_t + (i64)h * p.o_stride_h + col0 + vc0;
+    // ldmatrix lane offsets.
+    const int l_nk_row = (lane & 7) + (lane >> 4) * 8, l_nk_col = ((lane >> 3) & 1) * 8;  // frag_b2_nk
+    const int l_kn_row = (lane & 7) + ((lane >> 3) & 1) * 8, l_kn_col = (lane >> 4) * 8;  // frag_b2_kn
+    const int l_u_row = ((lane >> 4) & 1) * 8 + (lane & 7), l_u_col = vc0 + ((lane >> 3) & 1) * 8;
+
+    // The chunk loop, instantiated per output mode (pass A's offset / transition tiles
+    // write no outputs: their own copy keeps the output path's registers out of it).
+    auto run = [&](auto WANT_O) {
+    constexpr bool want_o = decltype(WANT_O)::value != 0;
+    const bool idl = want_o ? false : ident;  // identity tiles write no outputs
+    for (int c = 0; c < geo(3); ++c) {
+        const int ln = min(C, geo(1) - c * C);
+        const bool complete = ln == C, last = c == geo(3) - 1;
+        int label = NATSL_LABEL_GDN;
+        if (complete && p.labels) label = p.labels[(i64)(geo(2) + c) * p.num_r_heads + hr];
+        cp_async_wait<0>();
+        __syncthreads();  // chunk c landed; every warp is done with chunk c - 1's stage
+        issue(c + 1, idl, want_o);
+        const T* st = st0 + (c & 1) * STAGE;
+        const float* sF = reinterpret_cast<const float*>(st + ST_F);
+        const float GL = sF[2 * C + C - 1];
+
+        // Phase 1 (partial over this warp's dk rows): aw^T = S^T W^T, ao^T = S^T Q^T.
+        float aw[8][4], ao[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) aw[i][e] = ao[i][e] = 0.f;
+        if constexpr (LATE_O) {
+            // The old state's A fragments go to this thread's own smem slots (no sync:
+            // the thread reads back only what it wrote), so the k loop can stay rolled
+            // (x2): fully unrolled, ptxas hoists all 32 W fragments next to the 64 state
+            // registers and spills.
+#pragma unroll
+            for (int kk = 0; kk < NJ / 2; ++kk)
+                sA[kk * 32] = make_uint4(pack2<T>(SS[2 * kk][0], SS[2 * kk][1]), pack2<T>(SS[2 * kk][2], SS[2 * kk][3]),
+                                         pack2<T>(SS[2 * kk + 1][0], SS[2 * kk + 1][1]), pack2<T>(SS[2 * kk + 1][2], SS[2 * kk + 1][3]));
+#pragma unroll 2
+            for (int kk = 0; kk < NJ / 2; ++kk) {
+                const uint4 a4 = sA[kk * 32];
+                const u32 a[4] = {a4.x, a4.y, a4.z, a4.w};
+                const int kb = (dk0 + kk * 16 + l_nk_col) * 2;
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    u32 b[4];
+                    ldmatrix_x4(b, reinterpret_cast<const char*>(st + ST_W) + (np * 16 + l_nk_row) * LDK * 2 + kb);
+                    mma_16816<T>(aw[2 * np], a, b);
+                    mma_16816<T>(aw[2 * np + 1], a, b + 2);
+                }
+            }
+        } else {
+#pragma unroll
+        for (int kk = 0; kk < NJ / 2; ++kk) {
+            u32 a[4];
+            a[0] = pack2<T>(SS[2 * kk][0], SS[2 * kk][1]);
+            a[1] = pack2<T>(SS[2 * kk][2], SS[2 * kk][3]);
+            a[2] = pack2<T>(SS[2 * kk + 1][0], SS[2 * kk + 1][1]);
+            a[3] = pack2<T>(SS[2 * kk + 1][2], SS[2 * kk + 1][3]);
+            const int kb = (dk0 + kk * 16 + l_nk_col) * 2;
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                u32 b[4];
+                ldmatrix_x4(b, reinterpret_cast<const char*>(st + ST_W) + (np * 16 + l_nk_row) * LDK * 2 + kb);
+                mma_16816<T>(aw[2 * np], a, b);
+                mma_16816<T>(aw[2 * np + 1], a, b + 2);
+            }
+            if (want_o) {
+#pragma unroll
+                for (int np = 0; np < 4; ++np) {
+                    u32 b[4];
+                    ldmatrix_x4(b, reinterpret_cast<const char*>(st + ST_Q) + (np * 16 + l_nk_row) * LDK * 2 + kb);
+                    mma_16816<T>(ao[2 * np], a, b);
+                    mma_16816<T>(ao[2 * np + 1], a, b + 2);
+                }
+            }
+        }
+        }
+
+        // The dk halves add their partials: aw in full, ao for the blocks each finishes.
+        // Block ownership (16 tokens each): ks 0 -> {0, 3}, ks 1 -> {1, 2} (P's triangle
+        // costs 1 + 4 = 2 + 3 k-steps each).
+        float oo[2 * NOWN][4];
+        int own[NOWN];
+        if constexpr (KS == 1) {
+            if constexpr (!LATE_O) {
+#pragma unroll
+                for (int i = 0; i < 8; ++i)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) oo[i][e] = ao[i][e];
+            }
+#pragma unroll
+            for (int s = 0; s < NOWN; ++s) own[s] = s;
+        } else {
+            auto xchg = [&](auto KSC) {
+                constexpr int kso = decltype(KSC)::value;
+                constexpr int o0 = kso == 0 ? 0 : 1, o1 = kso == 0 ? 3 : 2;  // mine
+                constexpr int n0 = kso == 0 ? 1 : 0, n1 = kso == 0 ? 2 : 3;  // the partner's, in its order
+                float4* mine = xb + warp * 12 * 32 + lane;
+                const float4* other = xb + (warp ^ 1) * 12 * 32 + lane;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) mine[i * 32] = make_float4(aw[i][0], aw[i][1], aw[i][2], aw[i][3]);
+                if (want_o) {
+                    mine[8 * 32] = make_float4(ao[2 * n0][0], ao[2 * n0][1], ao[2 * n0][2], ao[2 * n0][3]);
+                    mine[9 * 32] = make_float4(ao[2 * n0 + 1][0], ao[2 * n0 + 1][1], ao[2 * n0 + 1][2], ao[2 * n0 + 1][3]);
+                    mine[10 * 32] = make_float4(ao[2 * n1][0], ao[2 * n1][1], ao[2 * n1][2], ao[2 * n1][3]);
+                    mine[11 * 32] = make_float4(ao[2 * n1 + 1][0], ao[2 * n1 + 1][1], ao[2 * n1 + 1][2], ao[2 * n1 + 1][3]);
+                }
+                bar_named(1 + cg, 64);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    const float4 x = other[i * 32];
+                    aw[i][0] += x.x; aw[i][1] += x.y; aw[i][2] += x.z; aw[i][3] += x.w;
+                }
+                if (want_o) {
+                    constexpr int src[4] = {2 * o0, 2 * o0 + 1, 2 * o1, 2 * o1 + 1};
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const float4 x = other[(8 + i) * 32];
+                        oo[i][0] = ao[src[i]][0] + x.x; oo[i][1] = ao[src[i]][1] + x.y;
+                        oo[i][2] = ao[src[i]][2] + x.z; oo[i][3] = ao[src[i]][3] + x.w;
+                    }
+                }
+                own[0] = o0;
+                own[1] = o1;
+            };
+            if (ks == 0) xchg(IntC<0>{});
+            else xchg(IntC<1>{});
+        }
+
+        // v_new^T = U^T - aw^T; A fragments of v_new^T (for P v_new) and v_new^T diag(fk).
+        u32 va[4][4], vka[4][4];
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+            u32 r[4] = {0u, 0u, 0u, 0u};
+            if (!idl) ldmatrix_x4_trans(r, reinterpret_cast<const char*>(st + ST_U) + ((np * 16 + l_u_row) * LDB + l_u_col) * 2);
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int nt = 2 * np + hh;
+                const float2 fk = *reinterpret_cast<const float2*>(sF + C + 8 * nt + 2 * t4);
+                const float v0 = lo_f32<T>(r[2 * hh]) - aw[nt][0], v1 = hi_f32<T>(r[2 * hh]) - aw[nt][1];
+                const float v2 = lo_f32<T>(r[2 * hh + 1]) - aw[nt][2], v3 = hi_f32<T>(r[2 * hh + 1]) - aw[nt][3];
+                va[np][2 * hh] = pack2<T>(v0, v1);
+                va[np][2 * hh + 1] = pack2<T>(v2, v3);
+                vka[np][2 * hh] = pack2<T>(v0 * fk.x, v1 * fk.y);
+                vka[np][2 * hh + 1] = pack2<T>(v2 * fk.x, v3 * fk.y);
+            }
+        }
+
+        // State update with the commit rule: S^T <- e^{G_L} S^T (+ (v_new^T diag(fk)) K for GDN).
+        // (Only a sequence's last segment can end in a partial chunk.)
+        if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
+        const float eg = __expf(GL);
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) SS[j][e] *= eg;
+        if (label != NATSL_LABEL_ATTN) {
+            if constexpr (LATE_O) {
+                // Rolled over the 4 token k-steps (v_new^T diag(fk) through the thread's
+                // own smem slots): fully unrolled, ptxas hoists all 32 K fragments.
+#pragma unroll
+                for (int kb = 0; kb < 4; ++kb) sVkp[kb * 32] = make_uint4(vka[kb][0], vka[kb][1], vka[kb][2], vka[kb][3]);
+#pragma unroll 1
+                for (int kb = 0; kb < 4; ++kb) {
+                    const uint4 a4 = sVkp[kb * 32];
+                    const u32 a[4] = {a4.x, a4.y, a4.z, a4.w};
+#pragma unroll
+                    for (int jp = 0; jp < NJ / 2; ++jp) {
+                        u32 b[4];
+                        ldmatrix_x4_trans(b, reinterpret_cast<const char*>(st + ST_K) + (kb * 16 + l_kn_row) * LDK * 2 + (dk0 + jp * 16 + l_kn_col) * 2);
+                        mma_16816<T>(SS[2 * jp], a, b);
+                        mma_16816<T>(SS[2 * jp + 1], a, b + 2);
+                    }
+                }
+            } else {
+#pragma unroll
+            for (int kb = 0; kb < 4; ++kb)
+#pragma unroll
+                for (int jp = 0; jp < NJ / 2; ++jp) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, reinterpret_cast<const char*>(st + ST_K) + (kb * 16 + l_kn_row) * LDK * 2 + (dk0 + jp * 16 + l_kn_col) * 2);
+                    mma_16816<T>(SS[2 * jp], vka[kb], b);
+                    mma_16816<T>(SS[2 * jp + 1], vka[kb], b + 2);
+                }
+            }
+        }
+
+        // Outputs (off the state chain): o^T = diag(fq) ao^T + v_new^T P^T on the owned blocks.
+        if (want_o) {
+            T* go = go_seq + (i64)((MODE == MODE_SCAN ? 0 : geo(0)) + c * C) * p.o_stride_t;
+#pragma unroll
+            for (int s = 0; s < NOWN; ++s) {
+                const int ip = own[s];
+                if constexpr (LATE_O) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) oo[2 * s][e] = oo[2 * s + 1][e] = 0.f;
+#pragma unroll 2
+                    for (int kk = 0; kk < NJ / 2; ++kk) {
+                        const uint4 a4 = sA[kk * 32];
+                        const u32 a[4] = {a4.x, a4.y, a4.z, a4.w};
+                        u32 b[4];
+                        ldmatrix_x4(b, reinterpret_cast<const char*>(st + ST_Q) + (ip * 16 + l_nk_row) * LDK * 2 + (dk0 + kk * 16 + l_nk_col) * 2);
+                        mma_16816<T>(oo[2 * s], a, b);
+                        mma_16816<T>(oo[2 * s + 1], a, b + 2);
+                    }
+                }
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const float2 fq = *reinterpret_cast<const float2*>(sF + 16 * ip + 8 * hh + 2 * t4);
+                    oo[2 * s + hh][0] *= fq.x; oo[2 * s + hh][1] *= fq.y;
+                    oo[2 * s + hh][2] *= fq.x; oo[2 * s + hh][3] *= fq.y;
+                }
+#pragma unroll
+                for (int kb = 0; kb < 4; ++kb) {
+                    if (kb <= ip) {  // P is lower triangular
+                        u32 b[4];
+                        ldmatrix_x4(b, reinterpret_cast<const char*>(st + ST_P) + (ip * 16 + l_nk_row) * LDP * 2 + (kb * 16 + l_nk_col) * 2);
+                        mma_16816<T>(oo[2 * s], va[kb], b);
+                        mma_16816<T>(oo[2 * s + 1], va[kb], b + 2);
+                    }
+                }
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const float* d = oo[2 * s + hh];
+                    const u32 x = movmatrix_trans(pack2<T>(d[0], d[1]));  // value columns 0..7
+                    const u32 y = movmatrix_trans(pack2<T>(d[2], d[3]));  // value columns 8..15
+                    const int r = 16 * ip + 8 * hh + g;
+                    if (r < ln) {
+                        *reinterpret_cast<u32*>(go + (i64)r * p.o_stride_t + 2 * t4) = x;
+                        *reinterpret_cast<u32*>(go + (i64)r * p.o_stride_t + 8 + 2 * t4) = y;
+                    }
+                }
+            }
+        }
+        if (last) {
+            last_complete = complete;
+            glast_final = complete ? 0.f : GL;
+        }
+    }
+    };
+    if (MODE == MODE_CP_A && !want_o) run(IntC<0>{});
+    else run(IntC<1>{});
+    cp_async_wait<0>();
+
+    if (final_seg) {
+        if (last_complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
+        if (p.running_pool) write_pool(p.running_pool, p.running_index);
+        if (p.gsum_running && vt == 0 && tid == 0) p.gsum_running[(i64)n * Hv + h] = glast_final;
+    } else if (MODE == MODE_CP_A) {
+        if (ident) write_state(p.ws_cp_a + cp_row * DK * DK, DK);
+        else write_state(p.ws_cp_e + cp_row * DK * DV, DV);
+    }
+}
+
 // Entry `scan`: the split-prefetch scan (one stage, the shipped tiles) or, with a
-// two-stage tile, scan_staged.
+// two-stage tile, scan_staged; tile stages = 3: scan_reg (ScanTile::Reg).
 template <typename T, int DK, int DV, int BV, int NW, int STAGES>
 __device__ void scan(const NatslGdnPrefillParams& p) {
-    if constexpr (STAGES == 2) scan_staged<T, DK, DV, BV, NW, STAGES>(p);
+    if constexpr (STAGES == 3) scan_reg<T, DK, DV, BV, NW, MODE_SCAN>(p);
+    else if constexpr (STAGES == 2) scan_staged<T, DK, DV, BV, NW, STAGES>(p);
     else scan_split<T, DK, DV, BV, NW, STAGES>(p);
 }
 
@@ -545,7 +1015,7 @@ __device__ void scan(const NatslGdnPrefillParams& p) {
 // geometry, zero / identity / E start states and the segment-end writes (a copy, so
 // the plain scan's code stays exactly as validated).
 template <typename T, int DK, int DV, int BV, int NW, int STAGES, int MODE>
-__device__ void scan_cp(const NatslGdnPrefillParams& p) {
+__device__ void scan_cp_split(const NatslGdnPrefillParams& p) {
     constexpr int NT = NW * 32;
     constexpr int LDK = DK + PAD, LDB = BV + PAD, LDP = C + PAD;
     constexpr int ST_Q = 0, ST_K = C * LDK, ST_W = 2 * C * LDK, ST_P = 3 * C * LDK, ST_U = ST_P + C * LDP;
@@ -854,6 +1324,17 @@ __device__ void scan_cp(const NatslGdnPrefillParams& p) {
         if (ident) write_state(p.ws_cp_a + cp_row * DK * DK, DK);
         else write_state(p.ws_cp_e + cp_row * DK * DV, DV);
     }
+}
+
+// Entries scan_cp_a / scan_cp_c: scan_reg for the register-state tile (stages = 3).
+// The LATE_O register tiles (a warp holds 128 dk rows: n64w4 / n128w8 at dk 128) run
+// the plain scan only (their cp passes sit at the 255-register limit and spill;
+// src/ops/gdn.rs never launches these entries for them): a trap stub.
+template <typename T, int DK, int DV, int BV, int NW, int STAGES, int MODE>
+__device__ void scan_cp(const NatslGdnPrefillParams& p) {
+    if constexpr (STAGES == 3 && DK / (NW / (BV / 16)) == 128) __trap();
+    else if constexpr (STAGES == 3) scan_reg<T, DK, DV, BV, NW, MODE>(p);
+    else scan_cp_split<T, DK, DV, BV, NW, STAGES, MODE>(p);
 }
 
 // Context parallelism, pass B (see scan): grid (DV / 16, Hv, N), CP_THREADS threads.

@@ -100,14 +100,24 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             (PrefillPart::Scan, PrepKernel::Substitution, "scan"),
             (PrefillPart::Prep, PrepKernel::Blocked, "prep blocked"),
             (PrefillPart::Prep, PrepKernel::Compact, "prep compact"),
+            (PrefillPart::Prep, PrepKernel::Grouped, "prep grouped"),
             // Experimental scan tile (ScanTile::Full: 128 columns, 8 warps at dk = 128).
             (PrefillPart::Scan, PrepKernel::Substitution, "scan full-tile"),
             // Experimental: two operand stages (ScanTile::Staged).
             (PrefillPart::Scan, PrepKernel::Substitution, "scan staged"),
+            // Experimental: state in registers only (ScanTile::Reg, scan_reg): its own
+            // tile choice (dk 128: n32w4 for <= 1 default CTA per SM, else n128w8), and
+            // the two alternatives at dk 128 (n64w8: dk-half pairs, 64 columns; n32w4).
+            (PrefillPart::Scan, PrepKernel::Substitution, "scan reg"),
+            (PrefillPart::Scan, PrepKernel::Substitution, "scan reg n64w8"),
+            (PrefillPart::Scan, PrepKernel::Substitution, "scan reg n32w4"),
         ] {
             let tile = match tag {
                 "scan full-tile" => ScanTile::Full,
                 "scan staged" => ScanTile::Staged,
+                "scan reg" => ScanTile::Reg,
+                "scan reg n64w8" => ScanTile::RegWith { block_n: 64, warps: 8 },
+                "scan reg n32w4" => ScanTile::RegWith { block_n: 32, warps: 4 },
                 _ => ScanTile::Auto,
             };
             let tm = time_it(rt, 3, 10, |_| {
@@ -127,14 +137,18 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
     }
     if cp {
         let prep = PrepKernel::default();
-        for (sp, tag) in [
-            (ScanParallel::Auto, "cp auto".to_string()),
-            (ScanParallel::Segments(4), "cp4".into()),
-            (ScanParallel::Segments(8), "cp8".into()),
-            (ScanParallel::Segments(16), "cp16".into()),
+        for (sp, tag, tile) in [
+            (ScanParallel::Auto, "cp auto".to_string(), ScanTile::Auto),
+            (ScanParallel::Segments(4), "cp4".into(), ScanTile::Auto),
+            (ScanParallel::Segments(8), "cp8".into(), ScanTile::Auto),
+            (ScanParallel::Segments(16), "cp16".into(), ScanTile::Auto),
+            // The register-state scan under context parallelism (ScanTile::Reg).
+            (ScanParallel::Auto, "reg cp auto".to_string(), ScanTile::Reg),
+            (ScanParallel::Segments(8), "reg cp8".into(), ScanTile::Reg),
+            (ScanParallel::Segments(16), "reg cp16".into(), ScanTile::Reg),
         ] {
             let full = time_it(rt, 3, 10, |_| {
-                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, cp: sp, ..Default::default() })
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, cp: sp, tile, ..Default::default() })
             })
             .unwrap();
             recs.push(Record::new(
@@ -147,7 +161,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
                 bytes,
             ));
             let scan = time_it(rt, 3, 10, |_| {
-                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, cp: sp, part: Some(PrefillPart::Scan), ..Default::default() })
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, cp: sp, tile, part: Some(PrefillPart::Scan), ..Default::default() })
             })
             .unwrap();
             recs.push(Record::new(
@@ -308,9 +322,10 @@ pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
                     recs.push(r);
                 }
             }
-            // Other state tiles (columns per CTA, warps) against the catalog's n32w4.
+            // The previous catalog tile (n32w4) against today's n64w4 (run g also measured
+            // n64w8, n32w8, n16w2: slower at every B).
             use natsl_codegen::spec::Tile;
-            for tile in [Tile::new(1, 64, 4, 1), Tile::new(1, 64, 8, 1), Tile::new(1, 32, 8, 1), Tile::new(1, 16, 2, 1)] {
+            for tile in [Tile::new(1, 32, 4, 1)] {
                 if hv == 32 && want(&format!("decode B{b} h{hqk}/{hv}")) {
                     let r = bench_decode(rt, b, hqk, hv, 128, false, Some(tile));
                     println!("{:<34} {:<22} {:>9.4} ms", r.shape, r.variant, r.ms);

@@ -354,6 +354,10 @@ pub fn prep_kernel_smem_bytes(dk: usize, dv: usize, kernel: PrepKernel) -> usize
         // Mirror of `prep_compact_smem_bytes`: R0 = max(Q, A f32), R1 = K, 4 x 64 f32.
         return (CHUNK * (dk + PAD) * 2).max(a) + CHUNK * (dk + PAD) * 2 + 4 * CHUNK * 4;
     }
+    if kernel == PrepKernel::Grouped {
+        // Mirror of `prep_grouped_smem_bytes`: R0 = max(Q, A f32), R1 = K, 5 x 64 f32.
+        return (CHUNK * (dk + PAD) * 2).max(a) + CHUNK * (dk + PAD) * 2 + 5 * CHUNK * 4;
+    }
     let alias = kernel == PrepKernel::Blocked && (dk + PAD) * 2 >= (CHUNK + 4) * 4;
     2 * CHUNK * (dk + PAD) * 2
         + CHUNK * (dv + PAD) * 2
@@ -367,6 +371,28 @@ pub fn scan_smem_bytes(dk: usize, bv: usize, stages: usize) -> usize {
     stages * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD)) * 2
         + (dk + 2 * CHUNK) * (bv + PAD) * 2
         + stages * 3 * CHUNK * 4
+}
+
+/// Dynamic shared memory of the register-state scan (`ScanTile::Reg`, tile stages = 3;
+/// mirror of `scan_reg_smem_bytes`): two operand stages with F, plus the dk-half
+/// exchange where two warps share 16 value columns (12 float4 per thread), or where a
+/// warp holds 128 dk rows the A fragments of the old state and of v_new^T diag(fk)
+/// (8 + 4 uint4 per thread).
+#[doc(hidden)]
+pub fn reg_scan_smem_bytes(dk: usize, bv: usize, warps: usize) -> usize {
+    let ks = warps * 16 / bv.max(1);
+    let xchg = if ks == 2 || dk / ks.max(1) == 128 { warps * 12 * 32 * 16 } else { 0 };
+    2 * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD) + 6 * CHUNK) * 2 + xchg
+}
+
+/// Dynamic shared memory of a scan tile (stages 1 / 2: `scan_smem_bytes`; 3: the
+/// register-state scan).
+fn tile_smem_bytes(dk: usize, t: natsl_codegen::spec::Tile) -> usize {
+    if t.stages == 3 {
+        reg_scan_smem_bytes(dk, t.block_n as usize, t.warps as usize)
+    } else {
+        scan_smem_bytes(dk, t.block_n as usize, t.stages as usize)
+    }
 }
 
 /// Workspace bytes of a prefill: W, U, P (activation dtype) and the row factors
@@ -437,6 +463,13 @@ pub enum PrepKernel {
     /// (6 CTAs/SM). H200: P1 0.653 ms, P3 2.51, P9 1.25, natsl-760M 0.259 (blocked 0.432).
     #[default]
     Compact,
+    /// Entry `prep_grouped`: one CTA per (chunk slot, q/k head) serving its Hv / Hqk
+    /// value heads in turn (grid (slots, Hqk)). q, k are loaded and Q K^T computed once
+    /// per group (P of every value head from the same accumulators); the L2 norms come
+    /// from the diagonals of Q Q^T and K K^T and are folded into the f32 factors
+    /// (q, k are never rescaled in smem). Per value head: K K^T, A, Compact's blocked
+    /// inverse, W, U. Smem as Compact (+256 B); 128 registers: 4 CTAs/SM.
+    Grouped,
 }
 
 impl PrepKernel {
@@ -445,6 +478,7 @@ impl PrepKernel {
             PrepKernel::Substitution => "prep",
             PrepKernel::Blocked => "prep_blocked",
             PrepKernel::Compact => "prep_compact",
+            PrepKernel::Grouped => "prep_grouped",
         }
     }
 }
@@ -475,6 +509,60 @@ pub enum ScanTile {
     /// dk = 256); one CTA per SM. Aimed at the latency-bound launches (P4, P5, P9: at
     /// most one CTA per SM anyway). Runs the plain scan only (no context parallelism).
     Staged,
+    /// Experimental (JIT on first use; tile stages = 3 marks it): `scan_reg` in
+    /// cuda/gdn/scan.cuh. The state stays in f32 registers only, transposed (value
+    /// columns x dk) in the accumulator layout whose bf16 packing is the A operand of
+    /// the next chunk's W S / Q S, so no smem state copy and no CTA-wide v_new
+    /// exchange: per chunk one __syncthreads (two operand stages) and, where two warps
+    /// hold the dk halves of 16 value columns, one 64-thread named barrier between
+    /// them. dk = 128: 32 columns / 4 warps (dk halves) where the default tile gives
+    /// at most one CTA per SM (P4, P9), else 128 columns / 8 warps (a warp per 16
+    /// columns x all 128 dk rows; 204 KB smem, one CTA per SM; Q, K, W, P read once per
+    /// head: the L2 -> SM traffic that bounds P1-P3; plain scan only, the launches it
+    /// serves never split); dk = 64: 64 columns / 4 warps; other dk: the default tile.
+    /// Context parallelism supported on the n32w4 / n64w8 / dk-64 tiles.
+    Reg,
+    /// `Reg` with a forced tile: `block_n` value columns (a multiple of 16) and `warps`,
+    /// with warps * 16 / block_n (1 or 2) warps per 16 columns, each holding dk / that
+    /// many dk rows (64 or 128). E.g. at dk = 128: n32w4 and n64w8 (dk halves, pair
+    /// exchange), n64w4 and n128w8 (a warp holds all 128 dk rows: no exchange; n128w8
+    /// reads Q, K, W, P once per 128 columns: half the L2 -> SM traffic of n64; these
+    /// two run the plain scan only, no context parallelism).
+    /// An invalid tile for the launch's dims falls back to `Reg`'s choice.
+    RegWith { block_n: u32, warps: u32 },
+}
+
+/// Register-state tiles whose warps hold 128 dk rows (n64w4 / n128w8 at dk = 128: the
+/// LATE_O path of `scan_reg`) run the plain scan only: their context-parallel entries
+/// are trap stubs.
+fn reg_plain_only(dk: usize, t: natsl_codegen::spec::Tile) -> bool {
+    t.stages == 3 && t.block_n >= 16 && dk / (t.warps as usize / (t.block_n as usize / 16)).max(1) == 128
+}
+
+/// Whether `(bv, warps)` is a valid register-state scan tile at (dk, dv).
+fn reg_tile_ok(dk: usize, dv: usize, bv: usize, warps: usize) -> bool {
+    // >= 2 warps (the F copy needs 48 threads), <= 15 column groups (named barriers 1..15).
+    if bv == 0 || bv % 16 != 0 || bv / 16 > 15 || dv % bv != 0 || !(2..=16).contains(&warps) || warps % (bv / 16) != 0 {
+        return false;
+    }
+    let ks = warps / (bv / 16);
+    (ks == 1 || ks == 2) && dk % ks == 0 && (dk / ks) % 16 == 0 && dk / ks <= 128 && reg_scan_smem_bytes(dk, bv, warps) <= 227 * 1024
+}
+
+/// The `ScanTile::Reg` spec (see there): `few` = the default tile gives at most one
+/// CTA per SM; `force`: a `RegWith` tile (used where valid at these dims).
+#[doc(hidden)]
+pub fn reg_scan_spec(wide: natsl_codegen::spec::KernelSpec, dk: usize, few: bool, force: Option<(u32, u32)>) -> natsl_codegen::spec::KernelSpec {
+    use natsl_codegen::spec::Tile;
+    let dv = wide.dims.dv as usize;
+    let tile = match (force, dk, few) {
+        (Some((bv, w)), _, _) if reg_tile_ok(dk, dv, bv as usize, w as usize) => Tile::new(64, bv, w, 3),
+        (_, 128, true) => Tile::new(64, 32, 4, 3),
+        (_, 128, false) => Tile::new(64, 128, 8, 3),
+        (_, 64, _) => Tile::new(64, 64, 4, 3),
+        _ => return wide,
+    };
+    natsl_codegen::spec::KernelSpec { tile, ..wide }
 }
 
 /// The `ScanTile::Staged` spec: `base` with two operand stages where they fit.
@@ -632,29 +720,30 @@ fn prefill_launch(
     let wide_ctas = d.seqs * d.hv * (d.dv / wide.tile.block_n as usize);
     let sm = rt.sm_count() as usize;
     let nchs: Vec<usize> = batch.cu_seqlens().windows(2).map(|w| ((w[1] - w[0]) as usize).div_ceil(CHUNK)).collect();
-    let cp_of = |bv: u32, stages: u32| {
-        cp_segments(cp, &nchs, d.hv, d.dk, d.dv, bv as usize, scan_smem_bytes(d.dk, bv as usize, stages as usize), sm)
-    };
-    let cp_wide = cp_of(wide.tile.block_n, wide.tile.stages);
+    let cp_of = |t: natsl_codegen::spec::Tile| cp_segments(cp, &nchs, d.hv, d.dk, d.dv, t.block_n as usize, tile_smem_bytes(d.dk, t), sm);
+    let cp_wide = cp_of(wide.tile);
     let spec = match (tile, narrow) {
         (ScanTile::Narrow, Some(s)) => s,
         (ScanTile::Full, _) => full_scan_spec(wide, d.dk),
         (ScanTile::Staged, Some(s)) if wide_ctas <= sm => staged_scan_spec(s, d.dk),
         (ScanTile::Staged, _) => staged_scan_spec(wide, d.dk),
+        (ScanTile::Reg, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, None),
+        (ScanTile::RegWith { block_n, warps }, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, Some((block_n, warps))),
         (ScanTile::Auto, Some(s)) if wide_ctas <= sm && cp_wide <= 1 => s,
         _ => wide,
     };
-    // The Full tile runs the plain scan only (its scan_cp_c spills at dk = dv = 128).
-    let segments = if matches!(tile, ScanTile::Full | ScanTile::Staged) && spec != wide {
+    // The Full tile runs the plain scan only (its scan_cp_c spills at dk = dv = 128);
+    // so do the register-state tiles where a warp holds 128 dk rows (`reg_plain_only`).
+    let segments = if (matches!(tile, ScanTile::Full | ScanTile::Staged) && spec != wide) || reg_plain_only(d.dk, spec.tile) {
         1
     } else if spec == wide {
         cp_wide
     } else {
-        cp_of(spec.tile.block_n, spec.tile.stages)
+        cp_of(spec.tile)
     };
     let tile = spec.tile;
     let prep_smem = prep_kernel_smem_bytes(d.dk, d.dv, prep) as u32;
-    let scan_smem = scan_smem_bytes(d.dk, tile.block_n as usize, tile.stages as usize) as u32;
+    let scan_smem = tile_smem_bytes(d.dk, tile) as u32;
     let f_prep = rt.function(&spec, prep.entry(), prep_smem)?;
     let s = rt.stream();
     // Context parallelism: (scan_cp_a, cp_combine, scan_cp_c) instead of scan.
@@ -798,8 +887,10 @@ fn prefill_launch(
     // kernels read `p` by value and stay inside those bounds.
     unsafe {
         if run_prep {
+            // Grouped: one CTA per (slot, q/k head); the others per (slot, value head).
+            let prep_heads = if prep == PrepKernel::Grouped { d.hqk } else { d.hv };
             s.launch_builder(&f_prep).arg(&p).launch(LaunchConfig {
-                grid_dim: (ns as u32, d.hv as u32, 1),
+                grid_dim: (ns as u32, prep_heads as u32, 1),
                 block_dim: (PREP_THREADS, 1, 1),
                 shared_mem_bytes: prep_smem,
             })?;
