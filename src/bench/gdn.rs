@@ -96,15 +96,11 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
     )];
     if split {
         for (part, prep, tag) in [
-            (PrefillPart::Prep, PrepKernel::Substitution, "prep"),
-            (PrefillPart::Scan, PrepKernel::Substitution, "scan"),
-            (PrefillPart::Prep, PrepKernel::Blocked, "prep blocked"),
+            (PrefillPart::Scan, PrepKernel::Compact, "scan"),
             (PrefillPart::Prep, PrepKernel::Compact, "prep compact"),
             (PrefillPart::Prep, PrepKernel::Grouped, "prep grouped"),
-            // Experimental scan tile (ScanTile::Full: 128 columns, 8 warps at dk = 128).
-            (PrefillPart::Scan, PrepKernel::Substitution, "scan full-tile"),
-            // Experimental: two operand stages (ScanTile::Staged).
-            (PrefillPart::Scan, PrepKernel::Substitution, "scan staged"),
+            // Substitution, Blocked, ScanTile::Full and ::Staged: measured in runs d and f
+            // (bench/NOTES.md), slower everywhere; their rows are gone.
             // Experimental: state in registers only (ScanTile::Reg, scan_reg): its own
             // tile choice (dk 128: n32w4 for <= 1 default CTA per SM, else n128w8), and
             // the two alternatives at dk 128 (n64w8: dk-half pairs, 64 columns; n32w4).
@@ -113,8 +109,6 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             (PrefillPart::Scan, PrepKernel::Substitution, "scan reg n32w4"),
         ] {
             let tile = match tag {
-                "scan full-tile" => ScanTile::Full,
-                "scan staged" => ScanTile::Staged,
                 "scan reg" => ScanTile::Reg,
                 "scan reg n64w8" => ScanTile::RegWith { block_n: 64, warps: 8 },
                 "scan reg n32w4" => ScanTile::RegWith { block_n: 32, warps: 4 },
@@ -134,6 +128,11 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
                 bytes,
             ));
         }
+    }
+    // Candidate defaults, end to end (prep + scan, context parallelism Auto).
+    for (prep, tile, tag) in [(PrepKernel::Grouped, ScanTile::Auto, "grouped"), (PrepKernel::Compact, ScanTile::Reg, "compact+reg"), (PrepKernel::Grouped, ScanTile::Reg, "grouped+reg")] {
+        let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, ..Default::default() })).unwrap();
+        recs.push(Record::new(rt, "gdn_prefill", s.name.clone(), format!("{variant} {tag}"), &tm, flops, bytes));
     }
     if cp {
         let prep = PrepKernel::default();
