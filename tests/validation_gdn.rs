@@ -627,7 +627,7 @@ fn prep_kernel_smem() {
         let sub = prep_kernel_smem_bytes(dk, dv, PrepKernel::Substitution);
         let blk = prep_kernel_smem_bytes(dk, dv, PrepKernel::Blocked);
         let compact = prep_kernel_smem_bytes(dk, dv, PrepKernel::Compact);
-        assert_eq!(compact, prep_smem_bytes(dk, dv), "the default is Compact");
+        assert_eq!(prep_kernel_smem_bytes(dk, dv, PrepKernel::Grouped), prep_smem_bytes(dk, dv), "the default is Grouped");
         assert!(compact < blk, "dk {dk} dv {dv}: compact {compact} B, blocked {blk} B");
         let saved = if dk >= 128 { 64 * 68 * 4 } else { 0 };
         assert_eq!(blk + saved, sub, "dk {dk} dv {dv}");

@@ -457,11 +457,10 @@ pub enum PrepKernel {
     /// blocks by split-bf16 mma (16 -> 32 -> 64); A aliases Q's smem at dk >= 128.
     /// H200: P1 1.047 ms, P3 4.13, P9 2.01.
     Blocked,
-    /// Entry `prep_compact` (the default): the blocked inverse with two smem regions
+    /// Entry `prep_compact`: the blocked inverse with two smem regions
     /// (Q -> A/T -> V chunks, K -> V chunks), T kept as scaled bf16 mma fragments in
     /// registers, W, U and P stored from the accumulators: 35 KB at dk = dv = 128
     /// (6 CTAs/SM). H200: P1 0.653 ms, P3 2.51, P9 1.25, natsl-760M 0.259 (blocked 0.432).
-    #[default]
     Compact,
     /// Entry `prep_grouped`: one CTA per (chunk slot, q/k head) serving its Hv / Hqk
     /// value heads in turn (grid (slots, Hqk)). q, k are loaded and Q K^T computed once
@@ -469,6 +468,10 @@ pub enum PrepKernel {
     /// from the diagonals of Q Q^T and K K^T and are folded into the f32 factors
     /// (q, k are never rescaled in smem). Per value head: K K^T, A, Compact's blocked
     /// inverse, W, U. Smem as Compact (+256 B); 128 registers: 4 CTAs/SM.
+    /// The default: faster than Compact at every measured shape (H200 run i, prep only:
+    /// P1 0.639 vs 0.717 ms, P3 2.19 vs 2.64, P4 0.559 vs 0.639, P9 1.08 vs 1.25,
+    /// natsl-760M 0.232 vs 0.264).
+    #[default]
     Grouped,
 }
 
@@ -487,7 +490,8 @@ impl PrepKernel {
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScanTile {
-    /// Narrow where the default tile would give at most one CTA per SM.
+    /// Where the default tile would give at most one CTA per SM (and no context
+    /// parallelism): the register-state scan at dk = 128, else the narrow tile.
     #[default]
     Auto,
     /// The catalog's default tile.
@@ -729,7 +733,17 @@ fn prefill_launch(
         (ScanTile::Staged, _) => staged_scan_spec(wide, d.dk),
         (ScanTile::Reg, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, None),
         (ScanTile::RegWith { block_n, warps }, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, Some((block_n, warps))),
-        (ScanTile::Auto, Some(s)) if wide_ctas <= sm && cp_wide <= 1 => s,
+        // Few CTAs and no context parallelism: at dk = 128 the register-state scan
+        // (n32w4), else the narrow tile. H200 run i, scan only: P4 1.13 vs 1.21 ms,
+        // P7 0.288 vs 0.389, P8 0.075 vs 0.081, P9 2.25 vs 2.38. (With many CTAs the
+        // wide tile stays ahead: P1 0.649 vs reg n128w8 0.691, P3 2.55 vs 2.72.)
+        (ScanTile::Auto, Some(s)) if wide_ctas <= sm && cp_wide <= 1 => {
+            if d.dk == 128 {
+                reg_scan_spec(wide, d.dk, true, None)
+            } else {
+                s
+            }
+        }
         _ => wide,
     };
     // The Full tile runs the plain scan only (its scan_cp_c spills at dk = dv = 128);
