@@ -14,18 +14,15 @@ fn full_scan_tile_compiles_without_spills() {
     }
     // Only the plain scan entry: the Full tile does not run context parallelism.
     let mut bad = false;
+    // Both knobs measured slower than the defaults (bench/NOTES.md, run f): checked at
+    // dk = dv = 128 only, to keep the CPU tier short.
     for arch in [Arch::Sm90a, Arch::Sm80] {
         let mut specs = Vec::new();
-        for (dk, dv) in [(128u32, 128u32), (128, 256), (64, 64)] {
-            specs.push(full_scan_spec(catalog::gdn_prefill_spec(DType::Bf16, dk, dv, arch), dk as usize));
-        }
-        // ScanTile::Staged: every shipped pair, wide and narrow bases (dk = 256 stays 1-stage).
-        for (dk, dv) in catalog::GDN_DIMS {
-            let wide = catalog::gdn_prefill_spec(DType::Bf16, dk, dv, arch);
-            specs.push(staged_scan_spec(wide, dk as usize));
-            if let Some(n) = catalog::gdn_prefill_narrow_spec(DType::Bf16, dk, dv, arch) {
-                specs.push(staged_scan_spec(n, dk as usize));
-            }
+        let wide = catalog::gdn_prefill_spec(DType::Bf16, 128, 128, arch);
+        specs.push(full_scan_spec(wide, 128));
+        specs.push(staged_scan_spec(wide, 128));
+        if let Some(n) = catalog::gdn_prefill_narrow_spec(DType::Bf16, 128, 128, arch) {
+            specs.push(staged_scan_spec(n, 128));
         }
         specs.retain(|s| !catalog::shipped().contains(s));
         for spec in specs {
