@@ -12,9 +12,12 @@
 // prep: fully parallel over (chunk slot, value head): W, U, P and the per-row
 //       factors F = (fq, fk, G) to the workspace, with
 //         fq_i = scale e^{G_i} / |q_i|,  fk_j = e^{G_L - G_j} / |k_j|  (norms: l2norm only)
-//       T is solved column by column (thread m owns column m: no barriers).
+//       T blockwise on the tensor cores (16x16 diagonal solves, split-bf16 merges);
+//       prep_compact: one CTA per (slot, value head); prep_grouped (default): one
+//       per (slot, q/k head) serving its value heads.
 // scan: one CTA per (sequence, value head, dv tile); the dk x BV state slice stays
-//       in f32 registers, a bf16/f16 copy in smem feeds the tensor cores. The scan
+//       in f32 registers, a bf16/f16 copy in smem feeds the tensor cores (scan_reg:
+//       the transposed state itself is the mma A operand, no smem copy). The scan
 //       reads raw q, k and applies the row factors to its f32 accumulators / v_new,
 //       so it does no per-row normalisation work of its own:
 //         o = diag(fq) (Q S) + P v_new,   S' = e^{G_L} S + K^T (diag(fk) v_new).

@@ -2,16 +2,8 @@
 #include "include/natsl_params.h"
 #include "gdn/prefill.cuh"
 
-extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS) NATSL_KERNEL(prep)(const NatslGdnPrefillParams p) {
-    natsl::gdn::prep<NATSL_DTYPE, NATSL_DK, NATSL_DV, false>(p);
-}
-
-// Same outputs as prep; T = (I + A)^{-1} blockwise on the tensor cores (PrepKernel::Blocked).
-extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS) NATSL_KERNEL(prep_blocked)(const NatslGdnPrefillParams p) {
-    natsl::gdn::prep<NATSL_DTYPE, NATSL_DK, NATSL_DV, true>(p);
-}
-
-// Same outputs as prep; blocked inverse in two smem regions, T in registers (PrepKernel::Compact).
+// W, U, P, F of one (chunk slot, value head): blocked inverse in two smem regions, T in
+// registers (PrepKernel::Compact).
 extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS, (natsl::gdn::prep_compact_min_ctas<NATSL_DK, NATSL_DV>()))
 NATSL_KERNEL(prep_compact)(const NatslGdnPrefillParams p) {
     natsl::gdn::prep_compact<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);

@@ -99,14 +99,14 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             (PrefillPart::Scan, PrepKernel::Compact, "scan"),
             (PrefillPart::Prep, PrepKernel::Compact, "prep compact"),
             (PrefillPart::Prep, PrepKernel::Grouped, "prep grouped"),
-            // Substitution, Blocked, ScanTile::Full and ::Staged: measured in runs d and f
+            // ScanTile::Full and ::Staged (and the removed substitution / blocked preps): runs d, f
             // (bench/NOTES.md), slower everywhere; their rows are gone.
             // Experimental: state in registers only (ScanTile::Reg, scan_reg): its own
             // tile choice (dk 128: n32w4 for <= 1 default CTA per SM, else n128w8), and
             // the two alternatives at dk 128 (n64w8: dk-half pairs, 64 columns; n32w4).
-            (PrefillPart::Scan, PrepKernel::Substitution, "scan reg"),
-            (PrefillPart::Scan, PrepKernel::Substitution, "scan reg n64w8"),
-            (PrefillPart::Scan, PrepKernel::Substitution, "scan reg n32w4"),
+            (PrefillPart::Scan, PrepKernel::Compact, "scan reg"),
+            (PrefillPart::Scan, PrepKernel::Compact, "scan reg n64w8"),
+            (PrefillPart::Scan, PrepKernel::Compact, "scan reg n32w4"),
         ] {
             let tile = match tag {
                 "scan reg" => ScanTile::Reg,

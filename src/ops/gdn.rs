@@ -344,26 +344,13 @@ pub fn prep_smem_bytes(dk: usize, dv: usize) -> usize {
     prep_kernel_smem_bytes(dk, dv, PrepKernel::default())
 }
 
-/// Dynamic shared memory of a prep kernel (mirror of `prep_smem_bytes<DK, DV, BLOCKED>`):
-/// the blocked kernel keeps the f32 A in Q's rows where they are wide enough
-/// (`prep_alias_a`: dk >= 128).
+/// Dynamic shared memory of a prep kernel (mirror of `prep_compact_smem_bytes` /
+/// `prep_grouped_smem_bytes`): R0 = max(Q, A f32), R1 = K, then 4 (5) x 64 f32.
 #[doc(hidden)]
-pub fn prep_kernel_smem_bytes(dk: usize, dv: usize, kernel: PrepKernel) -> usize {
-    let a = CHUNK * (CHUNK + 4) * 4;
-    if kernel == PrepKernel::Compact {
-        // Mirror of `prep_compact_smem_bytes`: R0 = max(Q, A f32), R1 = K, 4 x 64 f32.
-        return (CHUNK * (dk + PAD) * 2).max(a) + CHUNK * (dk + PAD) * 2 + 4 * CHUNK * 4;
-    }
-    if kernel == PrepKernel::Grouped {
-        // Mirror of `prep_grouped_smem_bytes`: R0 = max(Q, A f32), R1 = K, 5 x 64 f32.
-        return (CHUNK * (dk + PAD) * 2).max(a) + CHUNK * (dk + PAD) * 2 + 5 * CHUNK * 4;
-    }
-    let alias = kernel == PrepKernel::Blocked && (dk + PAD) * 2 >= (CHUNK + 4) * 4;
-    2 * CHUNK * (dk + PAD) * 2
-        + CHUNK * (dv + PAD) * 2
-        + if alias { 0 } else { a }
-        + CHUNK * (CHUNK + PAD) * 2
-        + 4 * CHUNK * 4
+pub fn prep_kernel_smem_bytes(dk: usize, _dv: usize, kernel: PrepKernel) -> usize {
+    let r0 = (CHUNK * (dk + PAD) * 2).max(CHUNK * (CHUNK + 4) * 4);
+    let rows = if kernel == PrepKernel::Grouped { 5 } else { 4 };
+    r0 + CHUNK * (dk + PAD) * 2 + rows * CHUNK * 4
 }
 
 /// Dynamic shared memory of the scan kernel (mirror of `scan_smem_bytes`).
@@ -445,18 +432,12 @@ pub fn gdn_prefill_variant(
     prefill_launch(rt, batch, inp, out, opts, ws, v)
 }
 
-/// How `prep` inverts the chunk's (I + A) (tests and benches force each;
-/// [`gdn_prefill`] uses the default). Both write the same workspace.
+/// Which prep kernel writes the workspace (tests and benches force each; [`gdn_prefill`]
+/// uses the default). Both write the same workspace. (The per-column substitution and
+/// the first blocked kernel, runs d-f: P1 1.335 / 1.047 ms, were removed.)
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrepKernel {
-    /// Entry `prep`: per-column forward substitution (64-long dependent chains).
-    /// H200 2026-11-28, prep only: P1 1.335 ms, P3 5.37, P9 2.65.
-    Substitution,
-    /// Entry `prep_blocked`: 16x16 diagonal blocks by substitution, off-diagonal
-    /// blocks by split-bf16 mma (16 -> 32 -> 64); A aliases Q's smem at dk >= 128.
-    /// H200: P1 1.047 ms, P3 4.13, P9 2.01.
-    Blocked,
     /// Entry `prep_compact`: the blocked inverse with two smem regions
     /// (Q -> A/T -> V chunks, K -> V chunks), T kept as scaled bf16 mma fragments in
     /// registers, W, U and P stored from the accumulators: 35 KB at dk = dv = 128
@@ -478,8 +459,6 @@ pub enum PrepKernel {
 impl PrepKernel {
     fn entry(self) -> &'static str {
         match self {
-            PrepKernel::Substitution => "prep",
-            PrepKernel::Blocked => "prep_blocked",
             PrepKernel::Compact => "prep_compact",
             PrepKernel::Grouped => "prep_grouped",
         }
