@@ -297,242 +297,6 @@ __device__ void scan_split(const NatslGdnPrefillParams& p) {
     if (p.gsum_running && vt == 0 && tid == 0) p.gsum_running[(i64)n * Hv + h] = glast_final;
 }
 
-// Two operand stages (ScanTile::Staged, tile stages = 2): chunk c + 1's operands are
-// all issued right after S0 of chunk c, so a whole chunk step hides their latency, and
-// the loop has two barriers per chunk (S0 doubles as the old B2). For the latency-bound
-// launches (one CTA per SM: few sequences x heads, P4 / P5 / P9), where the split-prefetch
-// scan exposes part of each chunk's load latency. Smem: two stages + state (dk 128: narrow
-// 154 KB, wide 179 KB: one CTA per SM). Context parallelism keeps the one-stage scan_cp.
-template <typename T, int DK, int DV, int BV, int NW, int STAGES>
-__device__ void scan_staged(const NatslGdnPrefillParams& p) {
-    constexpr int NT = NW * 32;
-    constexpr int LDK = DK + PAD, LDB = BV + PAD, LDP = C + PAD;
-    constexpr int ST_Q = 0, ST_K = C * LDK, ST_W = 2 * C * LDK, ST_P = 3 * C * LDK, ST_U = ST_P + C * LDP;
-    constexpr int STAGE = ST_U + C * LDB;  // elements of T in the operand stage
-    // Token phase: warps as 4 (16-row tiles) x NG (column groups of the BV tile).
-    constexpr int NG = NW / 4, NTV = BV / NG / 8;
-    // State phase: warp w owns state rows [w * RW, (w + 1) * RW), all BV columns.
-    constexpr int RW = DK / NW, MTS = RW / 16, NTS = BV / 8;
-    static_assert(NW % 4 == 0 && BV % (NG * 16) == 0 && RW % 16 == 0 && DV % BV == 0, "bad scan tile");
-    static_assert(STAGES == 2, "scan_staged: two operand stages");
-    static_assert(NT >= 3 * C / 4, "scan: F copy needs 48 threads");
-
-    extern __shared__ __align__(16) unsigned char smem[];
-    T* st0 = reinterpret_cast<T*>(smem);                  // [2][STAGE] operand stages
-    T* sS = st0 + 2 * STAGE;                              // [DK][LDB] state slice, storage dtype
-    T* sVn = sS + DK * LDB;                               // [C][LDB] v_new
-    T* sVk = sVn + C * LDB;                               // [C][LDB] diag(fk) v_new
-    float* sF0 = reinterpret_cast<float*>(sVk + C * LDB); // [2][3][C] fq, fk, G per stage
-
-    const int vt = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int Hv = p.num_v_heads;
-    const int hq = h / (Hv / p.num_qk_heads);
-    const int bos = p.batch.cu_seqlens[n];
-    const int len_seq = p.batch.cu_seqlens[n + 1] - bos;
-    const int nch = (len_seq + C - 1) / C;
-    const int base = slot_base(p.batch.cu_seqlens, n);
-    const int col0 = vt * BV;
-    const T* gq = reinterpret_cast<const T*>(p.q) + (i64)hq * p.q_stride_h;
-    const T* gk = reinterpret_cast<const T*>(p.k) + (i64)hq * p.k_stride_h;
-    const T* gw = reinterpret_cast<const T*>(p.ws_w);
-    const T* gu = reinterpret_cast<const T*>(p.ws_u);
-    const T* gp = reinterpret_cast<const T*>(p.ws_p);
-
-    // All operands of chunk cc (one cp.async group) into stage cc & 1.
-    auto issue = [&](int cc) {
-        if (cc < nch) {
-            T* st = st0 + (cc & 1) * STAGE;
-            float* sF = sF0 + (cc & 1) * 3 * C;
-            const int tt = bos + cc * C, ln = min(C, len_seq - cc * C);
-            const i64 wrow = (i64)(base + cc) * Hv + h;
-            load_rows_async<T, C, DK, NT>(st + ST_Q, LDK, gq + (i64)tt * p.q_stride_t, p.q_stride_t, ln);
-            load_rows_async<T, C, DK, NT>(st + ST_W, LDK, gw + wrow * C * DK, DK, C);
-            load_rows_async<T, C, BV, NT>(st + ST_U, LDB, gu + wrow * C * DV + col0, DV, C);
-            if (tid < 3 * C / 4) cp_async16(sF + tid * 4, p.ws_g + wrow * (3 * C) + tid * 4);
-            load_rows_async<T, C, DK, NT>(st + ST_K, LDK, gk + (i64)tt * p.k_stride_t, p.k_stride_t, ln);
-            load_rows_async<T, C, C, NT>(st + ST_P, LDP, gp + wrow * C * C, C, C);
-        }
-        cp_async_commit();
-    };
-
-    // State slice in registers (accumulator layout): rows srow0 + mi*16 + lane/4 (+8),
-    // columns ni*8 + (lane%4)*2 (+1) of the tile.
-    const int srow0 = warp * RW;
-    float S[MTS][NTS][4];
-    {
-        const float* h0 = nullptr;
-        if (p.h0_pool) h0 = p.h0_pool + ((i64)(p.h0_index ? p.h0_index[n] : n) * Hv + h) * DK * DV;
-#pragma unroll
-        for (int mi = 0; mi < MTS; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < NTS; ++ni) {
-                const int r = srow0 + mi * 16 + lane / 4, cc = col0 + ni * 8 + (lane % 4) * 2;
-                if (h0) {
-                    const float2 a = *reinterpret_cast<const float2*>(h0 + (i64)r * DV + cc);
-                    const float2 b = *reinterpret_cast<const float2*>(h0 + (i64)(r + 8) * DV + cc);
-                    S[mi][ni][0] = a.x; S[mi][ni][1] = a.y; S[mi][ni][2] = b.x; S[mi][ni][3] = b.y;
-                } else {
-                    S[mi][ni][0] = S[mi][ni][1] = S[mi][ni][2] = S[mi][ni][3] = 0.f;
-                }
-            }
-    }
-    auto write_smem_state = [&]() {
-#pragma unroll
-        for (int mi = 0; mi < MTS; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < NTS; ++ni) {
-                const int r = srow0 + mi * 16 + lane / 4, cc = ni * 8 + (lane % 4) * 2;
-                *reinterpret_cast<u32*>(sS + r * LDB + cc) = pack2<T>(S[mi][ni][0], S[mi][ni][1]);
-                *reinterpret_cast<u32*>(sS + (r + 8) * LDB + cc) = pack2<T>(S[mi][ni][2], S[mi][ni][3]);
-            }
-    };
-    auto write_pool = [&](float* pool, const int* index) {
-        float* dst = pool + ((i64)(index ? index[n] : n) * Hv + h) * DK * DV;
-#pragma unroll
-        for (int mi = 0; mi < MTS; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < NTS; ++ni) {
-                const int r = srow0 + mi * 16 + lane / 4, cc = col0 + ni * 8 + (lane % 4) * 2;
-                *reinterpret_cast<float2*>(dst + (i64)r * DV + cc) = make_float2(S[mi][ni][0], S[mi][ni][1]);
-                *reinterpret_cast<float2*>(dst + (i64)(r + 8) * DV + cc) = make_float2(S[mi][ni][2], S[mi][ni][3]);
-            }
-    };
-
-    issue(0);
-    write_smem_state();
-
-    const int mt = warp % 4, ng = warp / 4;
-    const int tm0 = mt * 16, tn0 = ng * NTV * 8;
-    const int hr = p.labels ? h / (Hv / p.num_r_heads) : 0;
-    float glast_final = 0.f;
-    bool last_complete = true;
-    T* go_seq = reinterpret_cast<T*>(p.o) + (i64)bos * p.o_stride_t + (i64)h * p.o_stride_h + col0;
-
-    for (int c = 0; c < nch; ++c) {
-        const int ln = min(C, len_seq - c * C);
-        const bool complete = ln == C, last = c == nch - 1;
-        const T* st = st0 + (c & 1) * STAGE;
-        const float* sF = sF0 + (c & 1) * 3 * C;
-        // Chunk c's operands (issued a whole chunk ago) landed; every warp is done with
-        // chunk c - 1 (its stage, v_new, and the state copy written at its end).
-        cp_async_wait<0>();
-        __syncthreads();  // S0
-        issue(c + 1);     // into the stage chunk c - 1 used
-        const float GL = sF[2 * C + C - 1];
-
-        // Phase 1: v_new = U - W S and o = Q S (shared B fragments of S).
-        float aw[NTV][4], ao[NTV][4];
-#pragma unroll
-        for (int i = 0; i < NTV; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) aw[i][e] = ao[i][e] = 0.f;
-#pragma unroll 2
-        for (int k0 = 0; k0 < DK; k0 += 16) {
-            u32 a1[4], a2[4];
-            frag_a(a1, st + ST_W, LDK * 2, tm0, k0 * 2);
-            frag_a(a2, st + ST_Q, LDK * 2, tm0, k0 * 2);
-#pragma unroll
-            for (int nt = 0; nt < NTV; nt += 2) {
-                u32 b[4];
-                frag_b2_kn(b, sS, LDB * 2, k0, (tn0 + nt * 8) * 2);
-                mma_16816<T>(aw[nt], a1, b);
-                mma_16816<T>(aw[nt + 1], a1, b + 2);
-                mma_16816<T>(ao[nt], a2, b);
-                mma_16816<T>(ao[nt + 1], a2, b + 2);
-            }
-        }
-        {
-            const T* sU = st + ST_U;
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const int r = tm0 + lane / 4 + hf * 8;
-                const float fq = sF[r], fk = sF[C + r];
-#pragma unroll
-                for (int nt = 0; nt < NTV; ++nt) {
-                    const int cc = tn0 + nt * 8 + (lane % 4) * 2;
-                    const u32 u = *reinterpret_cast<const u32*>(sU + r * LDB + cc);
-                    const float v0 = lo_f32<T>(u) - aw[nt][hf * 2], v1 = hi_f32<T>(u) - aw[nt][hf * 2 + 1];
-                    *reinterpret_cast<u32*>(sVn + r * LDB + cc) = pack2<T>(v0, v1);
-                    *reinterpret_cast<u32*>(sVk + r * LDB + cc) = pack2<T>(v0 * fk, v1 * fk);
-                    ao[nt][hf * 2] *= fq;
-                    ao[nt][hf * 2 + 1] *= fq;
-                }
-            }
-        }
-        __syncthreads();  // B1
-
-        // Phase 2: o += P v_new, straight to global (4-byte stores, 16 bytes per row and quad).
-#pragma unroll
-        for (int k0 = 0; k0 < C; k0 += 16) {
-            if (k0 > tm0 + 15) break;  // P is lower triangular
-            u32 a[4];
-            frag_a(a, st + ST_P, LDP * 2, tm0, k0 * 2);
-#pragma unroll
-            for (int nt = 0; nt < NTV; nt += 2) {
-                u32 b[4];
-                frag_b2_kn(b, sVn, LDB * 2, k0, (tn0 + nt * 8) * 2);
-                mma_16816<T>(ao[nt], a, b);
-                mma_16816<T>(ao[nt + 1], a, b + 2);
-            }
-        }
-        {
-            T* go = go_seq + (i64)(c * C) * p.o_stride_t;
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const int r = tm0 + lane / 4 + hf * 8;
-                if (r < ln) {
-#pragma unroll
-                    for (int nt = 0; nt < NTV; ++nt) {
-                        const int cc = tn0 + nt * 8 + (lane % 4) * 2;
-                        *reinterpret_cast<u32*>(go + (i64)r * p.o_stride_t + cc) = pack2<T>(ao[nt][hf * 2], ao[nt][hf * 2 + 1]);
-                    }
-                }
-            }
-        }
-
-        // State update with the commit rule: S <- e^{G_L} S (+ K^T diag(fk) v_new for GDN).
-        int label = NATSL_LABEL_GDN;
-        if (complete && p.labels) label = p.labels[(i64)(base + c) * p.num_r_heads + hr];
-        if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
-        const float eg = __expf(GL);
-#pragma unroll
-        for (int mi = 0; mi < MTS; ++mi)
-#pragma unroll
-            for (int ni = 0; ni < NTS; ++ni)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) S[mi][ni][e] *= eg;
-        if (label != NATSL_LABEL_ATTN) {
-#pragma unroll
-            for (int k0 = 0; k0 < C; k0 += 16) {
-                u32 b[NTS / 2][4];
-#pragma unroll
-                for (int ni = 0; ni < NTS; ni += 2) frag_b2_kn(b[ni / 2], sVk, LDB * 2, k0, ni * 8 * 2);
-#pragma unroll
-                for (int mi = 0; mi < MTS; ++mi) {
-                    u32 a[4];
-                    frag_a_trans(a, st + ST_K, LDK * 2, k0, (srow0 + mi * 16) * 2);
-#pragma unroll
-                    for (int ni = 0; ni < NTS; ni += 2) {
-                        mma_16816<T>(S[mi][ni], a, b[ni / 2]);
-                        mma_16816<T>(S[mi][ni + 1], a, b[ni / 2] + 2);
-                    }
-                }
-            }
-        }
-        if (!last) write_smem_state();  // phase-1 reads of sS all finished before B1
-        if (last) {
-            last_complete = complete;
-            glast_final = complete ? 0.f : GL;
-        }
-    }
-    cp_async_wait<0>();
-
-    if (last_complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
-    if (p.running_pool) write_pool(p.running_pool, p.running_index);
-    if (p.gsum_running && vt == 0 && tid == 0) p.gsum_running[(i64)n * Hv + h] = glast_final;
-}
-
 // ---------------------------------------------------------------- register-state scan
 //
 // ScanTile::Reg (tile stages = 3 marks it; two operand stages): the state lives only in
@@ -1002,12 +766,12 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
     }
 }
 
-// Entry `scan`: the split-prefetch scan (one stage, the shipped tiles) or, with a
-// two-stage tile, scan_staged; tile stages = 3: scan_reg (ScanTile::Reg).
+// Entry `scan`: the split-prefetch scan (one stage, the shipped tiles); tile stages = 3:
+// scan_reg (ScanTile::Reg). (A two-stage scan_staged and a 128-column tile measured
+// slower in run f and were removed.)
 template <typename T, int DK, int DV, int BV, int NW, int STAGES>
 __device__ void scan(const NatslGdnPrefillParams& p) {
     if constexpr (STAGES == 3) scan_reg<T, DK, DV, BV, NW, MODE_SCAN>(p);
-    else if constexpr (STAGES == 2) scan_staged<T, DK, DV, BV, NW, STAGES>(p);
     else scan_split<T, DK, DV, BV, NW, STAGES>(p);
 }
 
@@ -1025,7 +789,7 @@ __device__ void scan_cp_split(const NatslGdnPrefillParams& p) {
     // State phase: warp w owns state rows [w * RW, (w + 1) * RW), all BV columns.
     constexpr int RW = DK / NW, MTS = RW / 16, NTS = BV / 8;
     static_assert(NW % 4 == 0 && BV % (NG * 16) == 0 && RW % 16 == 0 && DV % BV == 0, "bad scan tile");
-    static_assert(STAGES == 1 || STAGES == 2, "scan_cp: one operand stage with split prefetch (a two-stage tile's smem is larger: unused)");
+    static_assert(STAGES == 1, "scan_cp: one operand stage with split prefetch");
     static_assert(NT >= 3 * C / 4, "scan: F copy needs 48 threads");
 
     extern __shared__ __align__(16) unsigned char smem[];

@@ -99,7 +99,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             (PrefillPart::Scan, PrepKernel::Compact, "scan"),
             (PrefillPart::Prep, PrepKernel::Compact, "prep compact"),
             (PrefillPart::Prep, PrepKernel::Grouped, "prep grouped"),
-            // ScanTile::Full and ::Staged (and the removed substitution / blocked preps): runs d, f
+            // (The removed substitution / blocked preps and Staged / Full scan tiles: runs d, f.)
             // (bench/NOTES.md), slower everywhere; their rows are gone.
             // Experimental: state in registers only (ScanTile::Reg, scan_reg): its own
             // tile choice (dk 128: n32w4 for <= 1 default CTA per SM, else n128w8), and

@@ -477,21 +477,6 @@ pub enum ScanTile {
     Wide,
     /// The narrow tile where the catalog has one (else the default).
     Narrow,
-    /// Experimental (not in the catalog; JIT on first use): at dk = 128 (dv 128 / 256)
-    /// 128 state columns per CTA with 8 warps (one CTA per SM: 149 KB smem), at dk = 64
-    /// 64 columns with 4 warps; else the default. Per warp the same math as the default
-    /// tile (token phase 16 rows x 64 columns, state 16 x 128 instead of 32 x 64), but
-    /// Q, K, W, P are read once per head instead of once per 64 columns: ~44% less
-    /// L2 -> SM traffic per chunk, where the default tile measured L2 64% / DRAM 48%
-    /// busy (P1). Costs: half the CTAs (P1: 128 on 132 SMs) and no second CTA per SM to
-    /// overlap exposed loads and barriers with.
-    Full,
-    /// Experimental (JIT on first use): the `Auto` tile with two operand stages
-    /// (`scan_staged` in cuda/gdn/scan.cuh: chunk c + 1's operands issued at the start
-    /// of chunk c, two barriers per chunk) where they fit in 227 KB of smem (not
-    /// dk = 256); one CTA per SM. Aimed at the latency-bound launches (P4, P5, P9: at
-    /// most one CTA per SM anyway). Runs the plain scan only (no context parallelism).
-    Staged,
     /// Experimental (JIT on first use; tile stages = 3 marks it): `scan_reg` in
     /// cuda/gdn/scan.cuh. The state stays in f32 registers only, transposed (value
     /// columns x dk) in the accumulator layout whose bf16 packing is the A operand of
@@ -543,28 +528,6 @@ pub fn reg_scan_spec(wide: natsl_codegen::spec::KernelSpec, dk: usize, few: bool
         (_, 128, true) => Tile::new(64, 32, 4, 3),
         (_, 128, false) => Tile::new(64, 128, 8, 3),
         (_, 64, _) => Tile::new(64, 64, 4, 3),
-        _ => return wide,
-    };
-    natsl_codegen::spec::KernelSpec { tile, ..wide }
-}
-
-/// The `ScanTile::Staged` spec: `base` with two operand stages where they fit.
-#[doc(hidden)]
-pub fn staged_scan_spec(base: natsl_codegen::spec::KernelSpec, dk: usize) -> natsl_codegen::spec::KernelSpec {
-    let mut s = base;
-    if scan_smem_bytes(dk, base.tile.block_n as usize, 2) <= 227 * 1024 {
-        s.tile.stages = 2;
-    }
-    s
-}
-
-/// The `ScanTile::Full` spec (see there).
-#[doc(hidden)]
-pub fn full_scan_spec(wide: natsl_codegen::spec::KernelSpec, dk: usize) -> natsl_codegen::spec::KernelSpec {
-    use natsl_codegen::spec::Tile;
-    let tile = match dk {
-        128 => Tile::new(64, 128, 8, 1),
-        64 => Tile::new(64, 64, 4, 1),
         _ => return wide,
     };
     natsl_codegen::spec::KernelSpec { tile, ..wide }
@@ -707,9 +670,6 @@ fn prefill_launch(
     let cp_wide = cp_of(wide.tile);
     let spec = match (tile, narrow) {
         (ScanTile::Narrow, Some(s)) => s,
-        (ScanTile::Full, _) => full_scan_spec(wide, d.dk),
-        (ScanTile::Staged, Some(s)) if wide_ctas <= sm => staged_scan_spec(s, d.dk),
-        (ScanTile::Staged, _) => staged_scan_spec(wide, d.dk),
         (ScanTile::Reg, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, None),
         (ScanTile::RegWith { block_n, warps }, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, Some((block_n, warps))),
         // Few CTAs and no context parallelism: at dk = 128 the register-state scan
@@ -725,9 +685,9 @@ fn prefill_launch(
         }
         _ => wide,
     };
-    // The Full tile runs the plain scan only (its scan_cp_c spills at dk = dv = 128);
-    // so do the register-state tiles where a warp holds 128 dk rows (`reg_plain_only`).
-    let segments = if (matches!(tile, ScanTile::Full | ScanTile::Staged) && spec != wide) || reg_plain_only(d.dk, spec.tile) {
+    // The register-state tiles where a warp holds 128 dk rows run the plain scan only
+    // (`reg_plain_only`).
+    let segments = if reg_plain_only(d.dk, spec.tile) {
         1
     } else if spec == wide {
         cp_wide
