@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call: tests, compute-sanitizer, natsl benches and the peers, logs under $OUT.
 # Run from the repository root on the GPU host after `../shared/gpu/pack --peers`:
-#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile]...   (default: the first four)
+#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse]...   (default: the first four)
+# `sparse` is the softmax-prefill loop of issue 8: its GPU tests, its benches and its
+# peers (cuDNN, FA2, FlexAttention) in one call.
 set -uo pipefail
 OUT=${OUT:-/tmp/natsl-out}
 mkdir -p "$OUT" bench/results
@@ -50,6 +52,13 @@ for step in $steps; do
       timeout 150 .gpu/run py bench/peers/sparse_peers.py "$OUT/sparse-peers.jsonl" > "$OUT/sparse_peers.log" 2>&1
       timeout 300 .gpu/run py bench/peers/gdn_peers.py "$OUT/gdn-peers.jsonl" > "$OUT/gdn_peers.log" 2>&1
       grep -vi warn "$OUT/gdn_peers.log" | tail -20 ;;
+    sparse)
+      timeout 300 .gpu/tests/gpu_sparse prefill --nocapture --test-threads=4 > "$OUT/sparse-tests.log" 2>&1; echo "== gpu_sparse prefill rc $?"
+      grep -E "test result|panicked" "$OUT/sparse-tests.log" | cut -c1-300 | tail -12; grep -c "WarpSpecialized: o: rel err" "$OUT/sparse-tests.log"
+      timeout 240 .gpu/tests/sparse prefill > "$OUT/sparse-bench.log" 2>&1; echo "== bench rc $?"
+      cp bench/results/sparse-"$(date +%F)".jsonl "$OUT/" 2>/dev/null
+      timeout 200 .gpu/run py bench/peers/sparse_peers.py "$OUT/sparse-peers.jsonl" prefill > "$OUT/sparse-peers.log" 2>&1; echo "== peers rc $?"
+      grep -h " ms" "$OUT/sparse-bench.log" "$OUT/sparse-peers.log" | cut -c1-150 ;;
     profile)
       # One launch of each kernel the notes name as the next bottleneck.
       timeout 120 $NCU -k regex:natsl_router -c 2 .gpu/bin/natsl bench router "T=131072" > "$OUT/ncu_router.txt" 2>&1

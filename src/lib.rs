@@ -16,6 +16,7 @@ pub mod params;
 pub mod reference;
 pub mod runtime;
 pub mod tensor;
+pub mod tma;
 pub mod testing;
 
 pub use batch::{Batch, SeqLayout, CHUNK};

@@ -4,7 +4,7 @@
 torch SDPA (FLASH_ATTENTION = FA2, CUDNN_ATTENTION) on dense causal shapes, and
 FlexAttention with a BlockMask equivalent to the NAtS-L routed pattern (query
 chunk c sees ATTN chunks c' < c of its routing head, plus itself causally).
-Median of CUDA-event timings after warm-up. Prints a table; appends JSON lines
+Median of CUDA-event timings of CUDA-graph replays after warm-up (as natsl). Prints a table; appends JSON lines
 to the path given on the command line.
 
     python bench/peers/sparse_peers.py bench/results/sparse-peers.jsonl [filter...]
@@ -20,21 +20,46 @@ PEAK = 771.0
 C = 64
 
 
+REPS = 8  # calls per graph replay, as natsl's bench::time_it
+
+
 def median_ms(fn, warmup=3, iters=10):
+    """Median ms per call over CUDA-graph replays of REPS calls (natsl is timed the same
+    way); eager per-call events if the peer cannot be captured (then marked)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    graph = None
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()  # warm-up on the capture stream
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(REPS):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - timed eagerly instead
+        print(f"  (graph capture failed: {type(e).__name__}: {str(e)[:80]}; timing eagerly)", flush=True)
+        graph = None
+        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        if graph is not None:
+            graph.replay()
+        else:
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / (REPS if graph is not None else 1))
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], graph is not None
 
 
 def labels_for(n_chunks, hr, frac, seed=9):
@@ -97,9 +122,11 @@ def main():
     date = time.strftime("%Y-%m-%d", time.gmtime())
     recs = []
 
-    def record(op, shape, peer, ms, flops):
+    def record(op, shape, peer, timed, flops):
+        ms, graphed = timed
+        peer = peer if graphed else peer + " (eager)"
         tf = flops / (ms * 1e-3) / 1e12 if ms else 0.0
-        r = dict(op=op, shape=shape, variant=peer, ms=ms, flops=flops, tflops=tf, pct_peak=100 * tf / PEAK, gpu=gpu, date=date, torch=torch.__version__)
+        r = dict(op=op, shape=shape, variant=peer, ms=ms, flops=flops, tflops=tf, pct_peak=100 * tf / PEAK, gpu=gpu, date=date, torch=torch.__version__, timing="graph" if graphed else "eager")
         recs.append(r)
         print(f"{shape:<44} {peer:<22} {ms:>9.4f} ms {tf:>7.1f} TFLOP/s {100 * tf / PEAK:>5.1f}%", flush=True)
 

@@ -5,7 +5,8 @@
  * (src/params.rs) is generated from this header by bindgen and committed;
  * tests/params_fresh.rs fails when the two drift apart.
  *
- * Rules: plain C, fixed-width fields only (int, long long, float, pointers),
+ * Rules: plain C, fixed-width fields only (int, long long, float, pointers,
+ * NatslTensorMap),
  * strides in elements (not bytes), every pointer a device pointer,
  * nullable pointers say so. One family per file under params/.
  */
@@ -32,6 +33,15 @@ typedef struct NatslVarlen {
     int num_slots;         /* T / 64 + N */
     int max_chunks;        /* max over sequences of ceil(len / 64) */
 } NatslVarlen;
+
+/*
+ * A TMA tensor map (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned),
+ * encoded on the host by cuTensorMapEncodeTiled. Kernels that read one take their
+ * params struct as a __grid_constant__. All zero where the launched kernel uses none.
+ */
+typedef struct NatslTensorMap {
+    unsigned long long opaque[16];
+} __attribute__((aligned(64))) NatslTensorMap;
 
 #include "params/router.h"
 #include "params/gdn.h"

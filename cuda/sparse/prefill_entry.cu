@@ -6,6 +6,7 @@
 #include "sparse/prefill.cuh"
 #include "sparse/prefill_wgmma.cuh"
 #include "sparse/prefill_ws.cuh"
+#include "sparse/prefill_ws_pingpong.cuh"
 
 extern "C" __global__ void __launch_bounds__(NATSL_THREADS) NATSL_KERNEL(prefill)(const NatslSparsePrefillParams p) {
     natsl::sparse::sparse_prefill<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_WARPS>(p);
@@ -19,19 +20,20 @@ extern "C" __global__ void __launch_bounds__(128) NATSL_KERNEL(prefill_wgmma)(co
 #endif
 }
 
-// Warp-specialized (FA3 structure): 1 producer + 2 consumer warpgroups, 128 query rows.
-extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws)(const NatslSparsePrefillParams p) {
+// Warp-specialized (FA3 structure): 1 TMA producer + 2 consumer warpgroups, 128 query
+// rows, 128-key stages. The params are a __grid_constant__: the TMA reads its tensor maps there.
+extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws)(const __grid_constant__ NatslSparsePrefillParams p) {
 #if NATSL_SM90A
-    natsl::sparse::sparse_prefill_ws<NATSL_DTYPE, NATSL_DK, NATSL_DV, false>(p);
+    natsl::sparse::sparse_prefill_ws<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);
 #else
     (void)p;
 #endif
 }
 
-// FA3's schedule: ping-pong consumers, intra-warpgroup pipelining, O += P V as m64n128k16.
+// The cp.async warp-specialized kernel it replaces (64-key stages), kept for one A/B run.
 extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws_pingpong)(const NatslSparsePrefillParams p) {
 #if NATSL_SM90A
-    natsl::sparse::sparse_prefill_ws<NATSL_DTYPE, NATSL_DK, NATSL_DV, true, true, true>(p);
+    natsl::sparse::sparse_prefill_ws_pingpong<NATSL_DTYPE, NATSL_DK, NATSL_DV, true, true, true>(p);
 #else
     (void)p;
 #endif

@@ -10,7 +10,8 @@
 // softmax. Tiles use the sw128 layout (wgmma.cuh).
 #pragma once
 #include "sparse/prefill.cuh"
-#include "sparse/wgmma.cuh"
+#include "common/wgmma.cuh"
+#include "common/sm90.cuh"
 
 namespace natsl {
 namespace sparse {
@@ -184,7 +185,7 @@ __device__ void sparse_prefill_wgmma(const NatslSparsePrefillParams& p) {
 #pragma unroll
         for (int ks = 0; ks < DK / 16; ++ks) {
             const u32 off = (ks >> 2) * PANEL + (ks & 3) * 32;
-            wgmma_ss<T>(s, wg_desc(sbase + S::Q + off), wg_desc(k_addr + off), ks > 0);
+            wgmma_ss<T, 64, 0>(s, wg_desc(sbase + S::Q + off), wg_desc(k_addr + off), ks > 0);
         }
         wg_commit();
         wg_wait<0>();
@@ -221,7 +222,7 @@ __device__ void sparse_prefill_wgmma(const NatslSparsePrefillParams& p) {
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
                 // 16 keys = two 8-row groups (SBO 1024) of panel pn.
-                wgmma_rs<T>(o + pn * 8, pa[kk], wg_desc(v_addr + pn * PANEL + kk * 16 * 128), 1);
+                wgmma_rs<T, 64, 1>(o + pn * 8, pa[kk], wg_desc(v_addr + pn * PANEL + kk * 16 * 128), 1);
             }
         }
         wg_commit();

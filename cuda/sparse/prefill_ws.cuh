@@ -1,45 +1,48 @@
-// prefill_ws.cuh: warp-specialized block-sparse flash softmax prefill on sm_90a
-// (entries prefill_ws: PrefillKernel::WarpSpecialized, no flags; prefill_ws_pingpong:
-// PrefillKernel::WarpSpecializedPingPong, PIPE + PP + WIDE below), FlashAttention-3
-// structure, loads by cp.async (no TMA tensor maps: no new params). Run g (H200) timed
-// each flag alone too (entries since removed): PIPE, PP, PIPE + PP each within 2% of
-// no flags; PIPE + PP + WIDE 3-4% faster.
+// prefill_ws.cuh: the sm_90a block-sparse flash prefill (PrefillKernel::WarpSpecialized,
+// entry prefill_ws): FlashAttention-3's structure over NAtS-L's routed 64-token chunks.
 //
-// CTA = 128 query rows = two consecutive 64-row chunks c0 = 2i, c1 = 2i + 1 of one
-// (sequence, query head); 384 threads = 3 warpgroups:
-//   WG0       producer: cp.async loads (zero fill past the sequence end) of Q (both
-//             chunks) and of a ring of STAGES (K, V) 64-key slots; completion is
-//             signalled through mbarriers (cp.async.mbarrier.arrive.noinc), so no
-//             thread waits on its own copies. setmaxnreg down to 56.
-//   WG1, WG2  consumers (setmaxnreg up to 224): consumer w (0, 1) owns chunk c_w.
-//             Per visible block: S = Q K^T (wgmma; Q from registers for d <= 128,
-//             from smem for d 256), mask / online softmax in registers, O += P V
-//             (wgmma RS, P from registers), as prefill_wgmma.cuh. Consumer 1 starts
-//             one QK^T behind consumer 0 (named barrier 3, once), so the two run out
-//             of phase: one's softmax under the other's tensor-core work.
-//             PIPE: each consumer also issues block i's QK^T with block i-1's PV and
-//             does its softmax under the PV; the held stage is released when that PV
-//             completes.
-// Both chunks share every K/V byte the producer loads (the list entries < c0 and
-// block c0), which halves K/V traffic against one CTA per chunk.
+// CTA = 128 query rows = the chunk pair c0 = 2i, c1 = 2i + 1 of one (sequence, query
+// head); 384 threads = 3 warpgroups:
+//   WG0       producer. One thread issues TMA loads through the tensor maps in the params
+//             (q, k, v as 3-D (dim, head, token) tensors, 64 x 1 x 64 boxes, 128-byte
+//             swizzle): Q of both chunks once, then a ring of ST stages of BN keys. A stage
+//             holds BN / 64 router blocks, one box per block and 64-column panel, so the
+//             routed gather costs nothing. With k-RMSNorm the warpgroup then computes
+//             1 / rms(k) of the stage's keys from shared memory (once for both consumers).
+//   WG1, WG2  consumers; consumer w owns chunk c_w (64 rows). Per stage: S = Q K^T (wgmma
+//             m64nBNk16; Q from registers for dk <= 128), online softmax in registers (exp2
+//             of pre-scaled logits; masks only on a diagonal or unused block), O += P V
+//             (wgmma, P from registers). Stage i's QK^T is issued together with stage
+//             i-1's PV and stage i's softmax runs under that PV (intra-warpgroup overlap);
+//             the two consumers take turns at issuing (ping-pong, named barriers), so one's
+//             softmax runs under the other's GEMMs.
+// Both chunks share every K/V byte loaded (the list entries < c0 and block c0).
 //
-// Visit sequence of the pair (ROUTED mode only; BLOCKS mode goes to prefill_wgmma on
-// the host), mirroring PrefillWork::block_at per chunk:
+// Visit sequence of the pair (ROUTED mode; BLOCKS mode runs prefill_wgmma), mirroring
+// PrefillWork::block_at per chunk:
 //   A: list entries [0, len0)            WG0 if 0 <= b < c0, WG1 if pos < len1, 0 <= b < c1
 //   B: block c0                          WG0 (causal diagonal), WG1 iff list[len0] == c0
 //   C: list entries [startC, len1)       WG1 if 0 <= b < c1 (empty for a sorted list)
 //   D: block c1                          WG1 (causal diagonal), only if c1 exists
-// Positions no consumer wants are not loaded. Each loaded stage is released by both
-// consumers (every consumer warp arrives on its empty barrier, used or not).
+// Positions no consumer wants are not loaded; the loaded ones are packed BN / 64 per
+// stage in order (the last stage may be half empty: its missing half is never read).
 //
-// mbarriers: full[s] (count 128: the producer threads' noinc arrivals), empty[s]
-// (count 8: one arrival per consumer warp), qfull (count 128). Stage k (k-th loaded
-// position) uses slot k % STAGES with phase parity (k / STAGES) & 1.
+// mbarriers per stage slot s: kfull[s], vfull[s] (count 1: the producer's expect_tx),
+// kempty[s], vempty[s] (count 8: one arrival per consumer warp), and with k-RMSNorm
+// ksfull[s] (count 128: the producer threads), ksempty[s] (count 8); qfull (count 1).
+// Stage k uses slot k % ST with phase parity (k / ST) & 1. Every consumer warp waits and
+// releases every stage (used or not), so no barrier ever runs two phases ahead.
+//
+// Rows past a sequence's end in its last partial chunk are loaded from the next sequence
+// (or zero-filled past the tensor): keys there are masked (causal), query rows there are
+// not stored.
 //
 // Grid order: GQA q heads of one kv head fastest, then chunk pairs (heaviest, i.e.
 // latest, first), then kv heads, then sequences: CTAs running together share one
 // (sequence, kv head) and its K/V stays in L2.
 #pragma once
+#include "common/sm90.cuh"
+#include "common/wgmma.cuh"
 #include "sparse/prefill_wgmma.cuh"
 
 namespace natsl {
@@ -47,104 +50,40 @@ namespace sparse {
 
 #if NATSL_SM90A
 
-// ---- mbarrier / named barrier / register reconfiguration primitives
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "WS_WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-        "@!p bra WS_WAIT_%=;\n}\n" :: "r"(bar), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
-}
-// Arrive on `bar` when every cp.async this thread issued so far has completed.
-__device__ __forceinline__ void cp_async_mbar_arrive(u32 bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(bar) : "memory");
-}
-__device__ __forceinline__ void named_bar_sync(int id, int threads) {
-    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
-    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
-}
-// Named barrier ids: 1, 2 = consumer warpgroup 0, 1 (128 threads); 3 = the one-time
-// offset of consumer 1 behind consumer 0 (256 threads); 4, 5 = the ping-pong turns of
-// consumer 0, 1 (PP: 256 threads, bar.sync by the owner, bar.arrive by the other).
-constexpr int kWsOffsetBar = 3;
-constexpr int kWsTurnBar = 4;
-template <int N> __device__ __forceinline__ void reg_dealloc() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N)); }
-template <int N> __device__ __forceinline__ void reg_alloc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N)); }
-
-// D[64 x 64] (+)= A[64 x 16] B[64 x 16]^T: A from registers (the m16n8k16 A fragment
-// of the warp's 16 rows), B K-major in shared memory (as wgmma_ss's B).
-template <typename T> __device__ __forceinline__ void wgmma_rs_kmajor(float (*d)[4], const u32* a, unsigned long long db, int accumulate);
-#define NATSL_WS_RS_KMAJOR(TY, PTX_T)                                                                                                  \
-    template <> __device__ __forceinline__ void wgmma_rs_kmajor<TY>(float (*d)[4], const u32* a, unsigned long long db, int accumulate) { \
-        asm volatile(                                                                                                                  \
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                                              \
-            "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_T "." PTX_T " "                                                          \
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, " \
-            "%26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                             \
-            : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),                                                             \
-              "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),                                                             \
-              "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),                                                             \
-              "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),                                                             \
-              "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),                                                             \
-              "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),                                                             \
-              "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),                                                             \
-              "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])                                                              \
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));                                               \
-    }
-NATSL_WS_RS_KMAJOR(bf16, "bf16")
-NATSL_WS_RS_KMAJOR(f16, "f16")
-#undef NATSL_WS_RS_KMAJOR
-
-// D[64 x 128] (+)= A[64 x 16] B[16 x 128]: A from registers, B MN-major in shared memory
-// as two sw128 64-column panels `lbo` bytes apart (the descriptor's leading byte
-// offset). d is the o[16][4] fragment of the two panels in order (the same register
-// layout as two m64n64 accumulators o[0..8), o[8..16)).
-template <typename T> __device__ __forceinline__ void wgmma_rs_n128(float (*d)[4], const u32* a, unsigned long long db, int accumulate);
-#define NATSL_WS_RS_N128(TY, PTX_T) \
-    template <> __device__ __forceinline__ void wgmma_rs_n128<TY>(float (*d)[4], const u32* a, unsigned long long db, int accumulate) { \
-        asm volatile( \
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_T "." PTX_T " " \
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, " \
-            "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n" \
-            : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate)); \
-    }
-NATSL_WS_RS_N128(bf16, "bf16")
-NATSL_WS_RS_N128(f16, "f16")
-#undef NATSL_WS_RS_N128
-
-// Keep P fragments alive and unmodified until the PV wgmma reading them was waited on.
-__device__ __forceinline__ void ws_hold_a(u32 (*a)[4]) {
-    asm volatile("" : "+r"(a[0][0]), "+r"(a[0][1]), "+r"(a[0][2]), "+r"(a[0][3]),
-        "+r"(a[1][0]), "+r"(a[1][1]), "+r"(a[1][2]), "+r"(a[1][3]),
-        "+r"(a[2][0]), "+r"(a[2][1]), "+r"(a[2][2]), "+r"(a[2][3]),
-        "+r"(a[3][0]), "+r"(a[3][1]), "+r"(a[3][2]), "+r"(a[3][3]) :: "memory");
-}
-
-constexpr int kWsProducerRegs = 56;
-constexpr int kWsConsumerRegs = 224;  // 128 * 56 + 256 * 224 = 64512 <= 65536
-
+// Tile policy per head-dim pair (what FA3 keeps in tile_size.h).
 template <int DK, int DV>
-struct WsCfg {
-    static constexpr int STAGES = DK + DV > 256 ? 2 : 3;
+struct WsTile {
+    // Keys per stage: 128 (two router blocks, one softmax rescale per 128 keys); 64 at
+    // dv 256, where the O accumulator takes 128 registers and S of 128 keys would not fit.
+    static constexpr int BN = DV <= 128 ? 128 : 64;
+    static constexpr int HALVES = BN / 64;
+    // Ring depth within 227 KB of shared memory.
+    static constexpr int ST = (DK + DV) >= 256 ? 2 : 3;
+    static constexpr bool Q_REGS = DK <= 128;                   // Q K^T with Q from registers
     static constexpr int DQ = DK > DV ? DK : DV;                // a Q tile doubles as the O staging tile
+    static constexpr int PANEL64 = 64 * 128;                    // bytes of a 64-row x 64-column panel
+    static constexpr int KPANEL = BN * 128;                     // bytes of a BN-row panel of a stage
     static constexpr int QBYTES = 64 * DQ * 2;
-    static constexpr int Q = 0;                                  // 2 x [64][DQ] (Q sw128 [64][DK], then O)
-    static constexpr int K = Q + 2 * QBYTES;                     // STAGES x [64][DK] sw128
-    static constexpr int V = K + STAGES * 64 * DK * 2;           // STAGES x [64][DV] sw128
-    static constexpr int KSCALE = V + STAGES * 64 * DV * 2;      // [2 consumers][2 parities][64] f32
-    static constexpr int BAR = KSCALE + 2 * 2 * 64 * 4;          // full[STAGES], empty[STAGES], qfull
-    static constexpr int BYTES = BAR + (2 * STAGES + 1) * 8 + 1024;  // + alignment slack
+    static constexpr int KBYTES = BN * DK * 2;
+    static constexpr int VBYTES = BN * DV * 2;
+    static constexpr int Q = 0;                                 // 2 x [64][DQ] sw128
+    static constexpr int K = Q + 2 * QBYTES;                    // ST x [BN][DK] sw128
+    static constexpr int V = K + ST * KBYTES;                   // ST x [BN][DV] sw128
+    static constexpr int KSCALE = V + ST * VBYTES;              // ST x [BN] f32 1 / rms(k)
+    static constexpr int BAR = KSCALE + ST * BN * 4;            // 6 ST + 1 mbarriers
+    static constexpr int NBAR = 6 * ST + 1;
+    static constexpr int BYTES = BAR + NBAR * 8 + 1024;         // + alignment slack
 };
+
+// Registers after setmaxnreg: 128 * 40 + 256 * 232 = 64512, the CTA's allocation at launch
+// (384 threads at the 168 of __launch_bounds__(384, 1)).
+constexpr int kWsProducerRegs = 40;
+constexpr int kWsConsumerRegs = 232;
+// Named barrier ids (0 is __syncthreads): 1, 2 = consumer warpgroup 0, 1 (128 threads);
+// 3 = the producer warpgroup; 4, 5 = the ping-pong turns of consumer 0, 1 (256 threads,
+// bar.sync by the owner, bar.arrive by the other).
+constexpr int kWsProducerBar = 3;
+constexpr int kWsTurnBar = 4;
 
 // The CTA's pair of chunks and the visit sequence (see the file comment).
 struct WsWork {
@@ -211,8 +150,51 @@ struct WsWork {
     }
 };
 
+// The router blocks of one stage: block b[h] in half h, used by the consumers in bits
+// m[h] (0: the half is empty, nothing was loaded there).
+template <int HALVES>
+struct WsStage {
+    int b[HALVES];
+    int m[HALVES];
+    // The next HALVES loaded positions from `pos` (advanced past them); false at the end.
+    __device__ __forceinline__ bool next(const WsWork& w, int& pos) {
+        int h = 0;
+#pragma unroll
+        for (int i = 0; i < HALVES; ++i) b[i] = m[i] = 0;
+        while (pos < w.npos && h < HALVES) {
+            int x;
+            const int mk = w.item(pos, &x);
+            ++pos;
+            if (mk) {
+#pragma unroll
+                for (int i = 0; i < HALVES; ++i) {
+                    if (i == h) {
+                        b[i] = x;
+                        m[i] = mk;
+                    }
+                }
+                ++h;
+            }
+        }
+        return h > 0;
+    }
+    __device__ __forceinline__ int loaded() const {
+        int n = 0;
+#pragma unroll
+        for (int i = 0; i < HALVES; ++i) n += m[i] != 0;
+        return n;
+    }
+};
+
+// Keep the P fragments unmodified until the PV wgmma reading them was waited on.
+template <int NK>
+__device__ __forceinline__ void ws_hold_p(u32 (*a)[4]) {
+#pragma unroll
+    for (int i = 0; i < NK; ++i) asm volatile("" : "+r"(a[i][0]), "+r"(a[i][1]), "+r"(a[i][2]), "+r"(a[i][3]) :: "memory");
+}
+
 // Epilogue of one consumer warpgroup (128 threads, `wtid` its thread index, named
-// barrier `bar`): store_prefill_output for the warpgroup's chunk `c`.
+// barrier `bar`): O / l through the staging tile `so`, lse, for the warpgroup's chunk `c`.
 template <typename T, int DV>
 __device__ __forceinline__ void ws_store_output(const NatslSparsePrefillParams& p, const WsWork& w, int c, int q_rows, float (&o)[DV / 8][4],
                                                 float (&l)[2], const float (&m)[2], T* so, int row_a, int wtid, int bar) {
@@ -231,9 +213,10 @@ __device__ __forceinline__ void ws_store_output(const NatslSparsePrefillParams& 
         *reinterpret_cast<u32*>(so + swz<DV>(row_a + 8, col)) = pack2<T>(o[ot][2] * inv1, o[ot][3] * inv1);
     }
     const i64 t0 = w.seq0 + (i64)c * 64;
+    // m is in raw-score units: lse = ln(sum exp(scale * s)) = (m * scale_log2 + log2 l) * ln 2.
     if (p.lse && (lane & 3) == 0) {
-        if (row_a < q_rows) p.lse[(t0 + row_a) * p.lse_stride_t + w.j] = l[0] > 0.f ? (m[0] + __log2f(l[0])) * kLn2 : neg_inf();
-        if (row_a + 8 < q_rows) p.lse[(t0 + row_a + 8) * p.lse_stride_t + w.j] = l[1] > 0.f ? (m[1] + __log2f(l[1])) * kLn2 : neg_inf();
+        if (row_a < q_rows) p.lse[(t0 + row_a) * p.lse_stride_t + w.j] = l[0] > 0.f ? (m[0] * p.scale_log2 + __log2f(l[0])) * kLn2 : neg_inf();
+        if (row_a + 8 < q_rows) p.lse[(t0 + row_a + 8) * p.lse_stride_t + w.j] = l[1] > 0.f ? (m[1] * p.scale_log2 + __log2f(l[1])) * kLn2 : neg_inf();
     }
     named_bar_sync(bar, 128);
     T* og = reinterpret_cast<T*>(p.o) + t0 * p.o_stride_t + (i64)w.j * p.o_stride_h;
@@ -245,34 +228,26 @@ __device__ __forceinline__ void ws_store_output(const NatslSparsePrefillParams& 
     }
 }
 
-// PP: FA3 ping-pong. The two consumers take turns
-// at issuing their wgmmas, one turn per loaded stage, consumer 0 first: consumer w
-// waits for its turn (bar.sync kWsTurnBar + w) before issuing the stage's QK^T (PIPE:
-// with the held block's PV) and hands the turn over (bar.arrive on the other's) right
-// after, so one consumer's softmax runs under the other's tensor-core work on every
-// stage, not only at the start (the one-time offset of the non-PP entries drifts into
-// lock-step). Both consumers walk the same loaded stages (used or not: an unused stage
-// is a turn taken and handed over at once), so the turns always pair up: consumer 1
-// arrives once up front, and consumer 0 consumes consumer 1's last hand-over after
-// the loop; nothing is left pending on either barrier at exit.
-//
-// WIDE (with PIPE and PP): O += P V as m64n128k16 wgmmas (one per
-// 16 keys and 128 columns of V, B spanning two 64-column panels through the
-// descriptor's leading byte offset) instead of m64n64k16 per panel: half the PV
-// wgmmas and half the A-fragment register reads per MAC. dv = 64 keeps m64n64.
-template <typename T, int DK, int DV, bool PIPE, bool PP = false, bool WIDE = false>
+template <typename T, int DK, int DV>
 __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     static_assert(DK % 64 == 0 && DV % 64 == 0 && DK <= 256 && DV <= 256, "head dims");
-    using S = WsCfg<DK, DV>;
-    constexpr int ST = S::STAGES;
-    constexpr int PANEL = 64 * 64 * 2;  // bytes of one 64-column panel of a 64-row tile
+    using S = WsTile<DK, DV>;
+    constexpr int ST = S::ST, BN = S::BN, HALVES = S::HALVES;
+    constexpr int NKK = BN / 16;  // k-steps of O += P V per stage
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw_addr = smem_u32(smem_raw);
     unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
     const u32 sbase = smem_u32(smem);
-    const u32 full_bar = sbase + S::BAR;             // full[s] at + 8 s
-    const u32 empty_bar = full_bar + ST * 8;         // empty[s] at + 8 s
-    const u32 q_bar = full_bar + 2 * ST * 8;
+    const u32 bar0 = sbase + S::BAR;
+    auto kfull = [&](int s) { return bar0 + 8 * s; };
+    auto vfull = [&](int s) { return bar0 + 8 * (ST + s); };
+    auto kempty = [&](int s) { return bar0 + 8 * (2 * ST + s); };
+    auto vempty = [&](int s) { return bar0 + 8 * (3 * ST + s); };
+    auto ksfull = [&](int s) { return bar0 + 8 * (4 * ST + s); };
+    auto ksempty = [&](int s) { return bar0 + 8 * (5 * ST + s); };
+    const u32 q_bar = bar0 + 8 * (6 * ST);
+    float* kscale_all = reinterpret_cast<float*>(smem + S::KSCALE);
+    const bool knorm = p.k_norm_w != nullptr;
 
     WsWork w;
     if (!w.init(p)) return;  // uniform over the CTA: before any barrier
@@ -281,12 +256,15 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < ST; ++s) {
-            mbar_init(full_bar + 8 * s, 128);
-            mbar_init(empty_bar + 8 * s, 8);
+            mbar_init(kfull(s), 1);
+            mbar_init(vfull(s), 1);
+            mbar_init(kempty(s), 8);
+            mbar_init(vempty(s), 8);
+            mbar_init(ksfull(s), 128);
+            mbar_init(ksempty(s), 8);
         }
-        mbar_init(q_bar, 128);
-        // The inits visible to the asynchronous arrivals (cp.async completion) too.
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        mbar_init(q_bar, 1);
+        mbar_init_fence();
     }
     __syncthreads();
 
@@ -294,29 +272,64 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     if (wg == 0) {
         // ------------------------------------------------------------ producer
         reg_dealloc<kWsProducerRegs>();
-        const int ptid = tid;
-        const T* qg = reinterpret_cast<const T*>(p.q) + (i64)(w.seq0 + w.c0 * 64) * p.q_stride_t + (i64)w.j * p.q_stride_h;
-        load_tile_sw128<T, DK, 64, 128>(reinterpret_cast<T*>(smem + S::Q), qg, p.q_stride_t, w.q_rows0, ptid);
-        if (w.has1)
-            load_tile_sw128<T, DK, 64, 128>(reinterpret_cast<T*>(smem + S::Q + S::QBYTES), qg + 64 * p.q_stride_t, p.q_stride_t, w.q_rows1, ptid);
-        cp_async_mbar_arrive(q_bar);
-        const T* kg = reinterpret_cast<const T*>(p.k) + (i64)w.seq0 * p.k_stride_t + (i64)w.kvh * p.k_stride_h;
-        const T* vg = reinterpret_cast<const T*>(p.v) + (i64)w.seq0 * p.v_stride_t + (i64)w.kvh * p.v_stride_h;
-        int k = 0;
-#pragma unroll 1
-        for (int pos = 0; pos < w.npos; ++pos) {
-            int b;
-            if (!w.item(pos, &b)) continue;
-            const int slot = k % ST;
-            if (k >= ST) mbar_wait(empty_bar + 8 * slot, ((k / ST) + 1) & 1);  // use k - ST released
-            T* sk = reinterpret_cast<T*>(smem + S::K + slot * 64 * DK * 2);
-            T* sv = reinterpret_cast<T*>(smem + S::V + slot * 64 * DV * 2);
-            load_tile_sw128<T, DK, 64, 128>(sk, kg + (i64)b * 64 * p.k_stride_t, p.k_stride_t, w.len - b * 64, ptid);
-            load_tile_sw128<T, DV, 64, 128>(sv, vg + (i64)b * 64 * p.v_stride_t, p.v_stride_t, w.len - b * 64, ptid);
-            cp_async_mbar_arrive(full_bar + 8 * slot);
-            ++k;
+        const bool leader = tid == 0;
+        if (leader) {
+            tma_prefetch_desc(&p.tma_q);
+            tma_prefetch_desc(&p.tma_k);
+            tma_prefetch_desc(&p.tma_v);
+            mbar_arrive_expect_tx(q_bar, (w.has1 ? 2 : 1) * 64 * DK * 2);
+#pragma unroll
+            for (int pn = 0; pn < DK / 64; ++pn) {
+                tma_load_3d(sbase + S::Q + pn * S::PANEL64, &p.tma_q, q_bar, pn * 64, w.j, w.seq0 + w.c0 * 64);
+                if (w.has1) tma_load_3d(sbase + S::Q + S::QBYTES + pn * S::PANEL64, &p.tma_q, q_bar, pn * 64, w.j, w.seq0 + w.c0 * 64 + 64);
+            }
         }
-        asm volatile("cp.async.wait_all;\n" ::: "memory");  // nothing in flight when the thread exits
+        if (!leader && !knorm) return;
+        WsStage<HALVES> stg;
+        int pos = 0;
+#pragma unroll 1
+        for (int k = 0; stg.next(w, pos); ++k) {
+            const int slot = k % ST;
+            const u32 ph = (k / ST) & 1;
+            const int nload = stg.loaded();
+            if (leader) {
+                // An empty half gets the stage's first block again: the consumers mask it
+                // out, and every half holds finite data, so O += P V can always run over
+                // all BN keys (no wgmma on a conditional path, which ptxas serialises).
+                if (k >= ST) mbar_wait(kempty(slot), ph ^ 1);
+                mbar_arrive_expect_tx(kfull(slot), HALVES * 64 * DK * 2);
+#pragma unroll
+                for (int h = 0; h < HALVES; ++h) {
+                    const int row = w.seq0 + (stg.m[h] ? stg.b[h] : stg.b[0]) * 64;
+#pragma unroll
+                    for (int pn = 0; pn < DK / 64; ++pn)
+                        tma_load_3d(sbase + S::K + slot * S::KBYTES + pn * S::KPANEL + h * S::PANEL64, &p.tma_k, kfull(slot), pn * 64, w.kvh, row);
+                }
+                if (k >= ST) mbar_wait(vempty(slot), ph ^ 1);
+                mbar_arrive_expect_tx(vfull(slot), HALVES * 64 * DV * 2);
+#pragma unroll
+                for (int h = 0; h < HALVES; ++h) {
+                    const int row = w.seq0 + (stg.m[h] ? stg.b[h] : stg.b[0]) * 64;
+#pragma unroll
+                    for (int pn = 0; pn < DV / 64; ++pn)
+                        tma_load_3d(sbase + S::V + slot * S::VBYTES + pn * S::KPANEL + h * S::PANEL64, &p.tma_v, vfull(slot), pn * 64, w.kvh, row);
+                }
+            }
+            if (knorm) {
+                // 1 / rms(k) of the stage's keys, once for both consumers. The slot's scales
+                // are rewritten only after both consumers read the previous ones (ksempty).
+                if (k >= ST) mbar_wait(ksempty(slot), ph ^ 1);
+                mbar_wait(kfull(slot), ph);
+                int row;
+                const T* sk = reinterpret_cast<const T*>(smem + S::K + slot * S::KBYTES);
+                const float ss = row_sumsq_sw128<T, DK, BN, 128>(sk, tid, &row);
+                if (tid % (128 / BN) == 0 && row < nload * 64) kscale_all[slot * BN + row] = rsqrtf(ss / (float)DK + p.norm_eps);
+                // Every producer thread is done reading the K slot before the leader can
+                // refill it (ST stages later).
+                named_bar_sync(kWsProducerBar, 128);
+                mbar_arrive(ksfull(slot));
+            }
+        }
         return;
     }
 
@@ -332,10 +345,10 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     T* sq = reinterpret_cast<T*>(smem + S::Q + cw * S::QBYTES);
     const T* wq = reinterpret_cast<const T*>(p.q_norm_w);
     const T* wk = reinterpret_cast<const T*>(p.k_norm_w);
+    const float sl2 = p.scale_log2;  // > 0 (validated): max of raw scores = max of scaled
 
     if (active) {
         mbar_wait(q_bar, 0);
-        fence_proxy_async();
         if (wq || wk) {
             fold_q_norm_sw128<T, DK, 64, 128>(sq, wq, wk, p.norm_eps, wtid);
             fence_proxy_async();  // generic writes of Q before the wgmma reads
@@ -343,16 +356,9 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         }
     }
 
-    // d <= 128: Q K^T takes Q from registers (A fragments of the warp's 16 rows), so
-    // the QK wgmma reads only K from shared memory (SS m64n64 would read 4 KB per
-    // 32 tensor-core cycles, the whole smem bandwidth). d 256 keeps Q in smem (registers go to O).
-    //
-    // qa is defined on every path (zeros for an inactive consumer, which never uses
-    // it). Left undefined on the inactive path (as the first version did), ptxas
-    // (CUDA 13.0) treated the fragments as dead after each QK^T wgmma of the loop
-    // and reused their registers for P (dk = dv = 64, prefill_ws): from the second
-    // visited block on, S was P_prev K^T (the 64/64 failure of 2026-11-28).
-    constexpr bool Q_REGS = DK <= 128;
+    // Q fragments (dk <= 128), defined on every path: zeros for an inactive consumer.
+    // (Left undefined there, ptxas reused their registers for P: see bench/NOTES.md, 64/64.)
+    constexpr bool Q_REGS = S::Q_REGS;
     u32 qa[Q_REGS ? DK / 16 : 1][4];
 #pragma unroll
     for (int ks = 0; ks < (Q_REGS ? DK / 16 : 1); ++ks) qa[ks][0] = qa[ks][1] = qa[ks][2] = qa[ks][3] = 0u;
@@ -364,209 +370,188 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     float o[DV / 8][4];
 #pragma unroll
     for (int i = 0; i < DV / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};  // m in raw-score units
     const int row_a = warp * 16 + (lane >> 2);
 
-    auto release = [&](int slot) {
+    auto release = [&](u32 b) {
         __syncwarp();
-        if (lane == 0) mbar_arrive(empty_bar + 8 * slot);
+        if (lane == 0) mbar_arrive(b);
     };
 
-    // PIPE: block i's QK^T and the previous own block's PV are issued back to back;
-    // the warpgroup waits for the QK^T only, and does block i's mask / max / exp2
-    // under the PV. The previous block's stage is
-    // held until its PV completes; before waiting on stage k the held stage is
-    // flushed if k is STAGES or more stages past it (the producer may need its slot).
-    u32 pa[4][4];  // P of the held block (PIPE) / of the current block
+    u32 pa[NKK][4];  // P of the held stage (the A operand of its PV)
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
-    int held = -1, held_slot = 0;  // PIPE: stage whose PV is pending, and its slot
-    auto issue_pv = [&](int vslot) {
-        const u32 v_addr = sbase + S::V + vslot * 64 * DV * 2;
-        if constexpr (WIDE && DV % 128 == 0) {
+    for (int kk = 0; kk < NKK; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
+    int held = -1, held_slot = 0;  // stage whose PV is pending, and its slot
+    u32 held_ph = 0;
+    auto issue_pv = [&]() {
+        const u32 v_addr = sbase + S::V + held_slot * S::VBYTES;
+        // Every k-step, unused halves too (P = 0 there): a wgmma under a condition makes
+        // ptxas serialise every wgmma of the kernel (C7520).
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-                for (int pw = 0; pw < DV / 128; ++pw) wgmma_rs_n128<T>(o + pw * 16, pa[kk], wg_desc(v_addr + pw * 2 * PANEL + kk * 16 * 128, PANEL), 1);
-            }
-        } else {
-#pragma unroll
-            for (int pn = 0; pn < DV / 64; ++pn) {
-#pragma unroll
-                for (int kk = 0; kk < 4; ++kk) wgmma_rs<T>(o + pn * 8, pa[kk], wg_desc(v_addr + pn * PANEL + kk * 16 * 128), 1);
-            }
-        }
+        for (int kk = 0; kk < NKK; ++kk) wgmma_rs<T, DV, 1>(o, pa[kk], wg_desc(v_addr + kk * 16 * 128, S::KPANEL), 1);
         wg_commit();
     };
-    auto flush = [&]() {  // PIPE: the held block's PV, then release its stage
-#pragma unroll
-        for (int pn = 0; pn < DV / 64; ++pn) wg_hold(o + pn * 8);
-        ws_hold_a(pa);
+    auto flush = [&]() {  // the held stage's PV now, then release its V
+        wg_hold<DV / 8>(o);
+        ws_hold_p<NKK>(pa);
+        mbar_wait(vfull(held_slot), held_ph);
         wg_fence();
-        issue_pv(held_slot);
+        issue_pv();
         wg_wait<0>();
-#pragma unroll
-        for (int pn = 0; pn < DV / 64; ++pn) wg_hold(o + pn * 8);
-        ws_hold_a(pa);
-        release(held_slot);
+        wg_hold<DV / 8>(o);
+        ws_hold_p<NKK>(pa);
+        release(vempty(held_slot));
         held = -1;
     };
 
     const int my_turn = kWsTurnBar + cw, other_turn = kWsTurnBar + (cw ^ 1);
-    if (PP && cw == 1) named_bar_arrive(kWsTurnBar, 256);  // consumer 0 goes first
+    if (cw == 1) named_bar_arrive(kWsTurnBar, 256);  // consumer 0 goes first
 
-    // The list entry of the next position is read one position ahead, after this
-    // position's wgmmas are issued (and after fence.proxy.async, whose MEMBAR would
-    // wait for the load): its global load overlaps the softmax instead of stalling
-    // the loop head.
-    int k = 0, nb = 0;
-    int b_next = 0;
-    int mask_next = w.npos > 0 ? w.item(0, &b_next) : 0;
+    // The next stage's list entries are read while this stage's wgmmas run.
+    WsStage<HALVES> cur, nxt;
+    int pos = 0;
+    bool have = cur.next(w, pos);
 #pragma unroll 1
-    for (int pos = 0; pos < w.npos; ++pos) {
-        const int b = b_next;
-        const int mask = mask_next;
-        auto fetch_next = [&]() {
-            if (pos + 1 < w.npos) mask_next = w.item(pos + 1, &b_next);
-        };
-        if (!mask) {
-            fetch_next();
-            continue;
-        }
+    for (int k = 0; have; ++k) {
         const int slot = k % ST;
-        if (PIPE && held >= 0 && k - held >= ST) flush();
-        mbar_wait(full_bar + 8 * slot, (k / ST) & 1);
-        // Not PP: stage 0 (every CTA has one: block c0): consumer 1 starts its first QK^T only
-        // once consumer 0's has completed, so that the two run out of phase (one's
-        // softmax under the other's wgmma) instead of in lock-step on shared stages.
-        // Exactly one arrive (consumer 0) and one sync (consumer 1) per CTA, both at
-        // stage 0, which needs no slot release: no hang whatever the lists hold.
-        const bool stage0 = k == 0;
-        const int kcur = k;
-        ++k;
-        if (!(mask & (1 << cw))) {
-            if (PP) {
-                named_bar_sync(my_turn, 256);
-                named_bar_arrive(other_turn, 256);
-            } else if (stage0) {
-                if (cw == 0) named_bar_arrive(kWsOffsetBar, 256);
-                else named_bar_sync(kWsOffsetBar, 256);
+        const u32 ph = (k / ST) & 1;
+        if (held >= 0 && k - held >= ST) flush();  // the producer needs the held stage's V slot
+        mbar_wait(kfull(slot), ph);
+        int use = 0;  // halves this consumer uses
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h) use |= ((cur.m[h] >> cw) & 1) << h;
+        if (!use) {
+            named_bar_sync(my_turn, 256);
+            named_bar_arrive(other_turn, 256);
+            have = nxt.next(w, pos);
+            release(kempty(slot));
+            mbar_wait(vfull(slot), ph);
+            release(vempty(slot));
+            if (knorm) {
+                mbar_wait(ksfull(slot), ph);
+                release(ksempty(slot));
             }
-            release(slot);
-            fetch_next();
+            cur = nxt;
             continue;
         }
-        if (PP) named_bar_sync(my_turn, 256);
-        else if (stage0 && cw == 1) named_bar_sync(kWsOffsetBar, 256);
-        fence_proxy_async();  // the producer's cp.async (generic proxy) writes before the wgmma reads
-        const u32 k_addr = sbase + S::K + slot * 64 * DK * 2;
+        named_bar_sync(my_turn, 256);
+        const u32 k_addr = sbase + S::K + slot * S::KBYTES;
 
-        // S = Q K^T (PIPE: then the held block's PV as a second group)
-        float s[8][4];
+        // S = Q K^T, then the held stage's PV as a second group
+        float s[BN / 8][4];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-        wg_hold(s);
-        if (PIPE) {
-#pragma unroll
-            for (int pn = 0; pn < DV / 64; ++pn) wg_hold(o + pn * 8);
-            ws_hold_a(pa);
-        }
+        for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        wg_hold<BN / 8>(s);
+        wg_hold<DV / 8>(o);
+        ws_hold_p<NKK>(pa);
         wg_fence();
 #pragma unroll
         for (int ks = 0; ks < DK / 16; ++ks) {
-            const u32 off = (ks >> 2) * PANEL + (ks & 3) * 32;
-            if (Q_REGS) wgmma_rs_kmajor<T>(s, qa[Q_REGS ? ks : 0], wg_desc(k_addr + off), ks > 0);
-            else wgmma_ss<T>(s, wg_desc(q_addr + off), wg_desc(k_addr + off), ks > 0);
+            const u32 off = (ks >> 2) * S::KPANEL + (ks & 3) * 32;
+            if constexpr (Q_REGS) wgmma_rs<T, BN, 0>(s, qa[ks], wg_desc(k_addr + off), ks > 0);
+            else wgmma_ss<T, BN, 0>(s, wg_desc(q_addr + (ks >> 2) * S::PANEL64 + (ks & 3) * 32), wg_desc(k_addr + off), ks > 0);
         }
         wg_commit();
-        const bool pv_pending = PIPE && held >= 0;
+        const bool pv_pending = held >= 0;
         if (pv_pending) {
+            mbar_wait(vfull(held_slot), held_ph);
             wg_fence();  // in this basic block (ptxas would inject it); waits for no wgmma
-            issue_pv(held_slot);
-            if (PP) named_bar_arrive(other_turn, 256);
-            fetch_next();
+            issue_pv();
+            named_bar_arrive(other_turn, 256);
+            have = nxt.next(w, pos);
             wg_wait<1>();
         } else {
-            if (PP) named_bar_arrive(other_turn, 256);
-            fetch_next();
+            named_bar_arrive(other_turn, 256);
+            have = nxt.next(w, pos);
             wg_wait<0>();
         }
-        wg_hold(s);
+        wg_hold<BN / 8>(s);
+        release(kempty(slot));  // S is in registers: the K slot goes back to the producer
 
-        // 1 / rms(k) of the block's keys (double-buffered by nb parity; one barrier per block).
-        float* kscale = reinterpret_cast<float*>(smem + S::KSCALE) + (cw * 2 + (nb & 1)) * 64;
-        if (wk) {
-            int r;
-            const T* skt = reinterpret_cast<const T*>(smem + S::K + slot * 64 * DK * 2);
-            const float ss = row_sumsq_sw128<T, DK, 64, 128>(skt, wtid, &r);
-            if ((wtid & 1) == 0) kscale[r] = rsqrtf(ss / (float)DK + p.norm_eps);
-            named_bar_sync(bar, 128);
+        // Per-key 1 / rms(k) (k-RMSNorm): scores to normalised-key units.
+        if (knorm) {
+            mbar_wait(ksfull(slot), ph);
+            const float* ksc = kscale_all + slot * BN;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                const float2 f = *reinterpret_cast<const float2*>(ksc + nt * 8 + 2 * (lane & 3));
+                s[nt][0] *= f.x;
+                s[nt][1] *= f.y;
+                s[nt][2] *= f.x;
+                s[nt][3] *= f.y;
+            }
+            release(ksempty(slot));
         }
-        if (!PP && stage0 && cw == 0) named_bar_arrive(kWsOffsetBar, 256);
-
-        const bool diag = b == c;
+        // Masks: an unused half (the other consumer's block) and the causal diagonal.
+        bool full = use == (1 << HALVES) - 1;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
+        for (int h = 0; h < HALVES; ++h) full = full && cur.b[h] != c;
+        if (!full) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = nt * 8 + 2 * (lane & 3) + (e & 1);
-                const int row = row_a + (e >> 1) * 8;
-                float x = s[nt][e] * (wk ? kscale[key] : 1.f) * p.scale_log2;
-                if (diag && key > row) x = neg_inf();
-                s[nt][e] = x;
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                const int h = nt / 8;
+                const bool used_h = (use >> h) & 1;
+                const bool diag_h = cur.b[h] == c;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = (nt % 8) * 8 + 2 * (lane & 3) + (e & 1);
+                    const int row = row_a + (e >> 1) * 8;
+                    if (!used_h || (diag_h && key > row)) s[nt][e] = neg_inf();
+                }
             }
         }
+        // Online softmax on raw scores; exp2(s * scale_log2 - m * scale_log2) as one FFMA.
         float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float mx = neg_inf();
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+            for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float m_new = fmaxf(m[r], mx);
             const float m_use = m_new == neg_inf() ? 0.f : m_new;
-            alpha[r] = fast_exp2(m[r] - m_use);
+            const float mc = m_use * sl2;
+            alpha[r] = fast_exp2(m[r] * sl2 - mc);
             float sum = 0.f;
 #pragma unroll
-            for (int nt = 0; nt < 8; ++nt) {
-                s[nt][2 * r] = fast_exp2(s[nt][2 * r] - m_use);
-                s[nt][2 * r + 1] = fast_exp2(s[nt][2 * r + 1] - m_use);
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], sl2, -mc));
+                s[nt][2 * r + 1] = fast_exp2(fmaf(s[nt][2 * r + 1], sl2, -mc));
                 sum += s[nt][2 * r] + s[nt][2 * r + 1];
             }
             l[r] = l[r] * alpha[r] + sum;
             m[r] = m_new;
         }
-        // The held block's PV is done (nothing pending otherwise): its stage goes back to the producer.
+        // The held stage's PV is done (nothing pending otherwise): its V goes back.
         wg_wait<0>();
+        wg_hold<DV / 8>(o);
+        ws_hold_p<NKK>(pa);
+        if (pv_pending) release(vempty(held_slot));
+        // Rescale O only when a row maximum moved (after the first blocks, rarely).
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-        for (int pn = 0; pn < DV / 64; ++pn) wg_hold(o + pn * 8);
-        ws_hold_a(pa);
-        if (pv_pending) {
-            release(held_slot);
-            held = -1;
+            for (int ot = 0; ot < DV / 8; ++ot) {
+                o[ot][0] *= alpha[0];
+                o[ot][1] *= alpha[0];
+                o[ot][2] *= alpha[1];
+                o[ot][3] *= alpha[1];
+            }
         }
 #pragma unroll
-        for (int ot = 0; ot < DV / 8; ++ot) {
-            o[ot][0] *= alpha[0];
-            o[ot][1] *= alpha[0];
-            o[ot][2] *= alpha[1];
-            o[ot][3] *= alpha[1];
-        }
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
+        for (int kk = 0; kk < NKK; ++kk) {
             pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
             pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
             pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
             pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
         }
-        held = kcur;
+        held = k;
         held_slot = slot;
-        if (!PIPE) flush();  // O += P V now, release the stage
-        ++nb;
+        held_ph = ph;
+        cur = nxt;
     }
-    if (PIPE && held >= 0) flush();
-    if (PP && cw == 0) named_bar_sync(kWsTurnBar, 256);  // consumer 1's last hand-over
+    if (held >= 0) flush();
+    if (cw == 0) named_bar_sync(kWsTurnBar, 256);  // consumer 1's last hand-over
 
     if (!active) return;
     // The Q tile becomes the O staging tile: every warp of this warpgroup is done

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::params::{NatslSparseDecodeParams, NatslSparsePrefillParams, NATSL_SPARSE_BLOCKS, NATSL_SPARSE_MAX_QUERIES, NATSL_SPARSE_ROUTED};
 use crate::runtime::Runtime;
 use crate::tensor::{DType, TensorMut, TensorRef};
+use crate::tma;
 use cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use natsl_codegen::{catalog, HeadDims};
 
@@ -57,27 +58,23 @@ pub enum BlockMask<'a> {
 /// Which prefill kernel runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PrefillKernel {
-    /// The best proven kernel for the device: on the sm_90a path
-    /// [`PrefillKernel::WarpSpecializedPingPong`] for router lists (H200 2026-11-28,
-    /// run g: dense causal d128 7.51 ms vs wgmma 9.49, NAtS-L 64/128 rho 1 9.04 vs 12.24)
-    /// and [`PrefillKernel::Wgmma`] for block lists; mma.sync elsewhere.
+    /// The best proven kernel for the device and mask: on the sm_90a path
+    /// [`PrefillKernel::WarpSpecialized`] for router lists and [`PrefillKernel::Wgmma`]
+    /// for block lists (and for views no TMA map can describe); mma.sync elsewhere.
     #[default]
     Auto,
     /// FlashAttention-2 style on mma.sync (every arch).
     MmaSync,
     /// wgmma, one warpgroup per 64-row chunk (sm_90a only; an error on other code paths).
     Wgmma,
-    /// Warp-specialized wgmma (sm_90a only; entry `prefill_ws`, FlashAttention-3
-    /// structure): 384-thread CTAs of 128 query rows (two chunks), one producer
-    /// warpgroup loading a 2-3 stage K/V ring through cp.async + mbarriers, two
-    /// consumer warpgroups. ROUTED lists only: a BLOCKS mask runs [`PrefillKernel::Wgmma`].
+    /// FlashAttention-3 structure (sm_90a only; entry `prefill_ws`): 384-thread CTAs of
+    /// 128 query rows (two chunks), a producer warpgroup loading Q and a K/V ring of
+    /// 128-key stages (64 at dv 256) by TMA, two ping-ponging consumer warpgroups with
+    /// the next QK^T issued under each softmax. ROUTED lists only: a BLOCKS mask is an
+    /// error, as is a view that no TMA tensor map describes.
     WarpSpecialized,
-    /// [`PrefillKernel::WarpSpecialized`] with FA3's schedule (entry `prefill_ws_pingpong`):
-    /// the consumers take turns at the tensor cores (named barriers, every stage), each
-    /// issues block i's QK^T with block i-1's PV and runs its softmax under them, and
-    /// O += P V runs as m64n128k16. ROUTED lists only. Run g measured the schedule's
-    /// parts separately (pipelining alone, ping-pong alone, both with m64n64 PV): each
-    /// within 2% of WarpSpecialized; together with the wide PV 3-4% faster.
+    /// The cp.async warp-specialized kernel of 2026-11-28 (64-key stages; entry
+    /// `prefill_ws_pingpong`), kept for one A/B run against [`PrefillKernel::WarpSpecialized`].
     WarpSpecializedPingPong,
 }
 
@@ -145,8 +142,9 @@ fn check_norm(arg: &'static str, w: &Option<TensorRef>, dtype: DType, dk: usize)
 
 fn check_scale(s: Option<f32>, dk: usize) -> Result<f32> {
     let s = s.unwrap_or(1.0 / (dk as f32).sqrt());
-    if !s.is_finite() || s == 0.0 {
-        return Err(Error::invalid("scale", format!("{s} must be finite and nonzero")));
+    // > 0: the kernels take row maxima of raw scores (the max of scale * s only for scale > 0).
+    if !(s.is_finite() && s > 0.0 && (s * std::f32::consts::LOG2_E).is_finite()) {
+        return Err(Error::invalid("scale", format!("{s} must be finite and positive (also once multiplied by log2 e)")));
     }
     Ok(s)
 }
@@ -182,20 +180,36 @@ pub fn prefill_wgmma_smem(dims: HeadDims) -> u32 {
 /// Threads per CTA of the warp-specialized prefills: 1 producer + 2 consumer warpgroups.
 pub const WS_THREADS: u32 = 384;
 
-/// K/V ring depth of the warp-specialized prefill (as `WsCfg::STAGES` in cuda/sparse/prefill_ws.cuh).
+/// Keys per K/V stage of the TMA warp-specialized prefill (`WsTile::BN` in cuda/sparse/prefill_ws.cuh).
+pub fn prefill_ws_keys(dims: HeadDims) -> u32 {
+    if dims.dv <= 128 {
+        128
+    } else {
+        64
+    }
+}
+
+/// K/V ring depth of the TMA warp-specialized prefill (`WsTile::ST`).
 pub fn prefill_ws_stages(dims: HeadDims) -> u32 {
-    if dims.dk + dims.dv > 256 {
+    if dims.dk + dims.dv >= 256 {
         2
     } else {
         3
     }
 }
 
-/// Smem bytes of the warp-specialized prefill (`WsCfg::BYTES`): two [64][max(dk, dv)]
-/// Q / O staging tiles, the K/V ring, per-key RMS scales (2 consumers x 2 parities x 64),
-/// the mbarriers (full and empty per stage, Q), plus 1 KB to align the tiles.
+/// Smem bytes of the TMA warp-specialized prefill (`WsTile::BYTES`): two [64][max(dk, dv)]
+/// Q / O staging tiles, the ring of [BN][dk] K and [BN][dv] V stages, per-key RMS
+/// scales per stage, 6 mbarriers per stage + 1 (Q), plus 1 KB to align the tiles.
 pub fn prefill_ws_smem(dims: HeadDims) -> u32 {
-    let st = prefill_ws_stages(dims);
+    let (st, bn) = (prefill_ws_stages(dims), prefill_ws_keys(dims));
+    2 * 64 * dims.dk.max(dims.dv) * 2 + st * bn * (dims.dk + dims.dv) * 2 + st * bn * 4 + (6 * st + 1) * 8 + 1024
+}
+
+/// Smem bytes of the cp.async warp-specialized prefill (`WsPPCfg::BYTES` in
+/// cuda/sparse/prefill_ws_pingpong.cuh).
+pub fn prefill_ws_pingpong_smem(dims: HeadDims) -> u32 {
+    let st = if dims.dk + dims.dv > 256 { 2 } else { 3 };
     2 * 64 * dims.dk.max(dims.dv) * 2 + st * 64 * (dims.dk + dims.dv) * 2 + 2 * 2 * 64 * 4 + (2 * st + 1) * 8 + 1024
 }
 
@@ -275,30 +289,51 @@ fn ptr_or_null(t: &Option<TensorRef>) -> *const std::ffi::c_void {
 pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &TensorRef, mask: &BlockMask, opts: &SparseOptions, o: &mut TensorMut, lse: Option<&mut TensorMut>) -> Result<()> {
     let plan = validate_prefill(batch.cu_seqlens(), q, k, v, mask, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
     let spec = catalog::sparse_prefill_spec(plan.dtype, plan.dims, rt.arch());
+    let sm90a = rt.arch() == natsl_codegen::Arch::Sm90a;
+    let routed = matches!(mask, BlockMask::Routed { .. });
+    // TMA maps of q, k, v (the warp-specialized kernel); None where a view has none.
+    let maps = || -> Result<[crate::params::NatslTensorMap; 3]> { Ok([tma::encode_thd("q", q, 64)?, tma::encode_thd("k", k, 64)?, tma::encode_thd("v", v, 64)?]) };
+    let mut tma_maps = [tma::NONE; 3];
     let kernel = match opts.kernel {
-        PrefillKernel::Auto if rt.arch() == natsl_codegen::Arch::Sm90a => PrefillKernel::WarpSpecializedPingPong,
+        PrefillKernel::Auto if sm90a && routed => match maps() {
+            Ok(m) => {
+                tma_maps = m;
+                PrefillKernel::WarpSpecialized
+            }
+            Err(_) => PrefillKernel::Wgmma,
+        },
+        PrefillKernel::Auto if sm90a => PrefillKernel::Wgmma,
         PrefillKernel::Auto => PrefillKernel::MmaSync,
         k => k,
+    };
+    let need_sm90a = |what: &str| -> Result<()> {
+        if sm90a {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!("the {what} prefill needs the sm_90a code path, not {:?}", rt.arch())))
+        }
     };
     let (entry, smem_bytes) = match kernel {
         PrefillKernel::Auto | PrefillKernel::MmaSync => ("prefill", plan.smem_bytes),
         PrefillKernel::Wgmma => {
-            if rt.arch() != natsl_codegen::Arch::Sm90a {
-                return Err(Error::Unsupported(format!("the wgmma prefill needs the sm_90a code path, not {:?}", rt.arch())));
-            }
+            need_sm90a("wgmma")?;
             ("prefill_wgmma", prefill_wgmma_smem(plan.dims))
         }
-        PrefillKernel::WarpSpecialized | PrefillKernel::WarpSpecializedPingPong => {
-            if rt.arch() != natsl_codegen::Arch::Sm90a {
-                return Err(Error::Unsupported(format!("the warp-specialized prefill needs the sm_90a code path, not {:?}", rt.arch())));
+        PrefillKernel::WarpSpecialized => {
+            need_sm90a("warp-specialized")?;
+            if !routed {
+                return Err(Error::Unsupported("the warp-specialized prefill walks router lists; block lists run PrefillKernel::Wgmma (or Auto)".into()));
             }
+            if opts.kernel != PrefillKernel::Auto {
+                tma_maps = maps()?;
+            }
+            ("prefill_ws", prefill_ws_smem(plan.dims))
+        }
+        PrefillKernel::WarpSpecializedPingPong => {
+            need_sm90a("warp-specialized")?;
             match mask {
-                // The warp-specialized kernels walk router lists only; block lists keep the wgmma kernel.
                 BlockMask::Blocks { .. } => ("prefill_wgmma", prefill_wgmma_smem(plan.dims)),
-                BlockMask::Routed { .. } => {
-                    let entry = if kernel == PrefillKernel::WarpSpecialized { "prefill_ws" } else { "prefill_ws_pingpong" };
-                    (entry, prefill_ws_smem(plan.dims))
-                }
+                BlockMask::Routed { .. } => ("prefill_ws_pingpong", prefill_ws_pingpong_smem(plan.dims)),
             }
         }
     };
@@ -340,6 +375,9 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
         kv_indices: kvi,
         max_q_blocks: qb as i32,
         max_kv_blocks: kb as i32,
+        tma_q: tma_maps[0],
+        tma_k: tma_maps[1],
+        tma_v: tma_maps[2],
     };
     let cfg = if entry.starts_with("prefill_ws") {
         // validate_prefill bounded max_chunks * N * Hq by i32::MAX; the pair grid is at most that.

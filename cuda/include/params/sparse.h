@@ -26,6 +26,13 @@
  *   Entries must not repeat. A row that sees no key gets o = 0, lse = -inf.
  */
 typedef struct NatslSparsePrefillParams {
+    /* The warp-specialised sm_90a entry (prefill_ws) loads q, k, v by TMA: each viewed
+     * as a 3-D tensor (dim, head, token) = (dk or dv, H, T) with its strides, boxes of
+     * 64 x 1 x 64 elements, 128-byte swizzle, zero fill past T. First: 64-byte aligned
+     * with no padding before them. */
+    NatslTensorMap tma_q;
+    NatslTensorMap tma_k;
+    NatslTensorMap tma_v;
     NatslVarlen batch;
     const void* q;           /* [T, Hq, dk] activation dtype; last dim contiguous */
     long long q_stride_t;    /* elements between tokens (multiple of 8) */
