@@ -198,7 +198,10 @@ fn check_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
     // warp-specialized on sm_90a).
     // The warp-specialized kernel walks router lists only (block lists are an error there).
     let routed = matches!(c.mask, Mask::Routed(_));
-    for kernel in sparse::prefill_kernels(rt).into_iter().filter(|&k| routed || k != sparse::PrefillKernel::WarpSpecialized) {
+    // NATSL_TEST_KERNELS=WarpSpecialized,Wgmma (names as printed): only those (sanitizer runs).
+    let only = std::env::var("NATSL_TEST_KERNELS").ok();
+    let wanted = |k: sparse::PrefillKernel| only.as_ref().is_none_or(|o| o.split(',').any(|n| n == format!("{k:?}")));
+    for kernel in sparse::prefill_kernels(rt).into_iter().filter(|&k| (routed || k != sparse::PrefillKernel::WarpSpecialized) && wanted(k)) {
         let what = format!("{what} kernel {kernel:?}");
         let opts = SparseOptions { kernel, ..opts0.clone() };
         let mut od = testing::poisoned::<T>(rt, t * (hq * dv + pad)).unwrap();

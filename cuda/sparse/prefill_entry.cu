@@ -6,7 +6,6 @@
 #include "sparse/prefill.cuh"
 #include "sparse/prefill_wgmma.cuh"
 #include "sparse/prefill_ws.cuh"
-#include "sparse/prefill_ws_pingpong.cuh"
 
 extern "C" __global__ void __launch_bounds__(NATSL_THREADS) NATSL_KERNEL(prefill)(const NatslSparsePrefillParams p) {
     natsl::sparse::sparse_prefill<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_WARPS>(p);
@@ -25,15 +24,6 @@ extern "C" __global__ void __launch_bounds__(128) NATSL_KERNEL(prefill_wgmma)(co
 extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws)(const __grid_constant__ NatslSparsePrefillParams p) {
 #if NATSL_SM90A
     natsl::sparse::sparse_prefill_ws<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);
-#else
-    (void)p;
-#endif
-}
-
-// The cp.async warp-specialized kernel it replaces (64-key stages), kept for one A/B run.
-extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(prefill_ws_pingpong)(const NatslSparsePrefillParams p) {
-#if NATSL_SM90A
-    natsl::sparse::sparse_prefill_ws_pingpong<NATSL_DTYPE, NATSL_DK, NATSL_DV, true, true, true>(p);
 #else
     (void)p;
 #endif

@@ -3,19 +3,23 @@
 //
 // CTA = 128 query rows = the chunk pair c0 = 2i, c1 = 2i + 1 of one (sequence, query
 // head); 384 threads = 3 warpgroups:
-//   WG0       producer. One thread issues TMA loads through the tensor maps in the params
-//             (q, k, v as 3-D (dim, head, token) tensors, 64 x 1 x 64 boxes, 128-byte
-//             swizzle): Q of both chunks once, then a ring of ST stages of BN keys. A stage
-//             holds BN / 64 router blocks, one box per block and 64-column panel, so the
-//             routed gather costs nothing. With k-RMSNorm the warpgroup then computes
-//             1 / rms(k) of the stage's keys from shared memory (once for both consumers).
+//   WG0       producer. Warp 0 walks the router list (32 entries per step, loaded in
+//             parallel), packs the loaded blocks into stages and, from one thread, writes
+//             each stage's descriptor (WsDesc) to shared memory and issues its TMA loads
+//             through the tensor maps in the params (q, k, v as 3-D (dim, head, token)
+//             tensors, 64 x 1 x 64 boxes, 128-byte swizzle): Q of both chunks once, then a
+//             ring of ST stages of BN keys, one box per router block and 64-column panel, so
+//             the routed gather costs nothing. With k-RMSNorm warps 1-3 compute 1 / rms(k)
+//             of each stage's keys from shared memory (once for both consumers).
 //   WG1, WG2  consumers; consumer w owns chunk c_w (64 rows). Per stage: S = Q K^T (wgmma
 //             m64nBNk16; Q from registers for dk <= 128), online softmax in registers (exp2
 //             of pre-scaled logits; masks only on a diagonal or unused block), O += P V
 //             (wgmma, P from registers). Stage i's QK^T is issued together with stage
 //             i-1's PV and stage i's softmax runs under that PV (intra-warpgroup overlap);
 //             the two consumers take turns at issuing (ping-pong, named barriers), so one's
-//             softmax runs under the other's GEMMs.
+//             softmax runs under the other's GEMMs. They read each stage's descriptor
+//             from shared memory, never the list: a list walk in the consumer loop put a
+//             dependent global load on the softmax's critical path.
 // Both chunks share every K/V byte loaded (the list entries < c0 and block c0).
 //
 // Visit sequence of the pair (ROUTED mode; BLOCKS mode runs prefill_wgmma), mirroring
@@ -28,8 +32,9 @@
 // stage in order (the last stage may be half empty: its missing half is never read).
 //
 // mbarriers per stage slot s: kfull[s], vfull[s] (count 1: the producer's expect_tx),
-// kempty[s], vempty[s] (count 8: one arrival per consumer warp), and with k-RMSNorm
-// ksfull[s] (count 128: the producer threads), ksempty[s] (count 8); qfull (count 1).
+// kempty[s], vempty[s] (count 256: every consumer thread), and with k-RMSNorm
+// ksfull[s] (count 96: producer warps 1-3), ksempty[s] (count 256); qfull (count 1). A
+// descriptor with m < 0 after the last stage ends the loops (kfull armed without bytes).
 // Stage k uses slot k % ST with phase parity (k / ST) & 1. Every consumer warp waits and
 // releases every stage (used or not), so no barrier ever runs two phases ahead.
 //
@@ -43,7 +48,7 @@
 #pragma once
 #include "common/sm90.cuh"
 #include "common/wgmma.cuh"
-#include "sparse/prefill_wgmma.cuh"
+#include "sparse/prefill_wgmma.cuh"  // fold_q_norm_sw128; prefill_work.cuh, flash.cuh through it
 
 namespace natsl {
 namespace sparse {
@@ -72,7 +77,9 @@ struct WsTile {
     static constexpr int KSCALE = V + ST * VBYTES;              // ST x [BN] f32 1 / rms(k)
     static constexpr int BAR = KSCALE + ST * BN * 4;            // 6 ST + 1 mbarriers
     static constexpr int NBAR = 6 * ST + 1;
-    static constexpr int BYTES = BAR + NBAR * 8 + 1024;         // + alignment slack
+    static constexpr int DESC = BAR + (NBAR * 8 + 15) / 16 * 16; // ST x WsDesc: the stage in each slot
+    static constexpr int ITEMS = DESC + ST * 16;                // 32 x int2: the list walk's window
+    static constexpr int BYTES = ITEMS + 32 * 8 + 1024;         // + alignment slack
 };
 
 // Registers after setmaxnreg: 128 * 40 + 256 * 232 = 64512, the CTA's allocation at launch
@@ -80,9 +87,8 @@ struct WsTile {
 constexpr int kWsProducerRegs = 40;
 constexpr int kWsConsumerRegs = 232;
 // Named barrier ids (0 is __syncthreads): 1, 2 = consumer warpgroup 0, 1 (128 threads);
-// 3 = the producer warpgroup; 4, 5 = the ping-pong turns of consumer 0, 1 (256 threads,
-// bar.sync by the owner, bar.arrive by the other).
-constexpr int kWsProducerBar = 3;
+// 4, 5 = the ping-pong turns of consumer 0, 1 (256 threads, bar.sync by the owner,
+// bar.arrive by the other).
 constexpr int kWsTurnBar = 4;
 
 // The CTA's pair of chunks and the visit sequence (see the file comment).
@@ -150,40 +156,14 @@ struct WsWork {
     }
 };
 
-// The router blocks of one stage: block b[h] in half h, used by the consumers in bits
-// m[h] (0: the half is empty, nothing was loaded there).
-template <int HALVES>
-struct WsStage {
-    int b[HALVES];
-    int m[HALVES];
-    // The next HALVES loaded positions from `pos` (advanced past them); false at the end.
-    __device__ __forceinline__ bool next(const WsWork& w, int& pos) {
-        int h = 0;
-#pragma unroll
-        for (int i = 0; i < HALVES; ++i) b[i] = m[i] = 0;
-        while (pos < w.npos && h < HALVES) {
-            int x;
-            const int mk = w.item(pos, &x);
-            ++pos;
-            if (mk) {
-#pragma unroll
-                for (int i = 0; i < HALVES; ++i) {
-                    if (i == h) {
-                        b[i] = x;
-                        m[i] = mk;
-                    }
-                }
-                ++h;
-            }
-        }
-        return h > 0;
-    }
-    __device__ __forceinline__ int loaded() const {
-        int n = 0;
-#pragma unroll
-        for (int i = 0; i < HALVES; ++i) n += m[i] != 0;
-        return n;
-    }
+// What a stage slot holds, written by the producer before it arms the slot's kfull
+// barrier: block b[h] in half h, used by consumer w iff bit 2h + w of m; m < 0 marks the
+// end of the CTA's stages. (A half no consumer uses holds a copy of the stage's first
+// block: every half holds finite data.)
+struct WsDesc {
+    int b[2];
+    int m;
+    int pad;
 };
 
 // Keep the P fragments unmodified until the PV wgmma reading them was waited on.
@@ -258,10 +238,10 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         for (int s = 0; s < ST; ++s) {
             mbar_init(kfull(s), 1);
             mbar_init(vfull(s), 1);
-            mbar_init(kempty(s), 8);
-            mbar_init(vempty(s), 8);
-            mbar_init(ksfull(s), 128);
-            mbar_init(ksempty(s), 8);
+            mbar_init(kempty(s), 256);
+            mbar_init(vempty(s), 256);
+            mbar_init(ksfull(s), 96);
+            mbar_init(ksempty(s), 256);
         }
         mbar_init(q_bar, 1);
         mbar_init_fence();
@@ -269,66 +249,110 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     __syncthreads();
 
     const int wg = tid >> 7;  // 0 producer, 1 / 2 consumers
+    WsDesc* desc = reinterpret_cast<WsDesc*>(smem + S::DESC);
     if (wg == 0) {
         // ------------------------------------------------------------ producer
         reg_dealloc<kWsProducerRegs>();
-        const bool leader = tid == 0;
-        if (leader) {
-            tma_prefetch_desc(&p.tma_q);
-            tma_prefetch_desc(&p.tma_k);
-            tma_prefetch_desc(&p.tma_v);
-            mbar_arrive_expect_tx(q_bar, (w.has1 ? 2 : 1) * 64 * DK * 2);
+        const int pwarp = tid >> 5, plane = tid & 31;
+        if (pwarp == 0) {
+            // Warp 0 walks the list, 32 positions per step (one load each, in parallel),
+            // packs the loaded blocks HALVES per stage, and lane 0 publishes each stage's
+            // descriptor and issues its TMA loads. The consumers never read the list.
+            if (plane == 0) {
+                tma_prefetch_desc(&p.tma_q);
+                tma_prefetch_desc(&p.tma_k);
+                tma_prefetch_desc(&p.tma_v);
+                mbar_arrive_expect_tx(q_bar, (w.has1 ? 2 : 1) * 64 * DK * 2);
 #pragma unroll
-            for (int pn = 0; pn < DK / 64; ++pn) {
-                tma_load_3d(sbase + S::Q + pn * S::PANEL64, &p.tma_q, q_bar, pn * 64, w.j, w.seq0 + w.c0 * 64);
-                if (w.has1) tma_load_3d(sbase + S::Q + S::QBYTES + pn * S::PANEL64, &p.tma_q, q_bar, pn * 64, w.j, w.seq0 + w.c0 * 64 + 64);
+                for (int pn = 0; pn < DK / 64; ++pn) {
+                    tma_load_3d(sbase + S::Q + pn * S::PANEL64, &p.tma_q, q_bar, pn * 64, w.j, w.seq0 + w.c0 * 64);
+                    if (w.has1) tma_load_3d(sbase + S::Q + S::QBYTES + pn * S::PANEL64, &p.tma_q, q_bar, pn * 64, w.j, w.seq0 + w.c0 * 64 + 64);
+                }
             }
-        }
-        if (!leader && !knorm) return;
-        WsStage<HALVES> stg;
-        int pos = 0;
+            int2* items = reinterpret_cast<int2*>(smem + S::ITEMS);
+            int base = 0, idx = 0, avail = 0;
 #pragma unroll 1
-        for (int k = 0; stg.next(w, pos); ++k) {
+            for (int k = 0;; ++k) {
+                int b[2] = {0, 0}, m = 0, h = 0;
+                while (h < HALVES) {
+                    if (idx == avail) {
+                        if (base >= w.npos) break;
+                        __syncwarp();  // the window's previous entries are read
+                        int x = 0, mk = 0;
+                        if (base + plane < w.npos) mk = w.item(base + plane, &x);
+                        items[plane] = make_int2(x, mk);
+                        __syncwarp();
+                        avail = min(32, w.npos - base);
+                        base += 32;
+                        idx = 0;
+                    }
+                    const int2 it = items[idx++];
+                    if (it.y) {
+                        if (h == 0) b[0] = it.x;
+                        else b[1] = it.x;
+                        m |= it.y << (2 * h);
+                        ++h;
+                    }
+                }
+                const int slot = k % ST;
+                const u32 ph = (k / ST) & 1;
+                if (plane == 0) {
+                    if (k >= ST) {
+                        mbar_wait(kempty(slot), ph ^ 1);
+                        if (knorm) mbar_wait(ksfull(slot), ph ^ 1);  // the scale warps are done reading K
+                    }
+                    if (h == 0) {
+                        desc[slot].m = -1;
+                        mbar_arrive(kfull(slot));  // the end: no bytes, the phase completes
+                    } else {
+                        if (h < HALVES) b[1] = b[0];
+                        desc[slot] = WsDesc{{b[0], b[1]}, m, 0};
+                        mbar_arrive_expect_tx(kfull(slot), HALVES * 64 * DK * 2);
+#pragma unroll
+                        for (int hh = 0; hh < HALVES; ++hh) {
+#pragma unroll
+                            for (int pn = 0; pn < DK / 64; ++pn)
+                                tma_load_3d(sbase + S::K + slot * S::KBYTES + pn * S::KPANEL + hh * S::PANEL64, &p.tma_k, kfull(slot), pn * 64, w.kvh, w.seq0 + b[hh] * 64);
+                        }
+                        if (k >= ST) mbar_wait(vempty(slot), ph ^ 1);
+                        mbar_arrive_expect_tx(vfull(slot), HALVES * 64 * DV * 2);
+#pragma unroll
+                        for (int hh = 0; hh < HALVES; ++hh) {
+#pragma unroll
+                            for (int pn = 0; pn < DV / 64; ++pn)
+                                tma_load_3d(sbase + S::V + slot * S::VBYTES + pn * S::KPANEL + hh * S::PANEL64, &p.tma_v, vfull(slot), pn * 64, w.kvh, w.seq0 + b[hh] * 64);
+                        }
+                    }
+                }
+                __syncwarp();
+                if (h == 0) break;
+            }
+            return;
+        }
+        if (!knorm) return;
+        // Warps 1-3 (k-RMSNorm): 1 / rms(k) of each stage's keys, once for both consumers.
+        // A slot's scales are rewritten only after both consumers read them (ksempty).
+        const int t = tid - 32;
+#pragma unroll 1
+        for (int k = 0;; ++k) {
             const int slot = k % ST;
             const u32 ph = (k / ST) & 1;
-            const int nload = stg.loaded();
-            if (leader) {
-                // An empty half gets the stage's first block again: the consumers mask it
-                // out, and every half holds finite data, so O += P V can always run over
-                // all BN keys (no wgmma on a conditional path, which ptxas serialises).
-                if (k >= ST) mbar_wait(kempty(slot), ph ^ 1);
-                mbar_arrive_expect_tx(kfull(slot), HALVES * 64 * DK * 2);
+            mbar_wait(kfull(slot), ph);
+            if (desc[slot].m < 0) break;
+            if (k >= ST) mbar_wait(ksempty(slot), ph ^ 1);
+            const T* sk = reinterpret_cast<const T*>(smem + S::K + slot * S::KBYTES);
+            for (int row = t; row < BN; row += 96) {
+                float ss = 0.f;
 #pragma unroll
-                for (int h = 0; h < HALVES; ++h) {
-                    const int row = w.seq0 + (stg.m[h] ? stg.b[h] : stg.b[0]) * 64;
+                for (int c = 0; c < DK; c += 8) {
+                    float f[8];
+                    unpack8<T>(*reinterpret_cast<const vec8*>(sk + sw128<BN>(row, c)), f);
 #pragma unroll
-                    for (int pn = 0; pn < DK / 64; ++pn)
-                        tma_load_3d(sbase + S::K + slot * S::KBYTES + pn * S::KPANEL + h * S::PANEL64, &p.tma_k, kfull(slot), pn * 64, w.kvh, row);
+                    for (int i = 0; i < 8; ++i) ss += f[i] * f[i];
                 }
-                if (k >= ST) mbar_wait(vempty(slot), ph ^ 1);
-                mbar_arrive_expect_tx(vfull(slot), HALVES * 64 * DV * 2);
-#pragma unroll
-                for (int h = 0; h < HALVES; ++h) {
-                    const int row = w.seq0 + (stg.m[h] ? stg.b[h] : stg.b[0]) * 64;
-#pragma unroll
-                    for (int pn = 0; pn < DV / 64; ++pn)
-                        tma_load_3d(sbase + S::V + slot * S::VBYTES + pn * S::KPANEL + h * S::PANEL64, &p.tma_v, vfull(slot), pn * 64, w.kvh, row);
-                }
+                kscale_all[slot * BN + row] = rsqrtf(ss / (float)DK + p.norm_eps);
             }
-            if (knorm) {
-                // 1 / rms(k) of the stage's keys, once for both consumers. The slot's scales
-                // are rewritten only after both consumers read the previous ones (ksempty).
-                if (k >= ST) mbar_wait(ksempty(slot), ph ^ 1);
-                mbar_wait(kfull(slot), ph);
-                int row;
-                const T* sk = reinterpret_cast<const T*>(smem + S::K + slot * S::KBYTES);
-                const float ss = row_sumsq_sw128<T, DK, BN, 128>(sk, tid, &row);
-                if (tid % (128 / BN) == 0 && row < nload * 64) kscale_all[slot * BN + row] = rsqrtf(ss / (float)DK + p.norm_eps);
-                // Every producer thread is done reading the K slot before the leader can
-                // refill it (ST stages later).
-                named_bar_sync(kWsProducerBar, 128);
-                mbar_arrive(ksfull(slot));
-            }
+            mbar_arrive(ksfull(slot));
         }
         return;
     }
@@ -373,10 +397,11 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};  // m in raw-score units
     const int row_a = warp * 16 + (lane >> 2);
 
-    auto release = [&](u32 b) {
-        __syncwarp();
-        if (lane == 0) mbar_arrive(b);
-    };
+    // Every consumer thread arrives itself, after its own reads of the slot (the
+    // descriptor, the k scales): each read is then ordered before the refill by one
+    // thread's release / the producer's acquire, which compute-sanitizer racecheck
+    // follows (a lane-0 arrival after __syncwarp it reports as a race).
+    auto release = [&](u32 b) { mbar_arrive(b); };
 
     u32 pa[NKK][4];  // P of the held stage (the A operand of its PV)
 #pragma unroll
@@ -390,6 +415,18 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
 #pragma unroll
         for (int kk = 0; kk < NKK; ++kk) wgmma_rs<T, DV, 1>(o, pa[kk], wg_desc(v_addr + kk * 16 * 128, S::KPANEL), 1);
         wg_commit();
+    };
+    auto rescale = [&](const float (&a)[2]) {
+        // Only when a row maximum moved (after the first blocks, rarely).
+        if (__any_sync(0xffffffffu, a[0] != 1.f || a[1] != 1.f)) {
+#pragma unroll
+            for (int ot = 0; ot < DV / 8; ++ot) {
+                o[ot][0] *= a[0];
+                o[ot][1] *= a[0];
+                o[ot][2] *= a[1];
+                o[ot][3] *= a[1];
+            }
+        }
     };
     auto flush = [&]() {  // the held stage's PV now, then release its V
         wg_hold<DV / 8>(o);
@@ -407,23 +444,20 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     const int my_turn = kWsTurnBar + cw, other_turn = kWsTurnBar + (cw ^ 1);
     if (cw == 1) named_bar_arrive(kWsTurnBar, 256);  // consumer 0 goes first
 
-    // The next stage's list entries are read while this stage's wgmmas run.
-    WsStage<HALVES> cur, nxt;
-    int pos = 0;
-    bool have = cur.next(w, pos);
 #pragma unroll 1
-    for (int k = 0; have; ++k) {
+    for (int k = 0;; ++k) {
         const int slot = k % ST;
         const u32 ph = (k / ST) & 1;
         if (held >= 0 && k - held >= ST) flush();  // the producer needs the held stage's V slot
         mbar_wait(kfull(slot), ph);
+        const WsDesc d = desc[slot];
+        if (d.m < 0) break;
         int use = 0;  // halves this consumer uses
 #pragma unroll
-        for (int h = 0; h < HALVES; ++h) use |= ((cur.m[h] >> cw) & 1) << h;
+        for (int h = 0; h < HALVES; ++h) use |= ((d.m >> (2 * h + cw)) & 1) << h;
         if (!use) {
             named_bar_sync(my_turn, 256);
             named_bar_arrive(other_turn, 256);
-            have = nxt.next(w, pos);
             release(kempty(slot));
             mbar_wait(vfull(slot), ph);
             release(vempty(slot));
@@ -431,7 +465,6 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
                 mbar_wait(ksfull(slot), ph);
                 release(ksempty(slot));
             }
-            cur = nxt;
             continue;
         }
         named_bar_sync(my_turn, 256);
@@ -458,11 +491,9 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
             wg_fence();  // in this basic block (ptxas would inject it); waits for no wgmma
             issue_pv();
             named_bar_arrive(other_turn, 256);
-            have = nxt.next(w, pos);
             wg_wait<1>();
         } else {
             named_bar_arrive(other_turn, 256);
-            have = nxt.next(w, pos);
             wg_wait<0>();
         }
         wg_hold<BN / 8>(s);
@@ -485,13 +516,13 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         // Masks: an unused half (the other consumer's block) and the causal diagonal.
         bool full = use == (1 << HALVES) - 1;
 #pragma unroll
-        for (int h = 0; h < HALVES; ++h) full = full && cur.b[h] != c;
+        for (int h = 0; h < HALVES; ++h) full = full && d.b[h] != c;
         if (!full) {
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt) {
                 const int h = nt / 8;
                 const bool used_h = (use >> h) & 1;
-                const bool diag_h = cur.b[h] == c;
+                const bool diag_h = d.b[h] == c;
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = (nt % 8) * 8 + 2 * (lane & 3) + (e & 1);
@@ -528,16 +559,7 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         wg_hold<DV / 8>(o);
         ws_hold_p<NKK>(pa);
         if (pv_pending) release(vempty(held_slot));
-        // Rescale O only when a row maximum moved (after the first blocks, rarely).
-        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-            for (int ot = 0; ot < DV / 8; ++ot) {
-                o[ot][0] *= alpha[0];
-                o[ot][1] *= alpha[0];
-                o[ot][2] *= alpha[1];
-                o[ot][3] *= alpha[1];
-            }
-        }
+        rescale(alpha);
 #pragma unroll
         for (int kk = 0; kk < NKK; ++kk) {
             pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
@@ -548,7 +570,6 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         held = k;
         held_slot = slot;
         held_ph = ph;
-        cur = nxt;
     }
     if (held >= 0) flush();
     if (cw == 0) named_bar_sync(kWsTurnBar, 256);  // consumer 1's last hand-over

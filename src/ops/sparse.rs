@@ -73,9 +73,6 @@ pub enum PrefillKernel {
     /// the next QK^T issued under each softmax. ROUTED lists only: a BLOCKS mask is an
     /// error, as is a view that no TMA tensor map describes.
     WarpSpecialized,
-    /// The cp.async warp-specialized kernel of 2026-11-28 (64-key stages; entry
-    /// `prefill_ws_pingpong`), kept for one A/B run against [`PrefillKernel::WarpSpecialized`].
-    WarpSpecializedPingPong,
 }
 
 /// The prefill kernels a runtime can run (the explicit choices, Auto excluded).
@@ -84,7 +81,6 @@ pub fn prefill_kernels(rt: &Runtime) -> Vec<PrefillKernel> {
     if rt.arch() == natsl_codegen::Arch::Sm90a {
         v.push(PrefillKernel::Wgmma);
         v.push(PrefillKernel::WarpSpecialized);
-        v.push(PrefillKernel::WarpSpecializedPingPong);
     }
     v
 }
@@ -200,17 +196,11 @@ pub fn prefill_ws_stages(dims: HeadDims) -> u32 {
 
 /// Smem bytes of the TMA warp-specialized prefill (`WsTile::BYTES`): two [64][max(dk, dv)]
 /// Q / O staging tiles, the ring of [BN][dk] K and [BN][dv] V stages, per-key RMS
-/// scales per stage, 6 mbarriers per stage + 1 (Q), plus 1 KB to align the tiles.
+/// scales per stage, 6 mbarriers per stage + 1 (Q), a 16-byte descriptor per stage, the
+/// producer's 32-entry list window, plus 1 KB to align the tiles.
 pub fn prefill_ws_smem(dims: HeadDims) -> u32 {
     let (st, bn) = (prefill_ws_stages(dims), prefill_ws_keys(dims));
-    2 * 64 * dims.dk.max(dims.dv) * 2 + st * bn * (dims.dk + dims.dv) * 2 + st * bn * 4 + (6 * st + 1) * 8 + 1024
-}
-
-/// Smem bytes of the cp.async warp-specialized prefill (`WsPPCfg::BYTES` in
-/// cuda/sparse/prefill_ws_pingpong.cuh).
-pub fn prefill_ws_pingpong_smem(dims: HeadDims) -> u32 {
-    let st = if dims.dk + dims.dv > 256 { 2 } else { 3 };
-    2 * 64 * dims.dk.max(dims.dv) * 2 + st * 64 * (dims.dk + dims.dv) * 2 + 2 * 2 * 64 * 4 + (2 * st + 1) * 8 + 1024
+    2 * 64 * dims.dk.max(dims.dv) * 2 + st * bn * (dims.dk + dims.dv) * 2 + st * bn * 4 + ((6 * st + 1) * 8).next_multiple_of(16) + st * 16 + 32 * 8 + 1024
 }
 
 /// CTAs of the warp-specialized prefill: one per (chunk pair, sequence, query head).
@@ -328,13 +318,6 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
                 tma_maps = maps()?;
             }
             ("prefill_ws", prefill_ws_smem(plan.dims))
-        }
-        PrefillKernel::WarpSpecializedPingPong => {
-            need_sm90a("warp-specialized")?;
-            match mask {
-                BlockMask::Blocks { .. } => ("prefill_wgmma", prefill_wgmma_smem(plan.dims)),
-                BlockMask::Routed { .. } => ("prefill_ws_pingpong", prefill_ws_pingpong_smem(plan.dims)),
-            }
         }
     };
     let f = rt.function(&spec, entry, smem_bytes)?;
