@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::jit;
+use crate::tensor::ContextId;
 use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
@@ -96,6 +97,10 @@ impl Runtime {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+    /// What every tensor of a launch is compared with ([`crate::TensorRef::context`]).
+    pub fn context_id(&self) -> ContextId {
+        ContextId::of(&self.ctx)
     }
     /// The stream every natsl launch is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {

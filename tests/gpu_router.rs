@@ -2,7 +2,7 @@
 //! Skips with `skipped: no CUDA device` when there is no GPU.
 
 use half::{bf16, f16};
-use natsl::ops::router::{route_into, PoolKernel, RouterLaunch, RouterOptions, RouterOutput, RouterPolicy};
+use natsl::ops::router::{route, route_into, PoolKernel, RouterLaunch, RouterOptions, RouterOutput, RouterPolicy};
 use natsl::reference::{self as r, router as rr};
 use natsl::testing::{self, TestElem};
 use natsl::{Arch, Batch, Runtime, TensorRef};
@@ -198,4 +198,27 @@ fn router_strided_x_view() {
         let lr: Vec<f64> = used.iter().map(|&i| reference.logits[i]).collect();
         testing::assert_close("strided router logits", &lo, &lr, 2e-3);
     }
+}
+
+/// `route` sizes its outputs from validated arguments only: a w_score claiming 2^40
+/// rows (one broadcast row) is an invalid argument, not a huge allocation.
+#[test]
+fn route_validates_before_it_allocates() {
+    let Some(rt) = testing::gpu_or_skip("route_validates_before_it_allocates") else { return };
+    let batch = Batch::new(&rt, &[0, 512]).unwrap();
+    let xd = rt.stream().alloc_zeros::<bf16>(512 * 1024).unwrap();
+    let wd = rt.stream().alloc_zeros::<bf16>(1024).unwrap();
+    let x = TensorRef::new(&xd, &[512, 1024]);
+    let w = TensorRef::strided(&wd, &[1 << 40, 1024], &[0, 1]);
+    assert_eq!(testing::invalid_arg(route(&rt, &batch, &x, &w, &RouterOptions::default()).unwrap_err()), "w_score");
+    for heads in [0, 65, usize::MAX] {
+        assert_eq!(testing::invalid_arg(RouterOutput::alloc(&rt, &batch, heads, 1024, false).unwrap_err()), "num_heads");
+    }
+    assert_eq!(testing::invalid_arg(RouterOutput::alloc(&rt, &batch, 6, usize::MAX, false).unwrap_err()), "d_model");
+    // A good call still runs.
+    let w = TensorRef::strided(&wd, &[12, 1024], &[0, 1]);
+    assert_eq!(testing::invalid_arg(route(&rt, &batch, &x, &w, &RouterOptions::default()).unwrap_err()), "w_score"); // not contiguous
+    let wd = rt.stream().alloc_zeros::<bf16>(12 * 1024).unwrap();
+    route(&rt, &batch, &x, &TensorRef::new(&wd, &[12, 1024]), &RouterOptions::default()).unwrap();
+    rt.synchronize().unwrap();
 }

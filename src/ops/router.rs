@@ -8,7 +8,7 @@ use crate::batch::{Batch, SeqLayout};
 use crate::error::{Error, Result};
 use crate::params::{NatslRouterParams, NATSL_ROUTER_MAX_HEADS, NATSL_ROUTER_TILE_COLS};
 use crate::runtime::Runtime;
-use crate::tensor::{DType, TensorRef};
+use crate::tensor::{ContextId, DType, Operands, TensorRef};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use natsl_codegen::{catalog, Sparsity};
 
@@ -101,12 +101,21 @@ pub struct RouterOutput {
 }
 
 impl RouterOutput {
-    /// Allocate outputs for `batch` and `num_heads` routing heads.
+    /// Allocate outputs for `batch` and `num_heads` routing heads (1..=64) of a model
+    /// of width `d_model` (8..=8192).
     pub fn alloc(rt: &Runtime, batch: &Batch, num_heads: usize, d_model: usize, with_logits: bool) -> Result<RouterOutput> {
+        if num_heads == 0 || num_heads > MAX_HEADS {
+            return Err(Error::invalid("num_heads", format!("{num_heads}: must be 1..={MAX_HEADS}")));
+        }
+        if d_model == 0 || d_model > MAX_D_MODEL {
+            return Err(Error::invalid("d_model", format!("{d_model}: must be 1..={MAX_D_MODEL}")));
+        }
+        super::launch_context(rt, Some(batch))?;
         let s = rt.stream();
         let ns = batch.num_slots();
         // Enough partial logits for either pool kernel (no allocation inside a capture).
         let d_split = d_split(rt, ns, d_model.max(8), None).0.max(d_model.max(8).div_ceil(TILE_COLS));
+        // ns < 2^26 (i32 tokens), heads <= 64, d_split <= 1024: no product overflows.
         Ok(RouterOutput {
             labels: s.alloc_zeros(ns * num_heads)?,
             attn_list: s.alloc_zeros(ns * num_heads)?,
@@ -140,10 +149,10 @@ const TILE_THREADS: u32 = 128;
 const TILE_SELECT_THREADS: u32 = 512;
 const _: () = assert!(NATSL_ROUTER_MAX_HEADS as usize == MAX_HEADS);
 
-/// Run the router, allocating the outputs.
+/// Run the router, allocating the outputs (sized from the validated arguments).
 pub fn route(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions) -> Result<RouterOutput> {
-    let hr = w_score.dim(0) / 2;
-    let mut out = RouterOutput::alloc(rt, batch, hr, x.dim(1), false)?;
+    let plan = validate_in(Some(super::launch_context(rt, Some(batch))?), batch.layout(), x, w_score, opts)?;
+    let mut out = RouterOutput::alloc(rt, batch, plan.num_heads, plan.d_model, false)?;
     route_into(rt, batch, x, w_score, opts, &mut out)?;
     Ok(out)
 }
@@ -159,8 +168,15 @@ pub struct RouterPlan {
     pub sparsity: Sparsity,
 }
 
-/// Check every argument of a router call; needs no device.
+/// Check every argument of a router call; needs no device. The router writes only
+/// its own [`RouterOutput`]; x and w_score are read.
 pub fn validate(layout: &SeqLayout, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions) -> Result<RouterPlan> {
+    validate_in(None, layout, x, w_score, opts)
+}
+
+/// [`validate`], also checking that x and w_score are memory of context `ctx`.
+#[doc(hidden)]
+pub fn validate_in(ctx: Option<ContextId>, layout: &SeqLayout, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions) -> Result<RouterPlan> {
     x.check_dtype("x", &[DType::Bf16, DType::F16])?;
     x.check_shape("x", &[None, None])?;
     x.check_layout("x", 16)?;
@@ -197,16 +213,30 @@ pub fn validate(layout: &SeqLayout, x: &TensorRef, w_score: &TensorRef, opts: &R
             (-1, rho, Sparsity::TopKRuntime)
         }
     };
+    Operands::new().read("x", x).read("w_score", w_score).check(ctx)?;
     Ok(RouterPlan { d_model: d, num_heads: rows / 2, top_k, keep_fraction, sparsity })
 }
 
-/// Run the router into preallocated outputs.
+/// Run the router into preallocated outputs (of this runtime, for this batch shape).
+/// No aliasing: x and w_score may not overlap the outputs.
 pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions, out: &mut RouterOutput) -> Result<()> {
-    let RouterPlan { d_model: d, num_heads: hr, top_k, keep_fraction, sparsity } = validate(batch.layout(), x, w_score, opts)?;
+    let ctx = super::launch_context(rt, Some(batch))?;
+    let RouterPlan { d_model: d, num_heads: hr, top_k, keep_fraction, sparsity } = validate_in(Some(ctx), batch.layout(), x, w_score, opts)?;
     if out.num_heads != hr || out.num_slots != batch.num_slots() || out.num_seqs != batch.num_seqs() {
         return Err(Error::invalid("out", format!("allocated for {} heads / {} slots / {} sequences; this call needs {hr} / {} / {}", out.num_heads, out.num_slots, out.num_seqs, batch.num_slots(), batch.num_seqs())));
     }
-    let dtype = x.dtype().activation().unwrap();
+    {
+        // The outputs are our own allocations: only x or w_score made from raw
+        // pointers could overlap them.
+        let mut ops = Operands::new();
+        ops.read("x", x).read("w_score", w_score);
+        let all = [&out.labels as &dyn AsView, &out.attn_list, &out.attn_count, &out.workspace, &out.margins, &out.seq_done];
+        for v in all.iter().map(|b| b.view()).chain(out.logits.as_ref().map(|l| TensorRef::new(l, &[l.len()]))) {
+            ops.write("out", &v);
+        }
+        ops.check(Some(ctx))?;
+    }
+    let dtype = x.dtype().activation().ok_or_else(|| Error::invalid("x", "not an activation dtype"))?;
     let spec = catalog::router_spec(dtype, sparsity, rt.arch());
     let fused = match opts.launch {
         RouterLaunch::Fused => true,
@@ -288,4 +318,14 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     }
     let _ = out.logits.as_ref().map(|l| l.device_ptr(s));
     Ok(())
+}
+
+/// A whole output buffer as a 1-D view (for the aliasing and context checks).
+trait AsView {
+    fn view(&self) -> TensorRef<'_>;
+}
+impl<T: crate::tensor::Element> AsView for CudaSlice<T> {
+    fn view(&self) -> TensorRef<'_> {
+        TensorRef::new(self, &[self.len()])
+    }
 }
