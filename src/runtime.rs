@@ -131,11 +131,12 @@ impl Runtime {
         }
         let unit = natsl_codegen::emit(&spec).map_err(|e| Error::Compile { name: spec.symbol(), log: e.to_string() })?;
         let embedded = embedded_images().iter().find(|(n, a, _)| *n == unit.name && *a == self.target);
-        let cubin = match embedded {
-            Some((_, _, img)) => img.to_vec(),
-            None => jit::compile(&unit, &self.target)?.cubin,
+        let load = |cubin: &[u8]| -> Result<Arc<CudaModule>> { Ok(self.ctx.load_module(Ptx::from_binary(cubin.to_vec()))?) };
+        let m = match embedded {
+            Some((_, _, img)) => load(img)?,
+            // A cached image the driver refuses is evicted and compiled again.
+            None => jit::compile_and_load(&unit, &self.target, load)?,
         };
-        let m = self.ctx.load_module(Ptx::from_binary(cubin))?;
         cache.insert(spec, m.clone());
         Ok(m)
     }

@@ -1,8 +1,8 @@
 //! Tier 1 (no GPU): the calls that used to get through or panic (issue 12). Outputs
 //! that overlap themselves or alias other tensors, tensors of another CUDA context,
 //! the scale and head-dim rules shared by both families, panic-free view and size
-//! helpers, and a few thousand malformed calls that must each return an error
-//! without panicking.
+//! helpers, NUL bytes for NVRTC, and a few thousand malformed calls that must each
+//! return an error without panicking.
 
 use natsl::ops::gdn::{self, GdnDecodeInputs, GdnDecodeState, GdnOptions, GdnPrefillInputs, GdnPrefillOutputs, PoolIn, PoolOut};
 use natsl::ops::router::{self, RouterOptions, RouterPolicy};
@@ -519,6 +519,17 @@ fn size_helpers_saturate_instead_of_overflowing() {
     let (splits, pps) = plan.splits(132, None);
     assert!(splits >= 1 && pps >= 1);
     let _ = plan.splits(u32::MAX, Some(usize::MAX));
+}
+
+#[test]
+fn nul_bytes_for_nvrtc_are_invalid_arguments() {
+    // Checked before NVRTC is even loaded, so this runs everywhere.
+    let opts = natsl::jit::options(natsl::Arch::Sm80);
+    assert_eq!(arg_of(natsl::jit::compile_uncached("a\0b", "int x;", &opts)), "name");
+    assert_eq!(arg_of(natsl::jit::compile_uncached("a", "int\0 x;", &opts)), "source");
+    let mut bad = opts.clone();
+    bad.push("-DX=\0".into());
+    assert_eq!(arg_of(natsl::jit::compile_uncached("a", "int x;", &bad)), "opts");
 }
 
 // ---- hundreds of malformed calls: an error each, never a panic ---------------
