@@ -1,8 +1,8 @@
 //! Tier 1 (no GPU): the calls that used to get through or panic (issue 12). Outputs
 //! that overlap themselves or alias other tensors, tensors of another CUDA context,
 //! the scale and head-dim rules shared by both families, panic-free view and size
-//! helpers, NUL bytes for NVRTC, and a few thousand malformed calls that must each
-//! return an error without panicking.
+//! helpers, NUL bytes for NVRTC, a closed stdout pipe, and a few thousand malformed
+//! calls that must each return an error without panicking.
 
 use natsl::ops::gdn::{self, GdnDecodeInputs, GdnDecodeState, GdnOptions, GdnPrefillInputs, GdnPrefillOutputs, PoolIn, PoolOut};
 use natsl::ops::router::{self, RouterOptions, RouterPolicy};
@@ -530,6 +530,19 @@ fn nul_bytes_for_nvrtc_are_invalid_arguments() {
     let mut bad = opts.clone();
     bad.push("-DX=\0".into());
     assert_eq!(arg_of(natsl::jit::compile_uncached("a", "int x;", &bad)), "opts");
+}
+
+#[test]
+fn the_cli_ends_quietly_on_a_closed_pipe() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader); // `natsl kernels | head` once head has exited
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_natsl")).arg("kernels").stdout(writer).stderr(std::process::Stdio::piped()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.is_empty(), "not quiet: {err}");
+    // Ended by SIGPIPE, as a C tool would be (or exit 0).
+    assert!(out.status.success() || out.status.signal() == Some(libc::SIGPIPE), "{:?}", out.status);
 }
 
 // ---- hundreds of malformed calls: an error each, never a panic ---------------
