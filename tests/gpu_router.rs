@@ -1,8 +1,8 @@
-//! Tier 3: the fused router against the f64 reference on random ragged batches.
+//! Tier 3: the router against the f64 reference on random ragged batches.
 //! Skips with `skipped: no CUDA device` when there is no GPU.
 
 use half::{bf16, f16};
-use natsl::ops::router::{route, route_into, PoolKernel, RouterLaunch, RouterOptions, RouterOutput, RouterPolicy};
+use natsl::ops::router::{route, route_into, PoolKernel, RouterOptions, RouterOutput, RouterPolicy};
 use natsl::reference::{self as r, router as rr};
 use natsl::testing::{self, TestElem};
 use natsl::{Arch, Batch, Runtime, TensorRef};
@@ -17,7 +17,7 @@ struct Case {
 }
 
 /// Run one case for element type T; returns the number of near-tie label flips.
-fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: u64, round: fn(f64) -> f64, launch: RouterLaunch, pool: PoolKernel) -> usize {
+fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: u64, round: fn(f64) -> f64, pool: PoolKernel) -> usize {
     let mut rng = testing::rng(seed);
     let cu = testing::cu_seqlens(&case.lens);
     let t = *cu.last().unwrap() as usize;
@@ -41,7 +41,7 @@ fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: 
     out.attn_list = testing::poisoned::<i32>(rt, ns * hr).unwrap();
     out.attn_count = testing::poisoned::<i32>(rt, batch.num_seqs() * hr).unwrap();
     out.logits = Some(testing::poisoned::<f32>(rt, ns * hr * 2).unwrap());
-    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k, launch, d_split: case.d_split, pool };
+    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k, d_split: case.d_split, pool };
     // Twice on the same outputs: the completion counters must be back at zero after a call.
     route_into(rt, &batch, &TensorRef::new(&xd, &[t, d]), &TensorRef::new(&wd, &[2 * hr, d]), &opts, &mut out).unwrap();
     out.labels = testing::poisoned::<u8>(rt, ns * hr).unwrap();
@@ -147,11 +147,9 @@ fn run_all(rt: &Runtime, tag: &str) {
     let mut labels = 0;
     for (i, case) in cases().iter().enumerate() {
         for pool in [PoolKernel::Blocked, PoolKernel::Tile] {
-            for launch in [RouterLaunch::Fused, RouterLaunch::Split] {
-                labels += case.lens.iter().map(|l| r::n_chunks(*l)).sum::<usize>() * case.hr * 2;
-                flips += check::<bf16>(rt, case, 100 + i as u64, rr::round_bf16, launch, pool);
-                flips += check::<f16>(rt, case, 200 + i as u64, rr::round_f16, launch, pool);
-            }
+            labels += case.lens.iter().map(|l| r::n_chunks(*l)).sum::<usize>() * case.hr * 2;
+            flips += check::<bf16>(rt, case, 100 + i as u64, rr::round_bf16, pool);
+            flips += check::<f16>(rt, case, 200 + i as u64, rr::round_f16, pool);
         }
     }
     println!("{tag}: {} near-tie label flips out of {labels} labels", flips);
