@@ -19,7 +19,9 @@ fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, String)>) {
 }
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cuda");
+    // Read at run time: a build script compiled in another checkout (a copied target
+    // dir) must not embed that checkout's templates.
+    let root = Path::new(&env::var("CARGO_MANIFEST_DIR").unwrap()).join("../cuda");
     println!("cargo:rerun-if-changed={}", root.display());
     let mut files = Vec::new();
     walk(&root, &root, &mut files);

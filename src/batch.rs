@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::params::NatslVarlen;
 use crate::runtime::Runtime;
+use crate::tensor::ContextId;
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 /// Tokens per chunk.
@@ -39,8 +40,13 @@ impl SeqLayout {
     pub fn max_chunks(&self) -> usize {
         self.max_chunks
     }
+    /// Tokens of sequence `n`; 0 (no sequence is empty) when `n` is out of range, like
+    /// [`crate::TensorRef::dim`].
     pub fn seq_len(&self, n: usize) -> usize {
-        (self.cu_host[n + 1] - self.cu_host[n]) as usize
+        match (self.cu_host.get(n), self.cu_host.get(n.wrapping_add(1))) {
+            (Some(&a), Some(&b)) => (b - a) as usize,
+            _ => 0,
+        }
     }
     /// Fewest complete chunks of any sequence.
     pub fn min_complete_chunks(&self) -> usize {
@@ -74,6 +80,10 @@ impl Batch {
     }
     pub fn cu_seqlens_device(&self) -> &CudaSlice<i32> {
         &self.cu_dev
+    }
+    /// The CUDA context `cu_seqlens` was uploaded to.
+    pub fn context(&self) -> ContextId {
+        ContextId::of(self.cu_dev.context())
     }
     /// The ABI form.
     pub fn raw(&self) -> NatslVarlen {

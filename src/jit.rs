@@ -2,9 +2,14 @@
 //!
 //! Cache entries are keyed by sha256(source, options, NVRTC version, arch) and
 //! written to a unique temporary file, then renamed into place: two processes
-//! writing at once leave one whole entry, never a torn one. Each entry carries
-//! its payload's length and sha256; an entry that fails the check is compiled
-//! again and replaced, never loaded.
+//! writing at once leave one whole entry, never a torn one. Each entry records its
+//! key and its payload's length and sha256; an entry that fails the check (or was
+//! copied under another key's name) is compiled again and replaced, never loaded.
+//! Only regular files of at most [`MAX_ENTRY_BYTES`] are read (a FIFO or device
+//! node in the cache directory is skipped, not opened for a blocking read). An
+//! entry that passes the check but whose image the driver refuses is evicted and
+//! compiled again ([`compile_and_load`]). Temporary files left by a writer that
+//! died are removed by the next write.
 
 use crate::error::{Error, Result};
 use cudarc::nvrtc::sys as nv;
@@ -33,7 +38,13 @@ pub struct PtxasReport {
     pub smem: u32,
 }
 
-const CACHE_MAGIC: &[u8; 8] = b"NATSLC01";
+const CACHE_MAGIC: &[u8; 8] = b"NATSLC02";
+
+/// Largest cache entry read or written (the largest shipped image is a few MB).
+pub const MAX_ENTRY_BYTES: u64 = 256 << 20;
+
+/// Temporary files older than this are a dead writer's (a write takes milliseconds).
+const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Make NVRTC loadable: if the system loader cannot find it, look in the places
 /// pip and the CUDA toolkit put it and pre-load it by full path, so that
@@ -144,34 +155,72 @@ pub fn options_for_target(target: &str) -> Vec<String> {
 
 /// Compile a unit to a cubin for `target` (e.g. `sm_90a`), through the on-disk cache.
 pub fn compile(unit: &Unit, target: &str) -> Result<Image> {
+    let (cubin, log) = cached(cache_dir().as_deref(), unit, target, &mut |c: &[u8]| Ok(c.to_vec()))?;
+    Ok(Image { cubin, log })
+}
+
+/// Compile a unit for `target` through the on-disk cache and hand the image to `load`
+/// (e.g. the driver's module loader). A cached image that `load` refuses is evicted
+/// and compiled again; only an image that loaded is written to the cache.
+pub fn compile_and_load<T>(unit: &Unit, target: &str, mut load: impl FnMut(&[u8]) -> Result<T>) -> Result<T> {
+    Ok(cached(cache_dir().as_deref(), unit, target, &mut load)?.0)
+}
+
+/// [`compile_and_load`] with the cache in `dir` (`None`: no disk cache). For tests.
+#[doc(hidden)]
+pub fn compile_and_load_in<T>(dir: Option<&Path>, unit: &Unit, target: &str, mut load: impl FnMut(&[u8]) -> Result<T>) -> Result<T> {
+    Ok(cached(dir, unit, target, &mut load)?.0)
+}
+
+/// The cache entry of `unit` for `target` under `dir` (it may not exist).
+pub fn entry_path(dir: &Path, unit: &Unit, target: &str) -> Result<PathBuf> {
+    let key = cache_key(&unit.source, &options_for_target(target), nvrtc_version()?, target);
+    Ok(dir.join(format!("{key}.cubin")))
+}
+
+fn cached<T>(dir: Option<&Path>, unit: &Unit, target: &str, load: &mut dyn FnMut(&[u8]) -> Result<T>) -> Result<(T, String)> {
     let opts = options_for_target(target);
-    let ver = nvrtc_version()?;
-    let key = cache_key(&unit.source, &opts, ver, target);
-    let dir = cache_dir();
-    if let Some(dir) = &dir {
-        if let Some(cubin) = read_entry(&dir.join(format!("{key}.cubin"))) {
-            return Ok(Image { cubin, log: String::new() });
+    let key = cache_key(&unit.source, &opts, nvrtc_version()?, target);
+    if let Some(dir) = dir {
+        let path = dir.join(format!("{key}.cubin"));
+        if let Some(cubin) = read_entry(&path) {
+            match load(&cubin) {
+                Ok(v) => return Ok((v, String::new())),
+                // The checksum held but the image is unusable (written by a broken
+                // build, or for another driver): drop it and compile again.
+                Err(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
         }
     }
     let img = compile_uncached(&unit.name, &unit.source, &opts)?;
-    if let Some(dir) = &dir {
+    let v = load(&img.cubin)?;
+    if let Some(dir) = dir {
         // A cache that cannot be written is not an error: the image is still good.
         let _ = write_entry(dir, &key, &img.cubin);
     }
-    Ok(img)
+    Ok((v, img.log))
 }
 
 /// Compile without the cache (the NVRTC test tier uses this to read ptxas' report).
+/// A NUL byte in the name, the source or an option is an `InvalidArgument`.
 pub fn compile_uncached(name: &str, source: &str, opts: &[String]) -> Result<Image> {
+    let src = CString::new(source).map_err(|_| Error::invalid("source", format!("unit {name}: contains a NUL byte")))?;
+    let cname = CString::new(format!("{name}.cu")).map_err(|_| Error::invalid("name", format!("{name:?} contains a NUL byte")))?;
+    let copts: Vec<CString> = opts
+        .iter()
+        .map(|o| CString::new(o.as_str()).map_err(|_| Error::invalid("opts", format!("option {o:?} contains a NUL byte"))))
+        .collect::<Result<_>>()?;
+    if copts.len() > i32::MAX as usize {
+        return Err(Error::invalid("opts", "too many options"));
+    }
     ensure_nvrtc()?;
-    let src = CString::new(source).map_err(|_| Error::Compile { name: name.into(), log: "NUL in source".into() })?;
-    let cname = CString::new(format!("{name}.cu")).unwrap();
     let mut prog: nv::nvrtcProgram = std::ptr::null_mut();
     let r = unsafe { nv::nvrtcCreateProgram(&mut prog, src.as_ptr(), cname.as_ptr(), 0, std::ptr::null(), std::ptr::null()) };
     if r != nv::nvrtcResult::NVRTC_SUCCESS {
         return Err(Error::Compile { name: name.into(), log: format!("nvrtcCreateProgram: {r:?}") });
     }
-    let copts: Vec<CString> = opts.iter().map(|o| CString::new(o.as_str()).unwrap()).collect();
     let ptrs: Vec<*const std::ffi::c_char> = copts.iter().map(|c| c.as_ptr()).collect();
     let r = unsafe { nv::nvrtcCompileProgram(prog, ptrs.len() as i32, ptrs.as_ptr()) };
     let log = unsafe { program_log(prog) };
@@ -263,25 +312,57 @@ pub fn cache_dir() -> Option<PathBuf> {
     }
 }
 
-/// Read a cache entry; `None` if missing, truncated or corrupt.
+/// Read a cache entry; `None` if missing, not a regular file, larger than
+/// [`MAX_ENTRY_BYTES`], truncated, corrupt, or recorded under another key than its
+/// file name (`<key>.cubin`).
 pub fn read_entry(path: &Path) -> Option<Vec<u8>> {
-    let data = std::fs::read(path).ok()?;
-    if data.len() < 48 || &data[..8] != CACHE_MAGIC {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = path.file_stem()?.to_str()?;
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_ENTRY_BYTES {
         return None;
     }
-    let len = u64::from_le_bytes(data[8..16].try_into().ok()?) as usize;
-    let payload = data.get(48..)?;
-    if payload.len() != len || Sha256::digest(payload).as_slice() != &data[16..48] {
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_ENTRY_BYTES + 1).read_to_end(&mut data).ok()?;
+    parse_entry(&data, key)
+}
+
+/// Layout: magic | key length (u16 LE) | key | payload length (u64 LE) | sha256(payload) | payload.
+fn parse_entry(data: &[u8], key: &str) -> Option<Vec<u8>> {
+    let rest = data.strip_prefix(CACHE_MAGIC)?;
+    let klen = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let (recorded, rest) = rest.get(2..)?.split_at_checked(klen)?;
+    if recorded != key.as_bytes() {
+        return None;
+    }
+    let len = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+    let digest = rest.get(8..40)?;
+    let payload = rest.get(40..)?;
+    if payload.len() as u64 != len || Sha256::digest(payload).as_slice() != digest {
         return None;
     }
     Some(payload.to_vec())
 }
 
-/// Write a cache entry atomically (unique temp file, then rename).
+/// Write a cache entry atomically (unique temp file, then rename), and remove the
+/// temporary files that writers which died left behind.
 pub fn write_entry(dir: &Path, key: &str, payload: &[u8]) -> std::io::Result<PathBuf> {
+    let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, m.to_string());
+    if key.is_empty() || key.len() > 255 || key.contains(['/', '\0']) || key.starts_with('.') {
+        return Err(invalid("cache key must be a plain file name of 1..=255 bytes"));
+    }
+    if payload.len() as u64 + 8 + 2 + key.len() as u64 + 40 > MAX_ENTRY_BYTES {
+        return Err(invalid("image larger than MAX_ENTRY_BYTES"));
+    }
     std::fs::create_dir_all(dir)?;
-    let mut data = Vec::with_capacity(48 + payload.len());
+    remove_stale_temp_files(dir);
+    let mut data = Vec::with_capacity(58 + key.len() + payload.len());
     data.extend_from_slice(CACHE_MAGIC);
+    data.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    data.extend_from_slice(key.as_bytes());
     data.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     data.extend_from_slice(&Sha256::digest(payload));
     data.extend_from_slice(payload);
@@ -293,4 +374,24 @@ pub fn write_entry(dir: &Path, key: &str, payload: &[u8]) -> std::io::Result<Pat
         let _ = std::fs::remove_file(&tmp);
     })?;
     Ok(dst)
+}
+
+/// Remove `.<key>.<pid>.<nanos>.tmp` files not modified for [`STALE_TMP`]. Removing a
+/// live writer's file (a writer stalled that long) only makes its rename fail,
+/// which costs that writer its cache entry, nothing else.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let now = std::time::SystemTime::now();
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !(name.starts_with('.') && name.ends_with(".tmp")) {
+            continue;
+        }
+        let Ok(meta) = e.metadata() else { continue };
+        let old = meta.modified().ok().and_then(|m| now.duration_since(m).ok()).is_some_and(|age| age > STALE_TMP);
+        if meta.is_file() && old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //! [`KernelSpec`], get its image from the [`Runtime`] (embedded, cached on disk,
 //! or JIT-compiled through NVRTC), launch on the runtime's stream.
 //!
-//! - [`ops::router`]: the fused router (mean-pool, score, argmax / top-k, compact lists).
+//! - [`ops::router`]: the router (mean-pool, score, argmax / top-k, compact lists).
 //! - [`reference`]: the f64 CPU oracle of SPEC.md that every kernel is checked against.
 
 pub mod batch;

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::jit;
+use crate::tensor::ContextId;
 use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
@@ -97,6 +98,10 @@ impl Runtime {
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
+    /// What every tensor of a launch is compared with ([`crate::TensorRef::context`]).
+    pub fn context_id(&self) -> ContextId {
+        ContextId::of(&self.ctx)
+    }
     /// The stream every natsl launch is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
@@ -126,11 +131,12 @@ impl Runtime {
         }
         let unit = natsl_codegen::emit(&spec).map_err(|e| Error::Compile { name: spec.symbol(), log: e.to_string() })?;
         let embedded = embedded_images().iter().find(|(n, a, _)| *n == unit.name && *a == self.target);
-        let cubin = match embedded {
-            Some((_, _, img)) => img.to_vec(),
-            None => jit::compile(&unit, &self.target)?.cubin,
+        let load = |cubin: &[u8]| -> Result<Arc<CudaModule>> { Ok(self.ctx.load_module(Ptx::from_binary(cubin.to_vec()))?) };
+        let m = match embedded {
+            Some((_, _, img)) => load(img)?,
+            // A cached image the driver refuses is evicted and compiled again.
+            None => jit::compile_and_load(&unit, &self.target, load)?,
         };
-        let m = self.ctx.load_module(Ptx::from_binary(cubin))?;
         cache.insert(spec, m.clone());
         Ok(m)
     }

@@ -166,11 +166,46 @@ pub fn tolerance(dtype: crate::DType) -> f64 {
     }
 }
 
-/// A view over a fake, 256-byte-aligned device address holding `avail` elements,
+/// A fake, 256-byte-aligned device address of its own: each call returns the start
+/// of a fresh 16 TiB region, so fake views never alias one another.
+pub fn fake_address() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    0x0000_8000_0000_0000 + (NEXT.fetch_add(1, Ordering::Relaxed) % (1 << 19)) * (1 << 44)
+}
+
+/// A view over a fake device address ([`fake_address`]) holding `avail` elements,
 /// for validation tests that run without a device (validation never dereferences it).
 pub fn fake_view(dtype: crate::DType, shape: &[usize], strides: &[usize], avail: usize) -> crate::TensorRef<'static> {
     // SAFETY: the view is only ever validated, never launched on.
-    unsafe { crate::TensorRef::from_raw(0x7f00_0000_0000, avail, dtype, shape, strides) }
+    unsafe { crate::TensorRef::from_raw(fake_address(), avail, dtype, shape, strides) }
+}
+
+/// A writable [`fake_contiguous`] view.
+pub fn fake_contiguous_mut(dtype: crate::DType, shape: &[usize]) -> crate::TensorMut<'static> {
+    let v = fake_contiguous(dtype, shape);
+    // SAFETY: as above.
+    unsafe { crate::TensorMut::from_raw(v.ptr(), shape.iter().product(), dtype, shape, v.strides()) }
+}
+
+/// A writable view of the same memory as `v` (for validation tests only).
+pub fn as_writable(v: crate::TensorRef<'static>) -> crate::TensorMut<'static> {
+    // SAFETY: the view is only ever validated, never launched on.
+    let mut m = unsafe { crate::TensorMut::from_raw(v.ptr(), v.avail(), v.dtype(), v.shape(), v.strides()) };
+    m.set_context(v.context());
+    m
+}
+
+/// `v` as if it were memory of fake CUDA context `ctx` (device `ordinal`), for the
+/// context checks without a device.
+pub fn in_fake_context(mut v: crate::TensorRef<'static>, ctx: usize, ordinal: usize) -> crate::TensorRef<'static> {
+    v.set_context(Some(fake_context(ctx, ordinal)));
+    v
+}
+
+/// The [`ContextId`](crate::tensor::ContextId) of fake context `ctx` on device `ordinal`.
+pub fn fake_context(ctx: usize, ordinal: usize) -> crate::tensor::ContextId {
+    crate::tensor::ContextId { ctx, ordinal }
 }
 
 /// A contiguous [`fake_view`] of exactly `shape`.

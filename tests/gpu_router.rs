@@ -1,8 +1,8 @@
-//! Tier 3: the fused router against the f64 reference on random ragged batches.
+//! Tier 3: the router against the f64 reference on random ragged batches.
 //! Skips with `skipped: no CUDA device` when there is no GPU.
 
 use half::{bf16, f16};
-use natsl::ops::router::{route_into, PoolKernel, RouterLaunch, RouterOptions, RouterOutput, RouterPolicy};
+use natsl::ops::router::{route, route_into, PoolKernel, RouterOptions, RouterOutput, RouterPolicy};
 use natsl::reference::{self as r, router as rr};
 use natsl::testing::{self, TestElem};
 use natsl::{Arch, Batch, Runtime, TensorRef};
@@ -17,7 +17,7 @@ struct Case {
 }
 
 /// Run one case for element type T; returns the number of near-tie label flips.
-fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: u64, round: fn(f64) -> f64, launch: RouterLaunch, pool: PoolKernel) -> usize {
+fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: u64, round: fn(f64) -> f64, pool: PoolKernel) -> usize {
     let mut rng = testing::rng(seed);
     let cu = testing::cu_seqlens(&case.lens);
     let t = *cu.last().unwrap() as usize;
@@ -41,7 +41,7 @@ fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: 
     out.attn_list = testing::poisoned::<i32>(rt, ns * hr).unwrap();
     out.attn_count = testing::poisoned::<i32>(rt, batch.num_seqs() * hr).unwrap();
     out.logits = Some(testing::poisoned::<f32>(rt, ns * hr * 2).unwrap());
-    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k, launch, d_split: case.d_split, pool };
+    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k, d_split: case.d_split, pool };
     // Twice on the same outputs: the completion counters must be back at zero after a call.
     route_into(rt, &batch, &TensorRef::new(&xd, &[t, d]), &TensorRef::new(&wd, &[2 * hr, d]), &opts, &mut out).unwrap();
     out.labels = testing::poisoned::<u8>(rt, ns * hr).unwrap();
@@ -147,11 +147,9 @@ fn run_all(rt: &Runtime, tag: &str) {
     let mut labels = 0;
     for (i, case) in cases().iter().enumerate() {
         for pool in [PoolKernel::Blocked, PoolKernel::Tile] {
-            for launch in [RouterLaunch::Fused, RouterLaunch::Split] {
-                labels += case.lens.iter().map(|l| r::n_chunks(*l)).sum::<usize>() * case.hr * 2;
-                flips += check::<bf16>(rt, case, 100 + i as u64, rr::round_bf16, launch, pool);
-                flips += check::<f16>(rt, case, 200 + i as u64, rr::round_f16, launch, pool);
-            }
+            labels += case.lens.iter().map(|l| r::n_chunks(*l)).sum::<usize>() * case.hr * 2;
+            flips += check::<bf16>(rt, case, 100 + i as u64, rr::round_bf16, pool);
+            flips += check::<f16>(rt, case, 200 + i as u64, rr::round_f16, pool);
         }
     }
     println!("{tag}: {} near-tie label flips out of {labels} labels", flips);
@@ -198,4 +196,27 @@ fn router_strided_x_view() {
         let lr: Vec<f64> = used.iter().map(|&i| reference.logits[i]).collect();
         testing::assert_close("strided router logits", &lo, &lr, 2e-3);
     }
+}
+
+/// `route` sizes its outputs from validated arguments only: a w_score claiming 2^40
+/// rows (one broadcast row) is an invalid argument, not a huge allocation.
+#[test]
+fn route_validates_before_it_allocates() {
+    let Some(rt) = testing::gpu_or_skip("route_validates_before_it_allocates") else { return };
+    let batch = Batch::new(&rt, &[0, 512]).unwrap();
+    let xd = rt.stream().alloc_zeros::<bf16>(512 * 1024).unwrap();
+    let wd = rt.stream().alloc_zeros::<bf16>(1024).unwrap();
+    let x = TensorRef::new(&xd, &[512, 1024]);
+    let w = TensorRef::strided(&wd, &[1 << 40, 1024], &[0, 1]);
+    assert_eq!(testing::invalid_arg(route(&rt, &batch, &x, &w, &RouterOptions::default()).unwrap_err()), "w_score");
+    for heads in [0, 65, usize::MAX] {
+        assert_eq!(testing::invalid_arg(RouterOutput::alloc(&rt, &batch, heads, 1024, false).unwrap_err()), "num_heads");
+    }
+    assert_eq!(testing::invalid_arg(RouterOutput::alloc(&rt, &batch, 6, usize::MAX, false).unwrap_err()), "d_model");
+    // A good call still runs.
+    let w = TensorRef::strided(&wd, &[12, 1024], &[0, 1]);
+    assert_eq!(testing::invalid_arg(route(&rt, &batch, &x, &w, &RouterOptions::default()).unwrap_err()), "w_score"); // not contiguous
+    let wd = rt.stream().alloc_zeros::<bf16>(12 * 1024).unwrap();
+    route(&rt, &batch, &x, &TensorRef::new(&wd, &[12, 1024]), &RouterOptions::default()).unwrap();
+    rt.synchronize().unwrap();
 }

@@ -5,7 +5,7 @@ use std::fmt;
 /// The operation a translation unit implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Op {
-    /// Fused router: mean-pool + score kernel, then the select/compact kernel.
+    /// Router: mean-pool + score kernel, then the select/compact kernel.
     Router,
     /// Gated DeltaNet chunk scan over a packed prefill batch.
     GdnPrefill,

@@ -1,14 +1,13 @@
-// router.cuh: the fused router of SPEC.md section 3, one launch.
+// router.cuh: the router of SPEC.md section 3 (blocked pool), two launches.
 //
-// Grid (num_slots, d_split). Each CTA mean-pools one chunk over a slice of D
+// Score: grid (num_slots, d_split). Each CTA mean-pools one chunk over a slice of D
 // (16-byte loads, f32 sums), rounds m_c like the model, and writes the slice's
 // partial logits for every routing head. Splitting D keeps the GPU full when
 // there are few chunks; partials (not atomics) keep the sums deterministic.
-// The last CTA to finish a sequence (a completion counter per sequence) then
-// selects for that sequence: one warp per routing head sums the partials in a
-// fixed order, labels the chunks (argmax, or top-k by an MSB-first radix select
-// over the margins) and writes the compact ATTN list. No second launch: at
-// T = 16k a separate select kernel cost about as much as the pooling.
+// Select: one warp per (sequence, routing head) sums the partials in a fixed order,
+// labels the chunks (argmax, or top-k by an MSB-first radix select over the
+// margins) and writes the compact ATTN list. (A fused launch in which the last CTA
+// of a sequence selected was removed with the tiled one: see src/ops/router.rs.)
 #pragma once
 #include "common/dtype.cuh"
 #include "common/varlen.cuh"
@@ -216,35 +215,7 @@ __device__ void router_select_head(const NatslRouterParams& p, int n, int r, u32
     if (lane == 0) p.attn_count[n * H + r] = running;
 }
 
-template <typename T, int THREADS, int COMPILE_K>
-__device__ void router_fused(const NatslRouterParams& p) {
-    extern __shared__ float smem_f[];  // [THREADS * 8] partial sums, then the m_c slice
-    __shared__ u32 hist[THREADS / 32][256];
-    __shared__ int is_last;
-    const int slot = blockIdx.x;
-    int c;
-    const int n = seq_of_slot(p.batch, slot, &c);
-    if (n < 0) return;  // a slot in the gap between sequences
-    router_pool_score<T, THREADS>(p, slot, n, c, smem_f);
-
-    // Publish the partials; the last CTA of the sequence selects.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int len = p.batch.cu_seqlens[n + 1] - p.batch.cu_seqlens[n];
-        const int expected = ((len + NATSL_CHUNK - 1) / NATSL_CHUNK) * p.d_split;
-        const int done = atomicAdd(&p.seq_done[n], 1) + 1;
-        is_last = done == expected;
-        if (is_last) p.seq_done[n] = 0;  // ready for the next call
-    }
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    const int warp = threadIdx.x / 32;
-    for (int r = warp; r < p.num_heads; r += THREADS / 32) router_select_head<COMPILE_K>(p, n, r, hist[warp]);
-}
-
-// Score only (the split launch): the select kernel runs next on the stream.
+// Pool + score: the select kernel runs next on the stream.
 template <typename T, int THREADS>
 __device__ void router_score(const NatslRouterParams& p) {
     extern __shared__ float smem_f[];
@@ -255,7 +226,7 @@ __device__ void router_score(const NatslRouterParams& p) {
     router_pool_score<T, THREADS>(p, slot, n, c, smem_f);
 }
 
-// Select (the split launch): grid (num_seqs, ceil(num_heads / warps)), one warp per head.
+// Select: grid (num_seqs, ceil(num_heads / warps)), one warp per head.
 template <int THREADS, int COMPILE_K>
 __device__ void router_select(const NatslRouterParams& p) {
     __shared__ u32 hist[THREADS / 32][256];

@@ -10,15 +10,13 @@
 // per batch of loads). Partials go to partial_logits [slices, slots, 2 Hr], as in
 // router_pool_score with d_split = slices.
 //
-// Select. The blocked kernel's fused tail was one CTA per sequence with one warp
-// per head, serial over the chunks: at 2048 chunks it scanned 64 chunks per lane.
-// Here (fused launch) the last min(Hr, CTAs of the sequence) pool CTAs to finish
-// each take heads: they wait until the sequence's counter is complete (every
-// other pool CTA of the sequence is already running, and at most 64 wait), then
-// select one head with all 128 threads: logits and margins for 128 x 4 chunks at
-// a time, a block-wide MSB-first radix select for top-k, and block-wide scans for
-// the labels and the compact list. The split launch runs the same select as its
-// own kernel, grid (sequences, heads).
+// Select. The blocked kernel's select is one warp per head, serial over the chunks:
+// at 2048 chunks it scans 64 chunks per lane. Here one CTA per (sequence, head), its
+// own launch after the pool, selects with all its threads: logits and margins for
+// NT x 4 chunks at a time, a block-wide MSB-first radix select for top-k, and
+// block-wide scans for the labels and the compact list. (A fused launch, whose last
+// pool CTAs spin-waited on a per-sequence counter, was removed: it could hang where
+// its CTAs were not all resident, and the split launch measured faster.)
 #pragma once
 #include "common/dtype.cuh"
 #include "common/varlen.cuh"
@@ -263,50 +261,20 @@ __device__ void tile_select_head(const NatslRouterParams& p, int n, int r, u32* 
     if (tid == 0) p.attn_count[n * H + r] = running;
 }
 
-// Pool + score of one (slot, slice); FUSED: then the last CTAs of the sequence select.
-template <typename T, int COMPILE_K, bool FUSED>
+// Pool + score of one (slot, slice).
+template <typename T>
 __device__ void router_tile(const NatslRouterParams& p) {
     __shared__ float red[(TILE_THREADS / 32) * TILE_COLS];
     __shared__ float m[TILE_COLS];
-    __shared__ int role;
     const int slices = p.d_split;
     const int slot = blockIdx.x / slices, slice = blockIdx.x % slices;
     int c;
     const int n = seq_of_slot(p.batch, slot, &c);
     if (n < 0) return;  // a slot in the gap between sequences
     tile_pool_score<T>(p, slot, n, c, slice, red, m);
-    if (!FUSED) return;
-
-    // Completion: seq_done[n] counts finished pool CTAs; seq_done[num_seqs + n] counts
-    // the selecting CTAs that have seen it complete (the last of them resets both).
-    const int len = p.batch.cu_seqlens[n + 1] - p.batch.cu_seqlens[n];
-    const int expected = ((len + NATSL_CHUNK - 1) / NATSL_CHUNK) * slices;
-    const int selectors = min(p.num_heads, expected);
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int done = atomicAdd(&p.seq_done[n], 1) + 1;
-        role = done > expected - selectors ? expected - done : -1;  // 0 = the last to finish
-    }
-    __syncthreads();
-    const int rank = role;
-    if (rank < 0) return;
-    if (threadIdx.x == 0) {
-        volatile int* cnt = p.seq_done + n;
-        while (*cnt < expected) __nanosleep(64);
-        __threadfence();
-        if (atomicAdd(&p.seq_done[p.batch.num_seqs + n], 1) + 1 == selectors) {
-            p.seq_done[n] = 0;  // every selector has seen `expected`: ready for the next call
-            p.seq_done[p.batch.num_seqs + n] = 0;
-        }
-    }
-    __syncthreads();
-    u32* hist = reinterpret_cast<u32*>(red);      // red is free after the pool
-    int* scratch = reinterpret_cast<int*>(m);     // 6 ints
-    for (int r = rank; r < p.num_heads; r += selectors) tile_select_head<COMPILE_K, TILE_THREADS>(p, n, r, hist, scratch);
 }
 
-// Select alone (split launch): grid (num_seqs, num_heads), TILE_SELECT_THREADS each:
+// Select: grid (num_seqs, num_heads), TILE_SELECT_THREADS each:
 // at 2048 chunks a pass is 4 steps instead of 16.
 constexpr int TILE_SELECT_THREADS = 512;
 template <int COMPILE_K>

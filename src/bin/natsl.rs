@@ -18,6 +18,10 @@ use natsl_codegen::{catalog, emit};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // `natsl kernels | head`: end quietly on a closed pipe, as Unix tools do, instead
+    // of panicking in println! (Rust ignores SIGPIPE by default).
+    // SAFETY: sets a signal disposition at startup, before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cmd = args.first().map(String::as_str).unwrap_or("run");
     let result = match cmd {

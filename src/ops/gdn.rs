@@ -14,7 +14,8 @@ use crate::batch::{validate_cu_seqlens, Batch, CHUNK};
 use crate::error::{Error, Result};
 use crate::params::{NatslGdnDecodeParams, NatslGdnPrefillParams};
 use crate::runtime::Runtime;
-use crate::tensor::{DType, TensorMut, TensorRef};
+use crate::tensor::{Access, ContextId, DType, Operands, TensorMut, TensorRef};
+use super::Sat;
 use cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use natsl_codegen::catalog::{self, GDN_DIMS};
 
@@ -37,7 +38,8 @@ pub const MAX_DECODE_TOKENS: usize = 8;
 /// Options shared by prefill and decode.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GdnOptions {
-    /// Output scale; `None` = dk^-1/2.
+    /// Output scale; `None` = dk^-1/2. Must be finite and positive (the rule of
+    /// both families, see `ops::check_scale`).
     pub scale: Option<f32>,
     /// L2-normalise q and k rows in the kernel (x / sqrt(sum x^2 + 1e-6)).
     pub l2norm: bool,
@@ -113,18 +115,7 @@ pub struct GdnDims {
 }
 
 fn check_dims(dk: usize, dv: usize) -> Result<()> {
-    if GDN_DIMS
-        .iter()
-        .any(|&(a, b)| a as usize == dk && b as usize == dv)
-    {
-        Ok(())
-    } else {
-        let list: Vec<String> = GDN_DIMS.iter().map(|(a, b)| format!("{a}/{b}")).collect();
-        Err(Error::Unsupported(format!(
-            "GDN head dims dk {dk} / dv {dv} (shipped: {})",
-            list.join(", ")
-        )))
-    }
+    super::check_head_dims("GDN", dk, dv, &GDN_DIMS, "q", "v")
 }
 
 fn check_pool(
@@ -260,15 +251,30 @@ fn check_labels(arg: &'static str, labels: &TensorRef, rows: usize, hv: usize) -
 }
 
 fn resolve_scale(opts: &GdnOptions, dk: usize) -> Result<f32> {
-    let s = opts.scale.unwrap_or(1.0 / (dk as f32).sqrt());
-    if !s.is_finite() {
-        return Err(Error::invalid("scale", format!("{s} is not finite")));
-    }
-    Ok(s)
+    super::check_scale(opts.scale, dk)
 }
 
 /// Validate a prefill call without touching a device.
+///
+/// Aliasing: no output may overlap another tensor of the call, with one exception,
+/// the in-place state update: `h0` may share memory with `committed` or `running`
+/// where a sequence reads and writes the same row (each scan CTA reads its h0 tile
+/// before it writes that tile). A row that one sequence reads and another writes
+/// (permuted indices) is rejected, as are outputs overlapping each other.
 pub fn validate_prefill(
+    cu_seqlens: &[i32],
+    inp: &GdnPrefillInputs,
+    out: &GdnPrefillOutputs,
+    opts: &GdnOptions,
+) -> Result<GdnDims> {
+    validate_prefill_in(None, cu_seqlens, inp, out, opts)
+}
+
+/// [`validate_prefill`], also checking that every tensor is memory of context `ctx`
+/// (the launching runtime's; `None`: only that the tensors share one).
+#[doc(hidden)]
+pub fn validate_prefill_in(
+    ctx: Option<ContextId>,
     cu_seqlens: &[i32],
     inp: &GdnPrefillInputs,
     out: &GdnPrefillOutputs,
@@ -326,6 +332,26 @@ pub fn validate_prefill(
         gs.check_contiguous("gsum_running")?;
         gs.check_layout("gsum_running", 4)?;
     }
+    let mut ops = Operands::new();
+    ops.read("q", &inp.q).read("k", &inp.k).read("v", &inp.v).read("g", &inp.g).read("beta", &inp.beta);
+    if let Some(l) = &inp.labels {
+        ops.read("labels", l);
+    }
+    if let Some(h0) = &inp.h0 {
+        ops.pool_rows("h0", Access::Read, &h0.pool, h0.index.as_deref(), n);
+    }
+    ops.write("o", out.o.view());
+    if let Some(c) = &out.committed {
+        ops.pool_rows("committed", Access::Write, c.pool.view(), c.index.as_deref(), n);
+    }
+    if let Some(r) = &out.running {
+        ops.pool_rows("running", Access::Write, r.pool.view(), r.index.as_deref(), n);
+    }
+    if let Some(gs) = &out.gsum_running {
+        ops.write("gsum_running", gs.view());
+    }
+    ops.allow_in_place("h0", "committed").allow_in_place("h0", "running");
+    ops.check(ctx)?;
     Ok(GdnDims {
         tokens: total,
         seqs: n,
@@ -348,16 +374,19 @@ pub fn prep_smem_bytes(dk: usize, dv: usize) -> usize {
 /// `prep_grouped_smem_bytes`): R0 = max(Q, A f32), R1 = K, then 4 (5) x 64 f32.
 #[doc(hidden)]
 pub fn prep_kernel_smem_bytes(dk: usize, _dv: usize, kernel: PrepKernel) -> usize {
-    let r0 = (CHUNK * (dk + PAD) * 2).max(CHUNK * (CHUNK + 4) * 4);
+    let dk = Sat(dk);
+    let r0 = (CHUNK * (dk + PAD) * 2).max(Sat(CHUNK * (CHUNK + 4) * 4));
     let rows = if kernel == PrepKernel::Grouped { 5 } else { 4 };
-    r0 + CHUNK * (dk + PAD) * 2 + rows * CHUNK * 4
+    (r0 + CHUNK * (dk + PAD) * 2 + rows * CHUNK * 4).0
 }
 
 /// Dynamic shared memory of the scan kernel (mirror of `scan_smem_bytes`).
 pub fn scan_smem_bytes(dk: usize, bv: usize, stages: usize) -> usize {
-    stages * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD)) * 2
+    let (dk, bv, stages) = (Sat(dk), Sat(bv), Sat(stages));
+    (stages * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD)) * 2
         + (dk + 2 * CHUNK) * (bv + PAD) * 2
-        + stages * 3 * CHUNK * 4
+        + stages * 3 * CHUNK * 4)
+        .0
 }
 
 /// Dynamic shared memory of the register-state scan (`ScanTile::Reg`, tile stages = 3;
@@ -367,9 +396,10 @@ pub fn scan_smem_bytes(dk: usize, bv: usize, stages: usize) -> usize {
 /// (8 + 4 uint4 per thread).
 #[doc(hidden)]
 pub fn reg_scan_smem_bytes(dk: usize, bv: usize, warps: usize) -> usize {
-    let ks = warps * 16 / bv.max(1);
-    let xchg = if ks == 2 || dk / ks.max(1) == 128 { warps * 12 * 32 * 16 } else { 0 };
-    2 * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD) + 6 * CHUNK) * 2 + xchg
+    let ks = (Sat(warps) * 16).0 / bv.max(1);
+    let xchg = if ks == 2 || dk / ks.max(1) == 128 { Sat(warps) * (12 * 32 * 16) } else { Sat(0) };
+    let (dk, bv) = (Sat(dk), Sat(bv));
+    (2 * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD) + 6 * CHUNK) * 2 + xchg).0
 }
 
 /// Dynamic shared memory of a scan tile (stages 1 / 2: `scan_smem_bytes`; 3: the
@@ -384,17 +414,20 @@ fn tile_smem_bytes(dk: usize, t: natsl_codegen::spec::Tile) -> usize {
 
 /// Workspace bytes of a prefill: W, U, P (activation dtype) and the row factors
 /// F = (fq, fk, G) (f32) per (slot, value head).
+/// Saturates at `usize::MAX` (validated problems stay far below).
 pub fn workspace_bytes(num_slots: usize, hv: usize, dk: usize, dv: usize) -> usize {
-    let rows = num_slots * hv * CHUNK;
-    let a = |x: usize| x.div_ceil(256) * 256;
-    a(rows * dk * 2) + a(rows * dv * 2) + a(rows * CHUNK * 2) + a(rows * 3 * 4)
+    let rows = Sat(num_slots) * hv * CHUNK;
+    let a = |x: Sat| Sat(x.0.div_ceil(256)) * 256;
+    (a(rows * dk * 2) + a(rows * dv * 2) + a(rows * CHUNK * 2) + a(rows * 3 * 4)).0
 }
 
 fn ptr_mut(t: &TensorMut) -> u64 {
     t.ptr()
 }
 
-/// Run the GDN prefill over a packed batch.
+/// Run the GDN prefill over a packed batch. Allowed aliasing: only the in-place
+/// state update (`h0` and `committed` / `running` on the same row of a sequence);
+/// see [`validate_prefill`]. Every tensor must be memory of `rt`'s context.
 pub fn gdn_prefill(
     rt: &Runtime,
     batch: &Batch,
@@ -600,23 +633,24 @@ pub fn cp_auto_segments(nchs: &[usize], hv: usize, dk: usize, dv: usize, bv: usi
     // 228 KiB of smem per SM (H100 / H200; A100 has 164: fewer slots, so this errs
     // towards more segments there), 1 KiB reserved per CTA; 128-thread CTAs at
     // <= 255 registers: at most 2 per SM by registers.
-    let per_sm = (233_472 / (smem + 1024)).clamp(1, 2);
-    let slots = (sm * per_sm).max(1);
-    let waves = |ctas: usize| ctas.div_ceil(slots);
+    // Saturating counts: the model must not panic or wrap on any input.
+    let per_sm = (233_472 / smem.saturating_add(1024)).clamp(1, 2);
+    let slots = sm.saturating_mul(per_sm).max(1);
+    let waves = |ctas: Sat| Sat(ctas.0.div_ceil(slots));
     let (tk, tv) = (dk / bv.max(1), dv / bv.max(1));
     let max_chunks = nchs.iter().copied().max().unwrap_or(0);
-    let plain = max_chunks * waves(nchs.len() * hv * tv);
+    let plain = (max_chunks * waves(Sat(nchs.len()) * hv * tv)).0;
     let mut best = (plain as f64, 1usize);
     for s in 2..=64.min(max_chunks) {
-        let (mut ca, mut cc, mut crit, mut segs_max) = (0usize, 0usize, 0usize, 1usize);
+        let (mut ca, mut cc, mut crit, mut segs_max) = (Sat(0), Sat(0), 0usize, 1usize);
         for &nch in nchs.iter().filter(|&&c| c > 0) {
             let (sl, segs) = cp_geometry(nch, s);
-            ca += hv * (tv + segs.saturating_sub(2) * (tk + tv));
-            cc += hv * (segs - 1) * tv;
+            ca = ca + Sat(hv) * (Sat(tv) + Sat(segs.saturating_sub(2)) * (Sat(tk) + tv));
+            cc = cc + Sat(hv) * (segs - 1) * tv;
             crit = crit.max(sl);
             segs_max = segs_max.max(segs);
         }
-        let cost = (crit * (waves(ca) + waves(cc))) as f64 + 1.5 * segs_max.saturating_sub(2) as f64;
+        let cost = (crit * (waves(ca) + waves(cc))).0 as f64 + 1.5 * segs_max.saturating_sub(2) as f64;
         if cost < best.0 * 0.999 && (best.1 > 1 || 2.0 * cost <= plain as f64) {
             best = (cost, s);
         }
@@ -628,9 +662,9 @@ pub fn cp_auto_segments(nchs: &[usize], hv: usize, dk: usize, dv: usize, bv: usi
 /// A `[N, S, Hv, dk, dk]` f32.
 #[doc(hidden)]
 pub fn cp_workspace_bytes(seqs: usize, segments: usize, hv: usize, dk: usize, dv: usize) -> usize {
-    let a = |x: usize| x.div_ceil(256) * 256;
-    let rows = seqs * segments * hv;
-    a(rows * dk * dv * 4) + a(rows * dk * dk * 4)
+    let a = |x: Sat| Sat(x.0.div_ceil(256)) * 256;
+    let rows = Sat(seqs) * segments * hv;
+    (a(rows * dk * dv * 4) + a(rows * dk * dk * 4)).0
 }
 
 /// Which one of the two prefill launches a [`PrefillVariant`] queues alone.
@@ -656,8 +690,17 @@ fn prefill_launch(
     let PrefillVariant { tile, prep, cp, part } = v;
     let run_prep = part != Some(PrefillPart::Scan);
     let run_scan = part != Some(PrefillPart::Prep);
-    let d = validate_prefill(batch.cu_seqlens(), inp, out, opts)?;
+    let ctx = super::launch_context(rt, Some(batch))?;
+    let d = validate_prefill_in(Some(ctx), batch.cu_seqlens(), inp, out, opts)?;
     let scale = resolve_scale(opts, d.dk)?;
+    for (arg, b) in [("ws", ws.buf.as_ref()), ("ws", ws.cp.as_ref())] {
+        if let Some(b) = b {
+            super::check_alloc(arg, b, ctx)?;
+        }
+    }
+    if let Some(ix) = &ws.index {
+        super::check_alloc("ws", ix, ctx)?;
+    }
     let wide = catalog::gdn_prefill_spec(d.dtype, d.dk as u32, d.dv as u32, rt.arch());
     // The scan runs one CTA per (sequence, value head, dv tile), sequentially over the
     // chunks: with at most one wide CTA per SM (e.g. one long sequence), halving the
@@ -940,7 +983,25 @@ fn check_index_tensor(arg: &'static str, t: &TensorRef, n: usize) -> Result<()> 
 
 /// Validate a decode call without touching a device; returns the dimensions
 /// (`tokens` = rows, `seqs` = N).
+///
+/// Aliasing: the state (`running`, `committed`, `gsum`, `pos`) is updated in place
+/// on purpose, each at its own address; beyond that no output may overlap another
+/// tensor of the call. In particular `running` and `committed` may not share memory
+/// even where their device indices would pick different rows (the host cannot see
+/// those indices).
 pub fn validate_decode(
+    inp: &GdnDecodeInputs,
+    o: &TensorRef,
+    st: &GdnDecodeState,
+    opts: &GdnOptions,
+) -> Result<GdnDims> {
+    validate_decode_in(None, inp, o, st, opts)
+}
+
+/// [`validate_decode`], also checking that every tensor is memory of context `ctx`.
+#[doc(hidden)]
+pub fn validate_decode_in(
+    ctx: Option<ContextId>,
     inp: &GdnDecodeInputs,
     o: &TensorRef,
     st: &GdnDecodeState,
@@ -1002,6 +1063,22 @@ pub fn validate_decode(
     if let Some(p) = &st.pos {
         check_index_tensor("pos", p.view(), n)?;
     }
+    let mut ops = Operands::new();
+    ops.read("q", &inp.q).read("k", &inp.k).read("v", &inp.v).read("g", &inp.g).read("beta", &inp.beta);
+    if let Some(l) = &inp.labels {
+        ops.read("labels", l);
+    }
+    ops.read("running_index", &st.running_index).write("o", o).write("running", st.running.view());
+    if let Some((pool, index)) = &st.committed {
+        ops.read("committed_index", index).write("committed", pool.view());
+    }
+    if let Some(g) = &st.gsum {
+        ops.write("gsum", g.view());
+    }
+    if let Some(p) = &st.pos {
+        ops.write("pos", p.view());
+    }
+    ops.check(ctx)?;
     Ok(GdnDims {
         tokens: n * j,
         seqs: n,
@@ -1016,7 +1093,8 @@ pub fn validate_decode(
 }
 
 /// One decode step (1..=8 tokens per sequence). Queued on the runtime's stream;
-/// no host synchronisation and no allocation once `ws` is reserved.
+/// no host synchronisation and no allocation once `ws` is reserved. The state is
+/// updated in place; no other aliasing is allowed (see [`validate_decode`]).
 pub fn gdn_decode(
     rt: &Runtime,
     inp: &GdnDecodeInputs,
@@ -1041,8 +1119,12 @@ pub fn gdn_decode_variant(
     ws: &mut GdnDecodeWorkspace,
     tile: Option<natsl_codegen::spec::Tile>,
 ) -> Result<()> {
-    let d = validate_decode(inp, o.view(), st, opts)?;
+    let ctx = super::launch_context(rt, None)?;
+    let d = validate_decode_in(Some(ctx), inp, o.view(), st, opts)?;
     let scale = resolve_scale(opts, d.dk)?;
+    if let Some(c) = &ws.counter {
+        super::check_alloc("ws", c, ctx)?;
+    }
     let mut spec = catalog::gdn_decode_spec(d.dtype, d.dk as u32, d.dv as u32, rt.arch());
     if let Some(t) = tile {
         // The kernel's layout: column groups of 4, a warp spans whole row groups.

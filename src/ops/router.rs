@@ -1,14 +1,14 @@
-//! The fused router (SPEC.md section 3): per chunk mean-pool of `x`, logits
+//! The router (SPEC.md section 3): per chunk mean-pool of `x`, logits
 //! `W_score · m_c`, labels by the argmax policy or a top-k budget, and the
 //! compact, sorted per-(sequence, routing head) lists of ATTN chunks that the
-//! sparse softmax consumes. One launch on the runtime's stream, no host
-//! round trip.
+//! sparse softmax consumes. Two launches on the runtime's stream (pool + score,
+//! then select), no host round trip.
 
 use crate::batch::{Batch, SeqLayout};
 use crate::error::{Error, Result};
 use crate::params::{NatslRouterParams, NATSL_ROUTER_MAX_HEADS, NATSL_ROUTER_TILE_COLS};
 use crate::runtime::Runtime;
-use crate::tensor::{DType, TensorRef};
+use crate::tensor::{ContextId, DType, Operands, TensorRef};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use natsl_codegen::{catalog, Sparsity};
 
@@ -40,8 +40,6 @@ pub struct RouterOptions {
     pub round_mean: bool,
     /// With `TopK(k)`, use an image specialised for this k (codegen) instead of the run-time k.
     pub compile_time_k: bool,
-    /// One fused launch (the last CTA of each sequence selects) or two launches.
-    pub launch: RouterLaunch,
     /// Tuning knob: CTAs per chunk along D (`None` = chosen to fill the GPU).
     /// Each CTA pools at most 2048 columns, so at least ceil(D / 2048).
     /// Ignored by `PoolKernel::Tile` (one CTA per 256-column slice).
@@ -63,20 +61,9 @@ pub enum PoolKernel {
     Tile,
 }
 
-/// How the router is launched. Both give identical results.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RouterLaunch {
-    /// Chosen by size (see `route_into`).
-    Auto,
-    /// Pool+score, then in the same kernel the last CTA of a sequence selects.
-    Fused,
-    /// A pool+score kernel, then a select kernel (one warp per head).
-    Split,
-}
-
 impl Default for RouterOptions {
     fn default() -> Self {
-        RouterOptions { policy: RouterPolicy::Argmax, round_mean: true, compile_time_k: false, launch: RouterLaunch::Auto, d_split: None, pool: PoolKernel::Tile }
+        RouterOptions { policy: RouterPolicy::Argmax, round_mean: true, compile_time_k: false, d_split: None, pool: PoolKernel::Tile }
     }
 }
 
@@ -93,20 +80,27 @@ pub struct RouterOutput {
     pub logits: Option<CudaSlice<f32>>,
     workspace: CudaSlice<f32>,
     margins: CudaSlice<f32>,
-    /// Per-sequence completion counters; the kernel leaves them at zero.
-    seq_done: CudaSlice<i32>,
     num_heads: usize,
     num_slots: usize,
     num_seqs: usize,
 }
 
 impl RouterOutput {
-    /// Allocate outputs for `batch` and `num_heads` routing heads.
+    /// Allocate outputs for `batch` and `num_heads` routing heads (1..=64) of a model
+    /// of width `d_model` (8..=8192).
     pub fn alloc(rt: &Runtime, batch: &Batch, num_heads: usize, d_model: usize, with_logits: bool) -> Result<RouterOutput> {
+        if num_heads == 0 || num_heads > MAX_HEADS {
+            return Err(Error::invalid("num_heads", format!("{num_heads}: must be 1..={MAX_HEADS}")));
+        }
+        if d_model == 0 || d_model > MAX_D_MODEL {
+            return Err(Error::invalid("d_model", format!("{d_model}: must be 1..={MAX_D_MODEL}")));
+        }
+        super::launch_context(rt, Some(batch))?;
         let s = rt.stream();
         let ns = batch.num_slots();
         // Enough partial logits for either pool kernel (no allocation inside a capture).
         let d_split = d_split(rt, ns, d_model.max(8), None).0.max(d_model.max(8).div_ceil(TILE_COLS));
+        // ns < 2^26 (i32 tokens), heads <= 64, d_split <= 1024: no product overflows.
         Ok(RouterOutput {
             labels: s.alloc_zeros(ns * num_heads)?,
             attn_list: s.alloc_zeros(ns * num_heads)?,
@@ -114,7 +108,6 @@ impl RouterOutput {
             logits: if with_logits { Some(s.alloc_zeros(ns * num_heads * 2)?) } else { None },
             workspace: s.alloc_zeros(d_split * ns * num_heads * 2)?,
             margins: s.alloc_zeros(ns * num_heads)?,
-            seq_done: s.alloc_zeros(2 * batch.num_seqs())?,
             num_heads,
             num_slots: ns,
             num_seqs: batch.num_seqs(),
@@ -140,10 +133,10 @@ const TILE_THREADS: u32 = 128;
 const TILE_SELECT_THREADS: u32 = 512;
 const _: () = assert!(NATSL_ROUTER_MAX_HEADS as usize == MAX_HEADS);
 
-/// Run the router, allocating the outputs.
+/// Run the router, allocating the outputs (sized from the validated arguments).
 pub fn route(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions) -> Result<RouterOutput> {
-    let hr = w_score.dim(0) / 2;
-    let mut out = RouterOutput::alloc(rt, batch, hr, x.dim(1), false)?;
+    let plan = validate_in(Some(super::launch_context(rt, Some(batch))?), batch.layout(), x, w_score, opts)?;
+    let mut out = RouterOutput::alloc(rt, batch, plan.num_heads, plan.d_model, false)?;
     route_into(rt, batch, x, w_score, opts, &mut out)?;
     Ok(out)
 }
@@ -159,8 +152,15 @@ pub struct RouterPlan {
     pub sparsity: Sparsity,
 }
 
-/// Check every argument of a router call; needs no device.
+/// Check every argument of a router call; needs no device. The router writes only
+/// its own [`RouterOutput`]; x and w_score are read.
 pub fn validate(layout: &SeqLayout, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions) -> Result<RouterPlan> {
+    validate_in(None, layout, x, w_score, opts)
+}
+
+/// [`validate`], also checking that x and w_score are memory of context `ctx`.
+#[doc(hidden)]
+pub fn validate_in(ctx: Option<ContextId>, layout: &SeqLayout, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions) -> Result<RouterPlan> {
     x.check_dtype("x", &[DType::Bf16, DType::F16])?;
     x.check_shape("x", &[None, None])?;
     x.check_layout("x", 16)?;
@@ -197,44 +197,49 @@ pub fn validate(layout: &SeqLayout, x: &TensorRef, w_score: &TensorRef, opts: &R
             (-1, rho, Sparsity::TopKRuntime)
         }
     };
+    Operands::new().read("x", x).read("w_score", w_score).check(ctx)?;
     Ok(RouterPlan { d_model: d, num_heads: rows / 2, top_k, keep_fraction, sparsity })
 }
 
-/// Run the router into preallocated outputs.
+/// Run the router into preallocated outputs (of this runtime, for this batch shape).
+/// No aliasing: x and w_score may not overlap the outputs.
 pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions, out: &mut RouterOutput) -> Result<()> {
-    let RouterPlan { d_model: d, num_heads: hr, top_k, keep_fraction, sparsity } = validate(batch.layout(), x, w_score, opts)?;
+    let ctx = super::launch_context(rt, Some(batch))?;
+    let RouterPlan { d_model: d, num_heads: hr, top_k, keep_fraction, sparsity } = validate_in(Some(ctx), batch.layout(), x, w_score, opts)?;
     if out.num_heads != hr || out.num_slots != batch.num_slots() || out.num_seqs != batch.num_seqs() {
         return Err(Error::invalid("out", format!("allocated for {} heads / {} slots / {} sequences; this call needs {hr} / {} / {}", out.num_heads, out.num_slots, out.num_seqs, batch.num_slots(), batch.num_seqs())));
     }
-    let dtype = x.dtype().activation().unwrap();
+    {
+        // The outputs are our own allocations: only x or w_score made from raw
+        // pointers could overlap them.
+        let mut ops = Operands::new();
+        ops.read("x", x).read("w_score", w_score);
+        let all = [&out.labels as &dyn AsView, &out.attn_list, &out.attn_count, &out.workspace, &out.margins];
+        for v in all.iter().map(|b| b.view()).chain(out.logits.as_ref().map(|l| TensorRef::new(l, &[l.len()]))) {
+            ops.write("out", &v);
+        }
+        ops.check(Some(ctx))?;
+    }
+    let dtype = x.dtype().activation().ok_or_else(|| Error::invalid("x", "not an activation dtype"))?;
     let spec = catalog::router_spec(dtype, sparsity, rt.arch());
-    let fused = match opts.launch {
-        RouterLaunch::Fused => true,
-        RouterLaunch::Split => false,
-        // Tiled pool: the split launch won at every measured shape (H200 run e: 16k
-        // 15.7 vs 17.1 us, 131k 82.0 vs 95.3 us, 16k x 4096 x 32 heads 56.1 vs 75.8 us).
-        RouterLaunch::Auto if opts.pool == PoolKernel::Tile => false,
-        RouterLaunch::Auto => hr <= 8 && !(129..512).contains(&batch.max_chunks()),
-    };
     let tile = opts.pool == PoolKernel::Tile;
     let (split, per) = if tile { (d.div_ceil(TILE_COLS), TILE_COLS) } else { d_split(rt, batch.num_slots(), d, opts.d_split) };
     if out.workspace.len() < split * batch.num_slots() * hr * 2 {
         out.workspace = rt.stream().alloc_zeros(split * batch.num_slots() * hr * 2)?;
     }
     // ---- launch ----
+    // Two launches (pool + score, then select). A fused launch, whose last CTAs of a
+    // sequence selected, was removed: the tiled one spin-waited on a counter (a hang
+    // where its CTAs are not all resident, e.g. under MIG or MPS), and the split
+    // launch was faster at every measured shape of the default tiled pool (H200 run e:
+    // 16k 15.7 vs 17.1 us, 131k 82.0 vs 95.3 us, 16k x 4096 x 32 heads 56.1 vs 75.8 us).
     let score_smem = THREADS * 8 * 4 + per as u32 * 4;
-    // Measured on the H200 (bench/results/2026-11-28-h200-c-natsl.jsonl, graph
-    // replays): with <= 8 heads the fused launch won at 64, 512 and 2048 chunks
-    // (8.9 vs 9.5, 36.7 vs 41.1, 113 vs 128 us) but lost at 256 (24.7 vs 21.6 us);
-    // with 32 heads its one-CTA select tail lost everywhere (119 vs 96 us at 16k).
-    // (`fused` is decided above, before the streaming kernel is looked up.)
     let s = rt.stream();
     let (labels, _g1) = out.labels.device_ptr_mut(s);
     let (list, _g2) = out.attn_list.device_ptr_mut(s);
     let (count, _g3) = out.attn_count.device_ptr_mut(s);
     let (ws, _g4) = out.workspace.device_ptr_mut(s);
     let (margins, _g5) = out.margins.device_ptr_mut(s);
-    let (seq_done, _g6) = out.seq_done.device_ptr_mut(s);
     let logits = match out.logits.as_mut() {
         Some(l) => l.device_ptr_mut(s).0,
         None => 0,
@@ -253,7 +258,6 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
         keep_fraction,
         partial_logits: ws as *mut f32,
         margins: margins as *mut f32,
-        seq_done: seq_done as *mut i32,
         logits: logits as *mut f32,
         labels: labels as *mut u8,
         attn_list: list as *mut i32,
@@ -266,18 +270,10 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
         if tile {
             let grid = (num_slots * split as u32, 1, 1);
             let cfg = LaunchConfig { grid_dim: grid, block_dim: (TILE_THREADS, 1, 1), shared_mem_bytes: 0 };
-            if fused {
-                let f = rt.function(&spec, "tile_route", 0)?;
-                s.launch_builder(&f).arg(&p).launch(cfg)?;
-            } else {
-                let f_score = rt.function(&spec, "tile_score", 0)?;
-                let f_select = rt.function(&spec, "tile_select", 0)?;
-                s.launch_builder(&f_score).arg(&p).launch(cfg)?;
-                s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (batch.num_seqs() as u32, hr as u32, 1), block_dim: (TILE_SELECT_THREADS, 1, 1), shared_mem_bytes: 0 })?;
-            }
-        } else if fused {
-            let f = rt.function(&spec, "route", score_smem)?;
-            s.launch_builder(&f).arg(&p).launch(LaunchConfig { grid_dim: (num_slots, split as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: score_smem })?;
+            let f_score = rt.function(&spec, "tile_score", 0)?;
+            let f_select = rt.function(&spec, "tile_select", 0)?;
+            s.launch_builder(&f_score).arg(&p).launch(cfg)?;
+            s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (batch.num_seqs() as u32, hr as u32, 1), block_dim: (TILE_SELECT_THREADS, 1, 1), shared_mem_bytes: 0 })?;
         } else {
             let f_score = rt.function(&spec, "score", score_smem)?;
             let f_select = rt.function(&spec, "select", 0)?;
@@ -288,4 +284,14 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     }
     let _ = out.logits.as_ref().map(|l| l.device_ptr(s));
     Ok(())
+}
+
+/// A whole output buffer as a 1-D view (for the aliasing and context checks).
+trait AsView {
+    fn view(&self) -> TensorRef<'_>;
+}
+impl<T: crate::tensor::Element> AsView for CudaSlice<T> {
+    fn view(&self) -> TensorRef<'_> {
+        TensorRef::new(self, &[self.len()])
+    }
 }

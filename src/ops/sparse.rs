@@ -16,7 +16,7 @@ use crate::batch::{validate_cu_seqlens, Batch, CHUNK};
 use crate::error::{Error, Result};
 use crate::params::{NatslSparseDecodeParams, NatslSparsePrefillParams, NATSL_SPARSE_BLOCKS, NATSL_SPARSE_MAX_QUERIES, NATSL_SPARSE_ROUTED};
 use crate::runtime::Runtime;
-use crate::tensor::{DType, TensorMut, TensorRef};
+use crate::tensor::{ContextId, DType, Operands, TensorMut, TensorRef};
 use crate::tma;
 use cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use natsl_codegen::{catalog, HeadDims};
@@ -88,7 +88,8 @@ pub fn prefill_kernels(rt: &Runtime) -> Vec<PrefillKernel> {
 /// Options shared by prefill and decode.
 #[derive(Clone, Debug, Default)]
 pub struct SparseOptions<'a> {
-    /// Softmax scale; `None` = dk^-1/2.
+    /// Softmax scale; `None` = dk^-1/2. Must be finite and positive with
+    /// `scale * log2(e)` finite (the rule of both families, see `ops::check_scale`).
     pub scale: Option<f32>,
     /// RMSNorm weight `[dk]` (activation dtype) applied to q in the kernel.
     pub q_norm_w: Option<TensorRef<'a>>,
@@ -118,12 +119,7 @@ pub struct PrefillPlan {
 }
 
 fn check_dims(dk: usize, dv: usize) -> Result<HeadDims> {
-    if !matches!(dk, 64 | 128 | 256) {
-        return Err(Error::invalid("q", format!("head dim dk = {dk} is not supported (64, 128 or 256)")));
-    }
-    if !supported_dims().iter().any(|&(a, b)| a as usize == dk && b as usize == dv) {
-        return Err(Error::invalid("v", format!("head dims dk = {dk}, dv = {dv} are not supported: pairs {:?}", supported_dims())));
-    }
+    super::check_head_dims("sparse", dk, dv, supported_dims(), "q", "v")?;
     Ok(HeadDims { dk: dk as u32, dv: dv as u32 })
 }
 
@@ -137,12 +133,7 @@ fn check_norm(arg: &'static str, w: &Option<TensorRef>, dtype: DType, dk: usize)
 }
 
 fn check_scale(s: Option<f32>, dk: usize) -> Result<f32> {
-    let s = s.unwrap_or(1.0 / (dk as f32).sqrt());
-    // > 0: the kernels take row maxima of raw scores (the max of scale * s only for scale > 0).
-    if !(s.is_finite() && s > 0.0 && (s * std::f32::consts::LOG2_E).is_finite()) {
-        return Err(Error::invalid("scale", format!("{s} must be finite and positive (also once multiplied by log2 e)")));
-    }
-    Ok(s)
+    super::check_scale(s, dk)
 }
 
 fn check_i32(arg: &'static str, t: &TensorRef, shape: &[Option<usize>]) -> Result<()> {
@@ -205,12 +196,20 @@ pub fn prefill_ws_smem(dims: HeadDims) -> u32 {
 
 /// CTAs of the warp-specialized prefill: one per (chunk pair, sequence, query head).
 pub fn prefill_ws_grid(max_chunks: usize, num_seqs: usize, hq: usize) -> u64 {
-    max_chunks.div_ceil(2) as u64 * num_seqs as u64 * hq as u64
+    (max_chunks.div_ceil(2) as u64).saturating_mul(num_seqs as u64).saturating_mul(hq as u64)
 }
 
 /// Validate a prefill call on the host (no GPU needed). `cu_seqlens` as for [`Batch`].
+/// Aliasing: none; `o` and `lse` may not overlap each other or any input.
 #[allow(clippy::too_many_arguments)]
 pub fn validate_prefill(cu_seqlens: &[i32], q: &TensorRef, k: &TensorRef, v: &TensorRef, mask: &BlockMask, opts: &SparseOptions, o: &TensorRef, lse: Option<&TensorRef>) -> Result<PrefillPlan> {
+    validate_prefill_in(None, cu_seqlens, q, k, v, mask, opts, o, lse)
+}
+
+/// [`validate_prefill`], also checking that every tensor is memory of context `ctx`.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn validate_prefill_in(ctx: Option<ContextId>, cu_seqlens: &[i32], q: &TensorRef, k: &TensorRef, v: &TensorRef, mask: &BlockMask, opts: &SparseOptions, o: &TensorRef, lse: Option<&TensorRef>) -> Result<PrefillPlan> {
     let max_chunks = validate_cu_seqlens(cu_seqlens)?;
     let n = cu_seqlens.len() - 1;
     let t = *cu_seqlens.last().unwrap() as usize;
@@ -261,12 +260,33 @@ pub fn validate_prefill(cu_seqlens: &[i32], q: &TensorRef, k: &TensorRef, v: &Te
             (hm, Some((qb, kv_indices.dim(3))))
         }
     };
-    let grid = max_chunks as u64 * n as u64 * hq as u64;
+    let grid = (max_chunks as u64).saturating_mul(n as u64).saturating_mul(hq as u64);
     if grid > i32::MAX as u64 || t > i32::MAX as usize / 2 {
         return Err(Error::invalid("q", format!("problem too large: {grid} CTAs, {t} tokens")));
     }
+    let mut ops = Operands::new();
+    ops.read("q", q).read("k", k).read("v", v);
+    match mask {
+        BlockMask::Routed { attn_list, attn_count } => ops.read("attn_list", attn_list).read("attn_count", attn_count),
+        BlockMask::Blocks { kv_num_blocks, kv_indices } => ops.read("kv_num_blocks", kv_num_blocks).read("kv_indices", kv_indices),
+    };
+    read_norms(&mut ops, opts).write("o", o);
+    if let Some(l) = lse {
+        ops.write("lse", l);
+    }
+    ops.check(ctx)?;
     let dtype = q.dtype().activation().unwrap();
     Ok(PrefillPlan { dtype, dims, hq, hkv, hm, max_chunks, blocks, scale, smem_bytes: prefill_smem(dims), grid: grid as u32 })
+}
+
+fn read_norms<'o>(ops: &'o mut Operands, opts: &SparseOptions) -> &'o mut Operands {
+    if let Some(w) = &opts.q_norm_w {
+        ops.read("q_norm_w", w);
+    }
+    if let Some(w) = &opts.k_norm_w {
+        ops.read("k_norm_w", w);
+    }
+    ops
 }
 
 fn ptr_or_null(t: &Option<TensorRef>) -> *const std::ffi::c_void {
@@ -275,9 +295,10 @@ fn ptr_or_null(t: &Option<TensorRef>) -> *const std::ffi::c_void {
 
 /// Block-sparse prefill: o `[T, Hq, dv]` (and lse `[T, Hq]` f32, natural log) from
 /// q `[T, Hq, dk]`, k `[T, Hkv, dk]`, v `[T, Hkv, dv]` (strided views accepted).
+/// No aliasing: o and lse may not overlap each other or any input.
 #[allow(clippy::too_many_arguments)]
 pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &TensorRef, mask: &BlockMask, opts: &SparseOptions, o: &mut TensorMut, lse: Option<&mut TensorMut>) -> Result<()> {
-    let plan = validate_prefill(batch.cu_seqlens(), q, k, v, mask, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
+    let plan = validate_prefill_in(Some(super::launch_context(rt, Some(batch))?), batch.cu_seqlens(), q, k, v, mask, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
     let spec = catalog::sparse_prefill_spec(plan.dtype, plan.dims, rt.arch());
     let sm90a = rt.arch() == natsl_codegen::Arch::Sm90a;
     let routed = matches!(mask, BlockMask::Routed { .. });
@@ -416,8 +437,8 @@ pub struct DecodePlan {
 impl DecodePlan {
     /// (num_splits, pages_per_split) for a device of `sm_count` SMs, or as forced.
     pub fn splits(&self, sm_count: u32, force: Option<usize>) -> (usize, usize) {
-        let entries = self.max_pages + 1;
-        let base = self.num_seqs * self.hkv * self.row_tiles;
+        let entries = self.max_pages.saturating_add(1);
+        let base = self.num_seqs.saturating_mul(self.hkv).saturating_mul(self.row_tiles);
         let want = force.unwrap_or_else(|| (4 * sm_count as usize).div_ceil(base.max(1))).clamp(1, entries);
         let mut pps = entries.div_ceil(want);
         if force.is_none() {
@@ -434,7 +455,14 @@ pub fn decode_smem(dims: HeadDims) -> u32 {
 }
 
 /// Validate a decode call on the host (no GPU needed).
+/// Aliasing: none; `o` and `lse` may not overlap each other, the pages or any input.
 pub fn validate_decode(q: &TensorRef, nq: usize, kv: &PagedKv, opts: &SparseOptions, o: &TensorRef, lse: Option<&TensorRef>) -> Result<DecodePlan> {
+    validate_decode_in(None, q, nq, kv, opts, o, lse)
+}
+
+/// [`validate_decode`], also checking that every tensor is memory of context `ctx`.
+#[doc(hidden)]
+pub fn validate_decode_in(ctx: Option<ContextId>, q: &TensorRef, nq: usize, kv: &PagedKv, opts: &SparseOptions, o: &TensorRef, lse: Option<&TensorRef>) -> Result<DecodePlan> {
     if !(1..=MAX_QUERIES).contains(&nq) {
         return Err(Error::invalid("nq", format!("{nq} queries per sequence: must be 1..={MAX_QUERIES}")));
     }
@@ -486,11 +514,19 @@ pub fn validate_decode(q: &TensorRef, nq: usize, kv: &PagedKv, opts: &SparseOpti
     if np > i32::MAX as usize || mp > (i32::MAX as usize) / 2 {
         return Err(Error::invalid("page_table", "too many pages"));
     }
-    let row_tiles = (hq / hkv * nq).div_ceil(16);
-    let ctas = n as u64 * hkv as u64 * row_tiles as u64 * (mp as u64 + 1);
-    if ctas > i32::MAX as u64 {
+    let row_tiles = (hq / hkv).saturating_mul(nq).div_ceil(16);
+    let ctas = (n as u64).saturating_mul(hkv as u64).saturating_mul(row_tiles as u64).saturating_mul(mp as u64 + 1);
+    if ctas > i32::MAX as u64 || rows.saturating_mul(hq) > i32::MAX as usize {
         return Err(Error::invalid("q", "problem too large"));
     }
+    let mut ops = Operands::new();
+    ops.read("q", q).read("k_pages", kp).read("v_pages", vp).read("page_table", &kv.page_table).read("page_count", &kv.page_count);
+    ops.read("cur_page", &kv.cur_page).read("cur_len", &kv.cur_len);
+    read_norms(&mut ops, opts).write("o", o);
+    if let Some(l) = lse {
+        ops.write("lse", l);
+    }
+    ops.check(ctx)?;
     let dtype = q.dtype().activation().unwrap();
     Ok(DecodePlan { dtype, dims, num_seqs: n, nq, hq, hkv, ht, num_pages: np, max_pages: mp, row_tiles, scale, smem_bytes: decode_smem(dims) })
 }
@@ -510,9 +546,14 @@ impl DecodeWorkspace {
 
 /// Sparse decode: o `[N * nq, Hq, dv]` (lse `[N * nq, Hq]`) for the queries
 /// q `[N * nq, Hq, dk]` against `kv`. Queues one kernel (two with split-KV).
+/// No aliasing: o and lse may not overlap each other, the pages or any input.
 #[allow(clippy::too_many_arguments)]
 pub fn decode(rt: &Runtime, q: &TensorRef, nq: usize, kv: &PagedKv, opts: &SparseOptions, o: &mut TensorMut, lse: Option<&mut TensorMut>, ws: &mut DecodeWorkspace) -> Result<()> {
-    let plan = validate_decode(q, nq, kv, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
+    let ctx = super::launch_context(rt, None)?;
+    let plan = validate_decode_in(Some(ctx), q, nq, kv, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
+    for b in [&ws.part_o, &ws.part_lse].into_iter().flatten() {
+        super::check_alloc("ws", b, ctx)?;
+    }
     let (splits, pps) = plan.splits(rt.sm_count(), opts.num_splits);
     let spec = catalog::sparse_decode_spec(plan.dtype, plan.dims, rt.arch());
     let f = rt.function(&spec, "decode", plan.smem_bytes)?;

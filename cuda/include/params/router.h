@@ -1,4 +1,4 @@
-/* Fused router (SPEC.md section 3): mean-pool per chunk, score, select. */
+/* Router (SPEC.md section 3): mean-pool per chunk and score, then select. */
 #ifndef NATSL_PARAMS_ROUTER_H
 #define NATSL_PARAMS_ROUTER_H
 
@@ -22,7 +22,6 @@ typedef struct NatslRouterParams {
     float keep_fraction;    /* policy when top_k < 0: k = ceil(keep_fraction * complete chunks) */
     float* partial_logits;  /* workspace [d_split, num_slots, num_heads, 2] f32 */
     float* margins;         /* workspace [num_heads, num_slots] f32: l0 - l1 (top-k selection) */
-    int* seq_done;          /* workspace [2 * num_seqs], zero between calls: score CTAs finished per sequence, then (tiled select) selecting CTAs */
     float* logits;          /* optional (nullable) out [num_slots, num_heads, 2] f32 */
     unsigned char* labels;  /* out [num_slots, num_heads] */
     int* attn_list;         /* out [num_heads, num_slots]: list of (n, r) at r * num_slots + slot_base(n) */
