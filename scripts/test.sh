@@ -38,6 +38,8 @@ python3 python/tests/test_ctypes_abi.py
 # natsl emits; the sm_80 units use only mma.sync / cp.async, which 13.0 already covers:
 # half the units keeps this step near 2 minutes).
 NATSL_NVRTC_ARCH=sm_90a cargo test --release --no-default-features --features cuda-12080 --test nvrtc
+# ... and an engine crate on cudarc's cuda-12080 builds against natsl (and runs, skipping without a GPU).
+cargo run --release -q --manifest-path examples/engine-cu12/Cargo.toml --target-dir target
 
 # Ahead-of-time images: compiled by nvcc at build time, embedded, listed at run time.
 NVCC="$CU/bin/nvcc" PATH="$CU/bin:$PATH" cargo test --release --features aot --test aot
