@@ -22,6 +22,11 @@ fn find_nvcc() -> Option<PathBuf> {
 }
 
 fn main() {
+    // One CUDA version: cudarc cannot bind two driver APIs at once.
+    let cuda: Vec<&str> = ["cuda-12080", "cuda-13000"].into_iter().filter(|f| env::var_os(format!("CARGO_FEATURE_{}", f.to_uppercase().replace('-', "_"))).is_some()).collect();
+    if cuda.len() != 1 {
+        panic!("natsl: enable exactly one CUDA version feature (cuda-13000, the default, or cuda-12080 with default-features = false); enabled: {cuda:?}");
+    }
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=cuda");
     println!("cargo:rerun-if-env-changed=NVCC");

@@ -65,29 +65,58 @@ impl SeqLayout {
 #[derive(Debug)]
 pub struct Batch {
     layout: SeqLayout,
-    cu_dev: CudaSlice<i32>,
+    cu_dev: CuDev,
+}
+
+/// The device copy: uploaded by natsl, or the caller's ([`Batch::from_device`]).
+#[derive(Debug)]
+enum CuDev {
+    Owned(CudaSlice<i32>),
+    Raw(u64),
 }
 
 impl Batch {
     /// Validate `cu_seqlens` and upload it.
     pub fn new(rt: &Runtime, cu_seqlens: &[i32]) -> Result<Batch> {
         let layout = SeqLayout::new(cu_seqlens)?;
-        let cu_dev = rt.stream().clone_htod(cu_seqlens)?;
+        let cu_dev = CuDev::Owned(rt.stream().clone_htod(cu_seqlens)?);
         Ok(Batch { layout, cu_dev })
+    }
+    /// Validate `cu_seqlens` on the host and use the caller's device copy of it
+    /// (no upload: e.g. the engine's own tensor, inside a CUDA graph).
+    ///
+    /// # Safety
+    /// `cu_seqlens_device` must point to `cu_seqlens.len()` i32 in device memory of the
+    /// context the batch is used with, holding exactly `cu_seqlens`, unchanged and
+    /// alive while calls that use the batch may run.
+    pub unsafe fn from_device(cu_seqlens: &[i32], cu_seqlens_device: u64) -> Result<Batch> {
+        let layout = SeqLayout::new(cu_seqlens)?;
+        if cu_seqlens_device == 0 || cu_seqlens_device % 4 != 0 {
+            return Err(Error::invalid("cu_seqlens_device", format!("{cu_seqlens_device:#x} is not an aligned device pointer")));
+        }
+        Ok(Batch { layout, cu_dev: CuDev::Raw(cu_seqlens_device) })
     }
     pub fn layout(&self) -> &SeqLayout {
         &self.layout
     }
-    pub fn cu_seqlens_device(&self) -> &CudaSlice<i32> {
-        &self.cu_dev
+    /// The device copy of `cu_seqlens` (a device address).
+    pub fn cu_seqlens_device(&self) -> u64 {
+        match &self.cu_dev {
+            CuDev::Owned(d) => d.device_ptr(d.stream()).0,
+            CuDev::Raw(p) => *p,
+        }
     }
-    /// The CUDA context `cu_seqlens` was uploaded to.
-    pub fn context(&self) -> ContextId {
-        ContextId::of(self.cu_dev.context())
+    /// The CUDA context `cu_seqlens` was uploaded to (`None` for the caller's device
+    /// copy of [`Batch::from_device`], which is the caller's to get right).
+    pub fn context(&self) -> Option<ContextId> {
+        match &self.cu_dev {
+            CuDev::Owned(d) => Some(ContextId::of(d.context())),
+            CuDev::Raw(_) => None,
+        }
     }
     /// The ABI form.
     pub fn raw(&self) -> NatslVarlen {
-        let (p, _g) = self.cu_dev.device_ptr(self.cu_dev.stream());
+        let p = self.cu_seqlens_device();
         NatslVarlen {
             cu_seqlens: p as *const i32,
             num_seqs: self.num_seqs() as i32,

@@ -46,61 +46,78 @@ pub const MAX_ENTRY_BYTES: u64 = 256 << 20;
 /// Temporary files older than this are a dead writer's (a write takes milliseconds).
 const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Make NVRTC loadable: if the system loader cannot find it, look in the places
-/// pip and the CUDA toolkit put it and pre-load it by full path, so that
-/// cudarc's later `dlopen("libnvrtc.so.13")` finds it by soname.
+/// The NVRTC major version this build loads (`libnvrtc.so.12` or `.13`): that of
+/// the selected `cuda-*` feature, so that images match the driver API cudarc binds.
+pub const NVRTC_MAJOR: i32 = if cfg!(feature = "cuda-12080") { 12 } else { 13 };
+
+/// The pip wheel that ships this build's NVRTC (for error messages and docs).
+pub const NVRTC_PIP: &str = if NVRTC_MAJOR == 12 { "nvidia-cuda-nvrtc-cu12==12.8.93" } else { "nvidia-cuda-nvrtc==13.0.88" };
+
+fn dlopen_global(path: &Path) -> bool {
+    // SAFETY: loading NVRTC runs only its initialisers; the handle is leaked so the
+    // library stays loaded for the life of the process.
+    match unsafe { libloading::os::unix::Library::open(Some(path), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL) } {
+        Ok(lib) => {
+            std::mem::forget(lib);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Make NVRTC loadable: if the system loader cannot find `libnvrtc.so.<NVRTC_MAJOR>`,
+/// look in the places pip and the CUDA toolkit put it and pre-load it by full path,
+/// so that cudarc's later `dlopen` finds it by soname. A loaded NVRTC of another
+/// major (cudarc also tries other sonames) is refused by [`nvrtc_version`].
 pub fn ensure_nvrtc() -> Result<()> {
     static STATE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     STATE
         .get_or_init(|| {
+            // The soname first (LD_LIBRARY_PATH, an already loaded copy), so that
+            // cudarc's own search, which tries `libnvrtc.so` and other majors, finds this one.
+            let soname = PathBuf::from(format!("libnvrtc.so.{NVRTC_MAJOR}"));
+            let _found = dlopen_global(&soname)
+                || nvrtc_candidates().into_iter().filter(|c| c.is_file()).any(|cand| {
+                    // NVRTC dlopens its builtins by soname at compile time: pre-load them too.
+                    if let Some(b) = cand.parent().and_then(builtins_in) {
+                        dlopen_global(&b);
+                    }
+                    dlopen_global(&cand)
+                });
+            // SAFETY: only dlopens NVRTC (cudarc's own search when nothing was pre-loaded).
             if unsafe { nv::is_culib_present() } {
                 return Ok(());
             }
-            for cand in nvrtc_candidates() {
-                if cand.is_file() {
-                    // NVRTC dlopens its builtins by soname at compile time: pre-load them too.
-                    if let Some(dir) = cand.parent() {
-                        let builtins = dir.join("libnvrtc-builtins.so.13.0");
-                        if builtins.is_file() {
-                            // SAFETY: as below.
-                            if let Ok(b) = unsafe { libloading::os::unix::Library::open(Some(&builtins), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL) } {
-                                std::mem::forget(b);
-                            }
-                        }
-                    }
-                    // SAFETY: loading NVRTC runs only its initialisers; the handle is leaked so
-                    // the library stays loaded for the life of the process.
-                    let lib = unsafe {
-                        libloading::os::unix::Library::open(Some(&cand), libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL)
-                    };
-                    if let Ok(lib) = lib {
-                        std::mem::forget(lib);
-                        if unsafe { nv::is_culib_present() } {
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-            Err("libnvrtc.so.13 not found: install it with `pip install nvidia-cuda-nvrtc==13.0.88`, \
+            Err(format!(
+                "libnvrtc.so.{NVRTC_MAJOR} not found: install it with `pip install {NVRTC_PIP}`, \
                  or put the CUDA toolkit's lib64 on LD_LIBRARY_PATH, or set NATSL_NVRTC to the library's path"
-                .to_string())
+            ))
         })
         .clone()
         .map_err(Error::NvrtcUnavailable)
 }
 
+/// `libnvrtc-builtins.so.<major>.<minor>` next to NVRTC (its minor varies by release).
+fn builtins_in(dir: &Path) -> Option<PathBuf> {
+    let prefix = format!("libnvrtc-builtins.so.{NVRTC_MAJOR}.");
+    std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
+}
+
 fn nvrtc_candidates() -> Vec<PathBuf> {
+    let lib = format!("libnvrtc.so.{NVRTC_MAJOR}");
     let mut v = Vec::new();
     if let Ok(p) = std::env::var("NATSL_NVRTC") {
         v.push(PathBuf::from(p));
     }
     for var in ["CUDA_PATH", "CUDA_HOME"] {
         if let Ok(p) = std::env::var(var) {
-            v.push(Path::new(&p).join("lib64/libnvrtc.so.13"));
+            v.push(Path::new(&p).join("lib64").join(&lib));
         }
     }
-    v.push(PathBuf::from("/usr/local/cuda/lib64/libnvrtc.so.13"));
-    // pip wheels (nvidia-cuda-nvrtc 13.x): <site-packages>/nvidia/cu13/lib/libnvrtc.so.13
+    v.push(Path::new("/usr/local/cuda/lib64").join(&lib));
+    // pip wheels: nvidia-cuda-nvrtc 13.x -> <site-packages>/nvidia/cu13/lib/libnvrtc.so.13,
+    // nvidia-cuda-nvrtc-cu12 -> <site-packages>/nvidia/cuda_nvrtc/lib/libnvrtc.so.12.
+    let wheel_dir = if NVRTC_MAJOR == 12 { "site-packages/nvidia/cuda_nvrtc/lib" } else { "site-packages/nvidia/cu13/lib" };
     let mut roots = Vec::new();
     if let Ok(p) = std::env::var("VIRTUAL_ENV") {
         roots.push(PathBuf::from(p));
@@ -117,7 +134,7 @@ fn nvrtc_candidates() -> Vec<PathBuf> {
     for root in roots {
         if let Ok(rd) = std::fs::read_dir(root.join("lib")) {
             for e in rd.flatten() {
-                v.push(e.path().join("site-packages/nvidia/cu13/lib/libnvrtc.so.13"));
+                v.push(e.path().join(wheel_dir).join(&lib));
             }
         }
     }
@@ -131,6 +148,9 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     let r = unsafe { nv::nvrtcVersion(&mut a, &mut b) };
     if r != nv::nvrtcResult::NVRTC_SUCCESS {
         return Err(Error::NvrtcUnavailable(format!("nvrtcVersion: {r:?}")));
+    }
+    if a != NVRTC_MAJOR {
+        return Err(Error::NvrtcUnavailable(format!("loaded NVRTC {a}.{b}, but this build (feature cuda-{NVRTC_MAJOR}...) needs NVRTC {NVRTC_MAJOR}.x: install `{NVRTC_PIP}` or set NATSL_NVRTC")));
     }
     Ok((a, b))
 }

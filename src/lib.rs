@@ -18,9 +18,11 @@ pub mod runtime;
 pub mod tensor;
 pub mod tma;
 pub mod testing;
+pub mod workspace;
 
 pub use batch::{Batch, SeqLayout, CHUNK};
 pub use error::{Error, Result};
 pub use natsl_codegen::{Arch, KernelSpec};
-pub use runtime::Runtime;
+pub use runtime::{Runtime, WarmupProgress};
 pub use tensor::{DType, TensorMut, TensorRef};
+pub use workspace::Scratch;

@@ -469,6 +469,13 @@ impl Operands {
         self.list.push(Operand { arg, access, ctx: pool.ctx, blocks: Blocks::Rows(blocks), rows: true, self_overlap: false });
         self
     }
+    /// A whole state pool behind a device index (its rows are unknown on the host).
+    /// Two such pools allowed in place ([`Operands::allow_in_place`]) may be the same
+    /// pool: the engine's single state pool, read and written through the same slots.
+    pub fn whole_pool(&mut self, arg: &'static str, access: Access, pool: &TensorRef) -> &mut Self {
+        self.list.push(Operand { arg, access, ctx: pool.ctx, blocks: Blocks::One(footprint(pool)), rows: true, self_overlap: false });
+        self
+    }
     /// Pool rows `a` and `b` may be the same rows when they serve the same sequence
     /// (an in-place update: the op reads that row before it writes it).
     pub fn allow_in_place(&mut self, a: &'static str, b: &'static str) -> &mut Self {

@@ -365,14 +365,14 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
                     .map(|l| TensorRef::new(l, &[l.len() / c.hr, c.hr])),
                 h0: c.h0.then(|| PoolIn {
                     pool: TensorRef::new(&h0d, &[rows, c.hv, c.dk, c.dv]),
-                    index: Some(perm.clone()),
+                    index: Some(perm.clone().into()),
                 }),
             };
             let mut out = GdnPrefillOutputs {
                 o: TensorMut::new(&mut od, &[t, c.hv, c.dv]),
                 committed: Some(PoolOut {
                     pool: TensorMut::new(&mut comd, &[rows, c.hv, c.dk, c.dv]),
-                    index: Some(perm.iter().rev().cloned().collect()),
+                    index: Some(perm.iter().rev().cloned().collect::<Vec<i32>>().into()),
                 }),
                 running: Some(PoolOut {
                     pool: TensorMut::new(&mut rund, &[n, c.hv, c.dk, c.dv]),

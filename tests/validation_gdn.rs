@@ -45,7 +45,7 @@ fn good_inputs() -> GdnPrefillInputs<'static> {
         labels: Some(t(DType::U8, &[SLOTS, 2])),
         h0: Some(PoolIn {
             pool: t(DType::F32, &[5, 4, 128, 128]),
-            index: Some(vec![4, 0]),
+            index: Some(vec![4, 0].into()),
         }),
     }
 }
@@ -54,7 +54,7 @@ fn good_outputs() -> GdnPrefillOutputs<'static> {
         o: tm(DType::Bf16, &[T, 4, 128]),
         committed: Some(PoolOut {
             pool: tm(DType::F32, &[3, 4, 128, 128]),
-            index: Some(vec![2, 1]),
+            index: Some(vec![2, 1].into()),
         }),
         running: Some(PoolOut {
             pool: tm(DType::F32, &[2, 4, 128, 128]),
@@ -268,42 +268,42 @@ fn prefill_rejects_labels_of_the_wrong_size() {
 fn prefill_rejects_state_pool_indices_out_of_range() {
     assert_eq!(
         arg_of(prefill_err(
-            |i, _, _| i.h0.as_mut().unwrap().index = Some(vec![0, 5])
+            |i, _, _| i.h0.as_mut().unwrap().index = Some(vec![0, 5].into())
         )),
         "h0"
     );
     assert_eq!(
         arg_of(prefill_err(
-            |i, _, _| i.h0.as_mut().unwrap().index = Some(vec![-1, 0])
+            |i, _, _| i.h0.as_mut().unwrap().index = Some(vec![-1, 0].into())
         )),
         "h0"
     );
     assert_eq!(
         arg_of(prefill_err(
-            |i, _, _| i.h0.as_mut().unwrap().index = Some(vec![0])
+            |i, _, _| i.h0.as_mut().unwrap().index = Some(vec![0].into())
         )),
         "h0"
     );
     assert_eq!(
         arg_of(prefill_err(
-            |_, o, _| o.committed.as_mut().unwrap().index = Some(vec![3, 0])
+            |_, o, _| o.committed.as_mut().unwrap().index = Some(vec![3, 0].into())
         )),
         "committed"
     );
     // Output rows must be distinct (two sequences writing one row race); h0 rows may repeat.
     assert_eq!(
         arg_of(prefill_err(
-            |_, o, _| o.committed.as_mut().unwrap().index = Some(vec![1, 1])
+            |_, o, _| o.committed.as_mut().unwrap().index = Some(vec![1, 1].into())
         )),
         "committed"
     );
     assert_eq!(
-        arg_of(prefill_err(|_, o, _| o.running.as_mut().unwrap().index = Some(vec![0, 0]))),
+        arg_of(prefill_err(|_, o, _| o.running.as_mut().unwrap().index = Some(vec![0, 0].into()))),
         "running"
     );
     {
         let mut i = good_inputs();
-        i.h0.as_mut().unwrap().index = Some(vec![4, 4]);
+        i.h0.as_mut().unwrap().index = Some(vec![4, 4].into());
         validate_prefill(&CU, &i, &good_outputs(), &GdnOptions::default()).unwrap();
     }
     // No index: the pool needs a row per sequence.
@@ -729,4 +729,35 @@ fn context_parallel_segment_decomposition_matches_the_reference() {
             c0 += seg_len;
         }
     }
+}
+
+#[test]
+fn prefill_device_indices_are_checked_for_dtype_and_length_only() {
+    use natsl::workspace::WORKSPACE_ALIGN;
+    let dev = |dtype, n| Some(PoolIndex::Device(t(dtype, &[n])));
+    // Entries live on the device: any values pass (the kernel skips rows outside the
+    // pool), so repeated or negative rows are not host errors there.
+    let (mut i, mut o) = (good_inputs(), good_outputs());
+    i.h0.as_mut().unwrap().index = dev(DType::I32, N);
+    o.committed.as_mut().unwrap().index = dev(DType::I32, N);
+    o.running.as_mut().unwrap().index = dev(DType::I32, N);
+    validate_prefill(&CU, &i, &o, &GdnOptions::default()).unwrap();
+    assert_eq!(arg_of(prefill_err(|i, _, _| i.h0.as_mut().unwrap().index = dev(DType::U8, N))), "h0");
+    assert_eq!(arg_of(prefill_err(|_, o, _| o.committed.as_mut().unwrap().index = dev(DType::I32, N + 1))), "committed");
+    assert_eq!(arg_of(prefill_err(|_, o, _| o.running.as_mut().unwrap().index = dev(DType::F32, N))), "running");
+
+    // Workspace size: W | U | P | G, then 3 x N host indices only when a host index is
+    // given (h0 and committed are host indices in good_*), then E | A with context parallelism.
+    let main = workspace_bytes(SLOTS, 4, 128, 128);
+    let arch = natsl::Arch::Sm90a;
+    let with_host = prefill_workspace_bytes_for(arch, 132, &CU, &good_inputs(), &good_outputs(), &GdnOptions::default()).unwrap();
+    let device_only = prefill_workspace_bytes_for(arch, 132, &CU, &i, &o, &GdnOptions::default()).unwrap();
+    assert_eq!(with_host - device_only, (3 * N * 4).div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN);
+    assert!(device_only >= main && device_only % WORKSPACE_ALIGN == 0, "{device_only} vs {main}");
+    // A bad call is refused by the size query too.
+    let mut bad = good_inputs();
+    bad.g = t(DType::Bf16, &[T, 4]);
+    assert_eq!(arg_of(prefill_workspace_bytes_for(arch, 132, &CU, &bad, &good_outputs(), &GdnOptions::default()).unwrap_err()), "g");
+    assert_eq!(decode_workspace_bytes(1), WORKSPACE_ALIGN);
+    assert_eq!(decode_workspace_bytes(65), WORKSPACE_ALIGN * 2);
 }

@@ -79,11 +79,11 @@ fn gdn_pre() -> GdnPre {
             g: t(DType::F32, &[GT, 4]),
             beta: t(DType::F32, &[GT, 4]),
             labels: Some(t(DType::U8, &[GSLOTS, 2])),
-            h0: Some(PoolIn { pool: t(DType::F32, &[5, 4, 128, 128]), index: Some(vec![4, 0]) }),
+            h0: Some(PoolIn { pool: t(DType::F32, &[5, 4, 128, 128]), index: Some(vec![4, 0].into()) }),
         },
         o: GdnPrefillOutputs {
             o: tm(DType::Bf16, &[GT, 4, 128]),
-            committed: Some(PoolOut { pool: tm(DType::F32, &[3, 4, 128, 128]), index: Some(vec![2, 1]) }),
+            committed: Some(PoolOut { pool: tm(DType::F32, &[3, 4, 128, 128]), index: Some(vec![2, 1].into()) }),
             running: Some(PoolOut { pool: tm(DType::F32, &[2, 4, 128, 128]), index: None }),
             gsum_running: Some(tm(DType::F32, &[2, 4])),
         },
@@ -258,7 +258,7 @@ fn outputs_that_alias_inputs_are_rejected() {
     c.o.gsum_running = Some(w(over(c.i.g.ptr() + 64, DType::F32, &[2, 4])));
     assert_eq!(arg_of(run_gdn_pre(&c)), "gsum_running");
     let mut c = gdn_pre();
-    c.o.committed = Some(PoolOut { pool: w(over(c.i.v.ptr(), DType::F32, &[3, 4, 128, 128])), index: Some(vec![0, 2]) });
+    c.o.committed = Some(PoolOut { pool: w(over(c.i.v.ptr(), DType::F32, &[3, 4, 128, 128])), index: Some(vec![0, 2].into()) });
     assert_eq!(arg_of(run_gdn_pre(&c)), "committed");
     let mut c = gdn_pre();
     let l = c.i.labels.as_ref().unwrap().ptr();
@@ -312,13 +312,13 @@ fn state_pools_that_alias_each_other_are_rejected() {
     // row 4 of the pool while sequence 1 writes it.
     let mut c = gdn_pre();
     let h0 = c.i.h0.as_ref().unwrap().pool.ptr();
-    c.o.committed = Some(PoolOut { pool: w(over(h0, DType::F32, &[5, 4, 128, 128])), index: Some(vec![0, 4]) });
+    c.o.committed = Some(PoolOut { pool: w(over(h0, DType::F32, &[5, 4, 128, 128])), index: Some(vec![0, 4].into()) });
     assert_eq!(arg_of(run_gdn_pre(&c)), "committed");
     // ... also when the pools are offset views of one allocation (row 4 of h0 is row 3 here).
     let row = 4 * 128 * 128 * 4;
     let committed_at = |c: &mut GdnPre, off: u64, rows: usize, index: Vec<i32>| {
         let h0 = c.i.h0.as_ref().unwrap().pool.ptr();
-        c.o.committed = Some(PoolOut { pool: w(over(h0 + off, DType::F32, &[rows, 4, 128, 128])), index: Some(index) });
+        c.o.committed = Some(PoolOut { pool: w(over(h0 + off, DType::F32, &[rows, 4, 128, 128])), index: Some(index.into()) });
     };
     let mut c = gdn_pre();
     committed_at(&mut c, row, 4, vec![1, 3]);
@@ -329,7 +329,7 @@ fn state_pools_that_alias_each_other_are_rejected() {
     run_gdn_pre(&c).unwrap();
     let mut c = gdn_pre();
     committed_at(&mut c, row, 4, vec![3, 1]);
-    c.i.h0.as_mut().unwrap().index = Some(vec![4, 2]);
+    c.i.h0.as_mut().unwrap().index = Some(vec![4, 2].into());
     run_gdn_pre(&c).unwrap();
     // ... but not a row that half overlaps another.
     let mut c = gdn_pre();
@@ -616,10 +616,10 @@ fn hundreds_of_malformed_calls_return_errors_without_panicking() {
         |c, r| c.o.running = Some(PoolOut { pool: w(garbage(r)), index: None }),
         |c, r| c.o.gsum_running = Some(w(garbage(r))),
         |c, r| c.opts.scale = bad_scale(r),
-        |c, r| c.i.h0.as_mut().unwrap().index = Some(vec![r.gen_range(5..i32::MAX), 0]),
-        |c, _| c.i.h0.as_mut().unwrap().index = Some(vec![i32::MIN, 0]),
-        |c, r| c.o.committed.as_mut().unwrap().index = Some(vec![r.gen_range(0..3); 2]),
-        |c, _| c.o.committed.as_mut().unwrap().index = Some(vec![0; 3]),
+        |c, r| c.i.h0.as_mut().unwrap().index = Some(vec![r.gen_range(5..i32::MAX), 0].into()),
+        |c, _| c.i.h0.as_mut().unwrap().index = Some(vec![i32::MIN, 0].into()),
+        |c, r| c.o.committed.as_mut().unwrap().index = Some(vec![r.gen_range(0..3); 2].into()),
+        |c, _| c.o.committed.as_mut().unwrap().index = Some(vec![0; 3].into()),
         |c, r| c.cu = vec![0, 72, [-1, 0, 71, i32::MAX][r.gen_range(0..4)]],
         |c, _| c.cu = vec![i32::MIN, 200],
         |c, _| c.cu = vec![],
@@ -627,7 +627,7 @@ fn hundreds_of_malformed_calls_return_errors_without_panicking() {
         |c, _| c.o.o = w(ts(DType::Bf16, &[GT, 4, 128], &[512, 0, 1])),
         |c, _| {
             let p = c.i.h0.as_ref().unwrap().pool.ptr();
-            c.o.committed = Some(PoolOut { pool: w(over(p, DType::F32, &[5, 4, 128, 128])), index: Some(vec![0, 4]) });
+            c.o.committed = Some(PoolOut { pool: w(over(p, DType::F32, &[5, 4, 128, 128])), index: Some(vec![0, 4].into()) });
         },
         |c, _| {
             c.i.q = testing::in_fake_context(c.i.q.clone(), 1, 0);

@@ -52,6 +52,15 @@ namespace gdn {
 // Critical path ~ 2 seg_len chunks instead of nch; work ~ (2 + dk/dv) x the scan.
 constexpr int MODE_SCAN = 0, MODE_CP_A = 1, MODE_CP_C = 2;
 
+// Row of a state pool for sequence n (index[n], or n without an index); -1 outside
+// [0, rows): h0 then reads a zero state and an output pool is not written (the
+// engine's "no initial state" / padding slot), so device indices never address
+// memory outside the pool.
+__device__ __forceinline__ int pool_row(const int* index, int n, int rows) {
+    const int r = index ? index[n] : n;
+    return (r >= 0 && r < rows) ? r : -1;
+}
+
 // Segment length (chunks) and segment count of a sequence of nch chunks.
 __device__ __forceinline__ void cp_geometry(int nch, int segments, int* seg_len, int* segs) {
     const int sl = max(1, (nch + segments - 1) / segments);
@@ -124,7 +133,7 @@ __device__ void scan_split(const NatslGdnPrefillParams& p) {
     float S[MTS][NTS][4];
     {
         const float* h0 = nullptr;
-        if (p.h0_pool) h0 = p.h0_pool + ((i64)(p.h0_index ? p.h0_index[n] : n) * Hv + h) * DK * DV;
+        if (p.h0_pool && pool_row(p.h0_index, n, p.h0_pool_rows) >= 0) h0 = p.h0_pool + ((i64)pool_row(p.h0_index, n, p.h0_pool_rows) * Hv + h) * DK * DV;
 #pragma unroll
         for (int mi = 0; mi < MTS; ++mi)
 #pragma unroll
@@ -149,8 +158,10 @@ __device__ void scan_split(const NatslGdnPrefillParams& p) {
                 *reinterpret_cast<u32*>(sS + (r + 8) * LDB + cc) = pack2<T>(S[mi][ni][2], S[mi][ni][3]);
             }
     };
-    auto write_pool = [&](float* pool, const int* index) {
-        float* dst = pool + ((i64)(index ? index[n] : n) * Hv + h) * DK * DV;
+    auto write_pool = [&](float* pool, const int* index, int rows) {
+        const int row = pool_row(index, n, rows);
+        if (row < 0) return;  // uniform over the CTA (depends on n only)
+        float* dst = pool + ((i64)row * Hv + h) * DK * DV;
 #pragma unroll
         for (int mi = 0; mi < MTS; ++mi)
 #pragma unroll
@@ -256,7 +267,7 @@ __device__ void scan_split(const NatslGdnPrefillParams& p) {
         // State update with the commit rule: S <- e^{G_L} S (+ K^T diag(fk) v_new for GDN).
         int label = NATSL_LABEL_GDN;
         if (complete && p.labels) label = p.labels[(i64)(base + c) * p.num_r_heads + hr];
-        if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
+        if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index, p.committed_pool_rows);
         const float eg = __expf(GL);
 #pragma unroll
         for (int mi = 0; mi < MTS; ++mi)
@@ -292,8 +303,8 @@ __device__ void scan_split(const NatslGdnPrefillParams& p) {
     }
     cp_async_wait<0>();
 
-    if (last_complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
-    if (p.running_pool) write_pool(p.running_pool, p.running_index);
+    if (last_complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index, p.committed_pool_rows);
+    if (p.running_pool) write_pool(p.running_pool, p.running_index, p.running_pool_rows);
     if (p.gsum_running && vt == 0 && tid == 0) p.gsum_running[(i64)n * Hv + h] = glast_final;
 }
 
@@ -483,7 +494,7 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
     {
         const float* h0 = nullptr;
         if (seg == 0) {
-            if (p.h0_pool) h0 = p.h0_pool + ((i64)(p.h0_index ? p.h0_index[n] : n) * Hv + h) * DK * DV;
+            if (p.h0_pool && pool_row(p.h0_index, n, p.h0_pool_rows) >= 0) h0 = p.h0_pool + ((i64)pool_row(p.h0_index, n, p.h0_pool_rows) * Hv + h) * DK * DV;
         } else if (MODE == MODE_CP_C) {
             h0 = p.ws_cp_e + (cp_row - Hv) * DK * DV;
         }
@@ -504,8 +515,10 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
                 dst[(i64)k * ld + r] = SS[j][e];
             }
     };
-    auto write_pool = [&](float* pool, const int* index) {
-        write_state(pool + ((i64)(index ? index[n] : n) * Hv + h) * DK * DV, DV);
+    auto write_pool = [&](float* pool, const int* index, int rows) {
+        const int row = pool_row(index, n, rows);
+        if (row < 0) return;  // uniform over the CTA (depends on n only)
+        write_state(pool + ((i64)row * Hv + h) * DK * DV, DV);
     };
 
     const int hr = p.labels ? h / (Hv / p.num_r_heads) : 0;
@@ -662,7 +675,7 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
 
         // State update with the commit rule: S^T <- e^{G_L} S^T (+ (v_new^T diag(fk)) K for GDN).
         // (Only a sequence's last segment can end in a partial chunk.)
-        if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
+        if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index, p.committed_pool_rows);
         const float eg = __expf(GL);
 #pragma unroll
         for (int j = 0; j < NJ; ++j)
@@ -757,8 +770,8 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
     cp_async_wait<0>();
 
     if (final_seg) {
-        if (last_complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
-        if (p.running_pool) write_pool(p.running_pool, p.running_index);
+        if (last_complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index, p.committed_pool_rows);
+        if (p.running_pool) write_pool(p.running_pool, p.running_index, p.running_pool_rows);
         if (p.gsum_running && vt == 0 && tid == 0) p.gsum_running[(i64)n * Hv + h] = glast_final;
     } else if (MODE == MODE_CP_A) {
         if (ident) write_state(p.ws_cp_a + cp_row * DK * DK, DK);
@@ -890,7 +903,7 @@ __device__ void scan_cp_split(const NatslGdnPrefillParams& p) {
         // segments > 0) or the true start state E[seg - 1] (pass C).
         const float* h0 = nullptr;
         if (seg == 0) {
-            if (p.h0_pool) h0 = p.h0_pool + ((i64)(p.h0_index ? p.h0_index[n] : n) * Hv + h) * DK * DV;
+            if (p.h0_pool && pool_row(p.h0_index, n, p.h0_pool_rows) >= 0) h0 = p.h0_pool + ((i64)pool_row(p.h0_index, n, p.h0_pool_rows) * Hv + h) * DK * DV;
         } else if (MODE == MODE_CP_C) {
             h0 = p.ws_cp_e + (cp_row - Hv) * DK * DV;
         }
@@ -933,8 +946,10 @@ __device__ void scan_cp_split(const NatslGdnPrefillParams& p) {
                 *reinterpret_cast<float2*>(dst + (i64)(r + 8) * ld + cc) = make_float2(S[mi][ni][2], S[mi][ni][3]);
             }
     };
-    auto write_pool = [&](float* pool, const int* index) {
-        write_state(pool + ((i64)(index ? index[n] : n) * Hv + h) * DK * DV, DV);
+    auto write_pool = [&](float* pool, const int* index, int rows) {
+        const int row = pool_row(index, n, rows);
+        if (row < 0) return;  // uniform over the CTA (depends on n only)
+        write_state(pool + ((i64)row * Hv + h) * DK * DV, DV);
     };
 
     issue_a(0);
@@ -1036,7 +1051,7 @@ __device__ void scan_cp_split(const NatslGdnPrefillParams& p) {
         // State update with the commit rule: S <- e^{G_L} S (+ K^T diag(fk) v_new for GDN).
         int label = NATSL_LABEL_GDN;
         if (complete && p.labels) label = p.labels[(i64)(geo(2, base) + c) * p.num_r_heads + hr];
-        if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
+        if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index, p.committed_pool_rows);
         const float eg = __expf(GL);
 #pragma unroll
         for (int mi = 0; mi < MTS; ++mi)
@@ -1080,8 +1095,8 @@ __device__ void scan_cp_split(const NatslGdnPrefillParams& p) {
         final_seg = (MODE == MODE_CP_A ? (int)blockIdx.x / (DK / BV + DV / BV) : 1 + (int)blockIdx.x / (DV / BV)) == segs - 1;
     }
     if (final_seg) {
-        if (last_complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index);
-        if (p.running_pool) write_pool(p.running_pool, p.running_index);
+        if (last_complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index, p.committed_pool_rows);
+        if (p.running_pool) write_pool(p.running_pool, p.running_index, p.running_pool_rows);
         if (p.gsum_running && vt == 0 && tid == 0) p.gsum_running[(i64)n * Hv + h] = glast_final;
     } else if (MODE == MODE_CP_A) {
         // Segment end (every chunk complete): transition A[seg] columns or offset / state E[seg].

@@ -6,6 +6,7 @@
 //!   natsl kernels        list every shipped specialisation
 //!   natsl compile [NAME] compile the shipped specialisations whose unit name contains NAME (NVRTC), print ptxas'
 //!                        report; with NATSL_DUMP_DIR set, also write each unit's .cu and .cubin there
+//!   natsl warmup         load or compile (with progress) every unit natsl-340M uses on device 0
 //!   natsl bench [FAMILY] [FILTER...]
 //!                        time the kernels (router, gdn, sparse, all; shapes whose name
 //!                        contains a filter), print a table, append JSON lines to bench/results/
@@ -28,9 +29,10 @@ fn main() -> ExitCode {
         "run" => run(),
         "kernels" => kernels(),
         "compile" => compile(args.get(1).map(String::as_str).unwrap_or("")),
+        "warmup" => warmup(),
         "bench" => bench_cmd(args.get(1).map(String::as_str).unwrap_or("all"), args.get(2..).unwrap_or(&[])),
         "-h" | "--help" | "help" => {
-            println!("usage: natsl [run | kernels | compile [NAME] | bench [router|gdn|sparse|all] [SHAPE FILTERS...]]");
+            println!("usage: natsl [run | kernels | compile [NAME] | warmup | bench [router|gdn|sparse|all] [SHAPE FILTERS...]]");
             Ok(())
         }
         other => Err(format!("unknown command `{other}` (try `natsl help`)").into()),
@@ -63,6 +65,7 @@ fn compile_all(verbose: bool, filter: &str) -> Result<(usize, f64), Box<dyn std:
     let t0 = std::time::Instant::now();
     let specs: Vec<_> = catalog::shipped().into_iter().filter(|s| emit(s).map_or(true, |u| u.name.contains(filter))).collect();
     let next = AtomicUsize::new(0);
+    let finished = AtomicUsize::new(0);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(specs.len().max(1));
     let results: Vec<Result<Vec<jit::PtxasReport>, String>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
@@ -72,6 +75,7 @@ fn compile_all(verbose: bool, filter: &str) -> Result<(usize, f64), Box<dyn std:
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(s) = specs.get(i) else { break };
+                        let t_unit = std::time::Instant::now();
                         let r = emit(s).map_err(|e| e.to_string()).and_then(|u| {
                             let img = jit::compile_uncached(&u.name, &u.source, &jit::options(s.arch)).map_err(|e| e.to_string())?;
                             // NATSL_DUMP_DIR: keep each unit's source and cubin (for cuobjdump -sass).
@@ -84,6 +88,11 @@ fn compile_all(verbose: bool, filter: &str) -> Result<(usize, f64), Box<dyn std:
                             }
                             Ok(img)
                         });
+                        // Progress as each unit finishes: a cold compile takes a while.
+                        let k = finished.fetch_add(1, Ordering::Relaxed) + 1;
+                        if verbose {
+                            eprintln!("[{k}/{}] {} {:.1} s{}", specs.len(), s.symbol(), t_unit.elapsed().as_secs_f64(), if r.is_err() { " FAILED" } else { "" });
+                        }
                         done.push((i, r.map(|img| jit::parse_ptxas(&img.log))));
                     }
                     done
@@ -113,6 +122,17 @@ fn compile(filter: &str) -> Res {
     println!("NVRTC {}.{}", v.0, v.1);
     let (n, secs) = compile_all(true, filter)?;
     println!("{n} units compiled in {secs:.1} s");
+    Ok(())
+}
+
+/// Load (compile on a miss) every unit that NAtS-L-340M's calls use on device 0,
+/// with a line per unit: what an engine does once at start-up with `Runtime::warmup`.
+fn warmup() -> Res {
+    let rt = Runtime::new(0)?;
+    let specs = natsl::ops::ModelKernels::natsl_340m().specs(rt.arch());
+    let t0 = std::time::Instant::now();
+    rt.warmup(&specs)?;
+    println!("{} units of natsl-340M ready on {:?} in {:.1} s", specs.len(), rt.arch(), t0.elapsed().as_secs_f64());
     Ok(())
 }
 

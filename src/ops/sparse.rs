@@ -18,7 +18,8 @@ use crate::params::{NatslSparseDecodeParams, NatslSparsePrefillParams, NATSL_SPA
 use crate::runtime::Runtime;
 use crate::tensor::{ContextId, DType, Operands, TensorMut, TensorRef};
 use crate::tma;
-use cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::workspace::{align, Scratch};
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use natsl_codegen::{catalog, HeadDims};
 
 // SAFETY: both params structs are plain C data (integers, floats, device pointers),
@@ -531,17 +532,42 @@ pub fn validate_decode_in(ctx: Option<ContextId>, q: &TensorRef, nq: usize, kv: 
     Ok(DecodePlan { dtype, dims, num_seqs: n, nq, hq, hkv, ht, num_pages: np, max_pages: mp, row_tiles, scale, smem_bytes: decode_smem(dims) })
 }
 
-/// Split-KV partials, reusable across calls (grows as needed).
+/// Split-KV partials (f32 o and lse per split), reusable across calls: natsl's own
+/// (grown as needed; [`DecodeWorkspace::reserve`] before a graph capture) or the
+/// caller's ([`DecodeWorkspace::from_scratch`], at least [`decode_workspace_bytes`]).
 #[derive(Debug, Default)]
 pub struct DecodeWorkspace {
-    part_o: Option<CudaSlice<f32>>,
-    part_lse: Option<CudaSlice<f32>>,
+    pub scratch: Scratch,
 }
 
 impl DecodeWorkspace {
     pub fn new() -> Self {
         Self::default()
     }
+    /// A workspace over the caller's memory (never grown by natsl).
+    pub fn from_scratch(scratch: Scratch) -> Self {
+        DecodeWorkspace { scratch }
+    }
+    /// Allocate `bytes` now (e.g. [`decode_workspace_bytes`] of the largest step).
+    pub fn reserve(&mut self, rt: &Runtime, bytes: usize) -> Result<()> {
+        self.scratch.reserve(rt, bytes)
+    }
+}
+
+/// (part_o, total) bytes of the split-KV partials of `plan` in `splits` splits.
+fn decode_ws_layout(plan: &DecodePlan, splits: usize) -> (usize, usize) {
+    if splits <= 1 {
+        return (0, 0);
+    }
+    let rows = plan.num_seqs * plan.nq;
+    let o = align(splits * rows * plan.hq * plan.dims.dv as usize * 4);
+    (o, o + align(splits * rows * plan.hq * 4))
+}
+
+/// Workspace bytes a [`decode`] call of `plan` needs on a device of `sm_count` SMs
+/// (`num_splits` as in [`SparseOptions`]).
+pub fn decode_workspace_bytes(plan: &DecodePlan, sm_count: u32, num_splits: Option<usize>) -> usize {
+    decode_ws_layout(plan, plan.splits(sm_count, num_splits).0).1
 }
 
 /// Sparse decode: o `[N * nq, Hq, dv]` (lse `[N * nq, Hq]`) for the queries
@@ -551,32 +577,18 @@ impl DecodeWorkspace {
 pub fn decode(rt: &Runtime, q: &TensorRef, nq: usize, kv: &PagedKv, opts: &SparseOptions, o: &mut TensorMut, lse: Option<&mut TensorMut>, ws: &mut DecodeWorkspace) -> Result<()> {
     let ctx = super::launch_context(rt, None)?;
     let plan = validate_decode_in(Some(ctx), q, nq, kv, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
-    for b in [&ws.part_o, &ws.part_lse].into_iter().flatten() {
-        super::check_alloc("ws", b, ctx)?;
-    }
     let (splits, pps) = plan.splits(rt.sm_count(), opts.num_splits);
     let spec = catalog::sparse_decode_spec(plan.dtype, plan.dims, rt.arch());
     let f = rt.function(&spec, "decode", plan.smem_bytes)?;
     let s = rt.stream();
     let rows = plan.num_seqs * nq;
-    let (mut po, mut pl) = (0u64, 0u64);
-    let mut guards = Vec::new();
-    if splits > 1 {
-        let need_o = splits * rows * plan.hq * plan.dims.dv as usize;
-        let need_l = splits * rows * plan.hq;
-        if ws.part_o.as_ref().is_none_or(|b| b.len() < need_o) {
-            ws.part_o = Some(s.alloc_zeros(need_o)?);
-        }
-        if ws.part_lse.as_ref().is_none_or(|b| b.len() < need_l) {
-            ws.part_lse = Some(s.alloc_zeros(need_l)?);
-        }
-        let (a, g1) = ws.part_o.as_mut().unwrap().device_ptr_mut(s);
-        po = a;
-        guards.push(g1);
-        let (b, g2) = ws.part_lse.as_mut().unwrap().device_ptr_mut(s);
-        pl = b;
-        guards.push(g2);
-    }
+    let (o_bytes, ws_bytes) = decode_ws_layout(&plan, splits);
+    let (po, pl) = if splits > 1 {
+        let base = ws.scratch.ptr(rt, ws_bytes)?;
+        (base, base + o_bytes as u64)
+    } else {
+        (0, 0)
+    };
     let (lse_ptr, lse_st) = lse.as_ref().map_or((std::ptr::null_mut(), 0), |l| (l.ptr() as *mut f32, l.stride(0) as i64));
     let p = NatslSparseDecodeParams {
         q: q.ptr() as *const _,
@@ -626,6 +638,5 @@ pub fn decode(rt: &Runtime, q: &TensorRef, nq: usize, kv: &PagedKv, opts: &Spars
             s.launch_builder(&fc).arg(&p).launch(LaunchConfig { grid_dim: ((rows * plan.hq) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })?;
         }
     }
-    drop(guards);
     Ok(())
 }

@@ -36,11 +36,14 @@ typedef struct NatslGdnPrefillParams {
     float scale;                /* output scale (dk^-1/2 by default) */
     const unsigned char* labels; /* nullable [num_slots, Hr] u8 NATSL_LABEL_*; null = every chunk GDN */
     const float* h0_pool;       /* nullable [P0, Hv, dk, dv] f32 initial states; null = zeros */
-    const int* h0_index;        /* nullable [N]: row of h0_pool for sequence n; null = n */
+    const int* h0_index;        /* nullable [N] device: row of h0_pool for sequence n; null = n; rows outside [0, h0_pool_rows) start from zeros */
+    int h0_pool_rows;           /* P0 */
     float* committed_pool;      /* nullable [P1, Hv, dk, dv] f32 out: committed state S_c */
-    const int* committed_index; /* nullable [N]: row of committed_pool; null = n */
+    const int* committed_index; /* nullable [N] device: row of committed_pool; null = n; rows outside [0, committed_pool_rows) are not written */
+    int committed_pool_rows;    /* P1 */
     float* running_pool;        /* nullable [P2, Hv, dk, dv] f32 out: running state (= committed if the last chunk is complete) */
-    const int* running_index;   /* nullable [N]: row of running_pool; null = n */
+    const int* running_index;   /* nullable [N] device: row of running_pool; null = n; rows outside [0, running_pool_rows) are not written */
+    int running_pool_rows;      /* P2 */
     float* gsum_running;        /* nullable [N, Hv] f32 out: sum of g over the partial last chunk (0 if complete) */
     void* ws_w;                 /* workspace [num_slots, Hv, 64, dk] activation dtype: W = T diag(beta e^G) K */
     void* ws_u;                 /* workspace [num_slots, Hv, 64, dv] activation dtype: U = T diag(beta) V */
