@@ -70,16 +70,18 @@ int main(void) {
     const int32_t cu[3] = {0, 72, 200};
     const int64_t T = 200, slots = 200 / 64 + 2;
     uint64_t addr = 0x7f0000000000ull;
+    /* Each tensor at its own fake address, 1 MiB apart: outputs may not alias inputs. */
+#define AT(i) (addr + ((uint64_t)(i) << 20))
     const int64_t qs[3] = {T, 2, 128}, vs[3] = {T, 4, 128}, gs[2] = {T, 4}, ls[2] = {slots, 2};
     NatslGdnPrefillArgs g;
     memset(&g, 0, sizeof g);
-    g.q = tensor(addr, NATSL_DTYPE_BF16, 3, qs);
-    g.k = tensor(addr, NATSL_DTYPE_BF16, 3, qs);
-    g.v = tensor(addr, NATSL_DTYPE_BF16, 3, vs);
-    g.g = tensor(addr, NATSL_DTYPE_F32, 2, gs);
-    g.beta = tensor(addr, NATSL_DTYPE_F32, 2, gs);
-    g.labels = tensor(addr, NATSL_DTYPE_U8, 2, ls);
-    g.o = tensor(addr, NATSL_DTYPE_BF16, 3, vs);
+    g.q = tensor(AT(1), NATSL_DTYPE_BF16, 3, qs);
+    g.k = tensor(AT(2), NATSL_DTYPE_BF16, 3, qs);
+    g.v = tensor(AT(3), NATSL_DTYPE_BF16, 3, vs);
+    g.g = tensor(AT(4), NATSL_DTYPE_F32, 2, gs);
+    g.beta = tensor(AT(5), NATSL_DTYPE_F32, 2, gs);
+    g.labels = tensor(AT(6), NATSL_DTYPE_U8, 2, ls);
+    g.o = tensor(AT(7), NATSL_DTYPE_BF16, 3, vs);
     st = natsl_gdn_prefill_validate(cu, 3, &g);
     EXPECT(st == NATSL_STATUS_OK, "good GDN prefill: %d %s", (int)st, natsl_last_error());
     printf("ok  good GDN prefill validates\n");
@@ -97,6 +99,9 @@ int main(void) {
     bad = g;
     bad.q.dtype = 42;
     expect_invalid(natsl_gdn_prefill_validate(cu, 3, &bad), "q", "GDN unknown dtype");
+    bad = g;
+    bad.o.ptr = bad.q.ptr;
+    expect_invalid(natsl_gdn_prefill_validate(cu, 3, &bad), "o", "GDN o over q");
     const int32_t cu_bad[3] = {0, 100, 50};
     expect_invalid(natsl_gdn_prefill_validate(cu_bad, 3, &g), "cu_seqlens", "GDN falling cu_seqlens");
     expect_invalid(natsl_gdn_prefill_validate(cu, 3, NULL), "args", "GDN null args");
@@ -106,12 +111,12 @@ int main(void) {
     const int64_t al[2] = {2, slots}, ac[2] = {2, 2};
     NatslSparsePrefillArgs s;
     memset(&s, 0, sizeof s);
-    s.q = tensor(addr, NATSL_DTYPE_BF16, 3, sq);
-    s.k = tensor(addr, NATSL_DTYPE_BF16, 3, sk);
-    s.v = tensor(addr, NATSL_DTYPE_BF16, 3, sv);
-    s.attn_list = tensor(addr, NATSL_DTYPE_I32, 2, al);
-    s.attn_count = tensor(addr, NATSL_DTYPE_I32, 2, ac);
-    s.o = tensor(addr, NATSL_DTYPE_BF16, 3, so);
+    s.q = tensor(AT(8), NATSL_DTYPE_BF16, 3, sq);
+    s.k = tensor(AT(9), NATSL_DTYPE_BF16, 3, sk);
+    s.v = tensor(AT(10), NATSL_DTYPE_BF16, 3, sv);
+    s.attn_list = tensor(AT(11), NATSL_DTYPE_I32, 2, al);
+    s.attn_count = tensor(AT(12), NATSL_DTYPE_I32, 2, ac);
+    s.o = tensor(AT(13), NATSL_DTYPE_BF16, 3, so);
     st = natsl_sparse_prefill_validate(cu, 3, &s);
     EXPECT(st == NATSL_STATUS_OK, "good sparse prefill: %d %s", (int)st, natsl_last_error());
     printf("ok  good sparse prefill validates\n");

@@ -12,19 +12,25 @@ import ctypes  # noqa: E402
 from natsl import _capi as C  # noqa: E402
 
 BASE = 0x7F0000000000
+
+
+def at(i):
+    """Fake device address i: each tensor 1 MiB apart (an output may not alias an input)."""
+    return BASE + (i << 20)
+
 CU = [0, 72, 200]
 T, SLOTS = 200, 200 // 64 + 2
 
 
 def good_gdn():
     a = C.GdnPrefillArgs()
-    a.q = C.tensor(BASE, C.BF16, [T, 2, 128])
-    a.k = C.tensor(BASE, C.BF16, [T, 2, 128])
-    a.v = C.tensor(BASE, C.BF16, [T, 4, 128])
-    a.g = C.tensor(BASE, C.F32, [T, 4])
-    a.beta = C.tensor(BASE, C.F32, [T, 4])
-    a.labels = C.tensor(BASE, C.U8, [SLOTS, 2])
-    a.o = C.tensor(BASE, C.BF16, [T, 4, 128])
+    a.q = C.tensor(at(1), C.BF16, [T, 2, 128])
+    a.k = C.tensor(at(2), C.BF16, [T, 2, 128])
+    a.v = C.tensor(at(3), C.BF16, [T, 4, 128])
+    a.g = C.tensor(at(4), C.F32, [T, 4])
+    a.beta = C.tensor(at(5), C.F32, [T, 4])
+    a.labels = C.tensor(at(6), C.U8, [SLOTS, 2])
+    a.o = C.tensor(at(7), C.BF16, [T, 4, 128])
     return a
 
 
@@ -55,18 +61,21 @@ def test_runtime_without_device_fails_cleanly():
 def test_validation_names_the_argument():
     assert validate(good_gdn()) == C.OK
     a = good_gdn()
-    a.g = C.tensor(BASE, C.BF16, [T, 4])
+    a.g = C.tensor(at(4), C.BF16, [T, 4])
     assert validate(a) == C.INVALID_ARGUMENT
     assert b"`g`" in C.lib().natsl_last_error()
     a = good_gdn()
     a.o = C.Tensor()
     assert validate(a) == C.INVALID_ARGUMENT and b"`o`" in C.lib().natsl_last_error()
     a = good_gdn()
-    a.h0_index = C.tensor(BASE, C.I32, [2])
+    a.h0_index = C.tensor(at(8), C.I32, [2])
     assert validate(a) == C.INVALID_ARGUMENT and b"`h0_index`" in C.lib().natsl_last_error()
-    a.h0 = C.tensor(BASE, C.F32, [5, 4, 128, 128])
-    a.h0_index = C.tensor(BASE, C.I32, [3])
+    a.h0 = C.tensor(at(9), C.F32, [5, 4, 128, 128])
+    a.h0_index = C.tensor(at(8), C.I32, [3])
     assert validate(a) == C.INVALID_ARGUMENT and b"`h0`" in C.lib().natsl_last_error()
+    a = good_gdn()
+    a.o = C.tensor(at(1), C.BF16, [T, 4, 128])  # over q
+    assert validate(a) == C.INVALID_ARGUMENT and b"`o`" in C.lib().natsl_last_error()
 
 
 if __name__ == "__main__":
