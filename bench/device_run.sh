@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # One device call: tests, compute-sanitizer, natsl benches and the peers, logs under $OUT.
 # Run from the repository root on the GPU host after `../shared/gpu/pack --peers`:
-#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse]...   (default: the first four)
+#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse|fused|fusedbench]...   (default: the first four)
 # `sparse` is the softmax-prefill loop of issue 8: its GPU tests, its benches and its
-# peers (cuDNN, FA2, FlexAttention) in one call.
+# peers (cuDNN, FA2, FlexAttention) in one call. `fused` and `fusedbench` are the GDN loop
+# of issue 9 (one device call each, < 10 minutes): the fused sm_90a prefill's GPU tests
+# and compute-sanitizer on it; then the GDN benches of the P shapes and natsl-340M (every
+# variant incl. `fused`, `fused cp off`, `fused cpK`) and ncu on the fused kernel. The
+# FlashQLA / fla peers go in the `fusedbench` call too: bench/peers/qla/run_qla.sh (see
+# bench/NOTES.md, "Fused GDN prefill").
 set -uo pipefail
 OUT=${OUT:-/tmp/natsl-out}
 mkdir -p "$OUT" bench/results
@@ -59,6 +64,22 @@ for step in $steps; do
       cp bench/results/sparse-"$(date +%F)".jsonl "$OUT/" 2>/dev/null
       timeout 200 .gpu/run py bench/peers/sparse_peers.py "$OUT/sparse-peers.jsonl" prefill > "$OUT/sparse-peers.log" 2>&1; echo "== peers rc $?"
       grep -h " ms" "$OUT/sparse-bench.log" "$OUT/sparse-peers.log" | cut -c1-150 ;;
+    fused)
+      timeout 500 .gpu/tests/gpu_gdn prefill_fused --nocapture --test-threads=2 > "$OUT/fused-tests.log" 2>&1; echo "== gpu_gdn prefill_fused rc $?"
+      grep -E "^case |test result|panicked|FAIL" "$OUT/fused-tests.log" | cut -c1-200 | tail -40
+      for tool in memcheck racecheck; do  # one log for both (at most 8 files come back)
+        timeout 300 compute-sanitizer --tool $tool .gpu/tests/gpu_gdn prefill_fused_small > "$OUT/san.tmp" 2>&1
+        echo "-- $tool: $(grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$OUT/san.tmp" | tr '\n' ' ')"
+        cat "$OUT/san.tmp" >> "$OUT/fused-sanitizer.log"; rm -f "$OUT/san.tmp"
+      done
+      ;;
+    fusedbench)
+      timeout 330 .gpu/tests/gdn P1 P2 P3 P4 P5 P6 P7 P8 P9 natsl-340M > "$OUT/fused-bench.log" 2>&1; echo "== bench rc $?"
+      cp bench/results/gdn-"$(date +%F)".jsonl "$OUT/" 2>/dev/null
+      grep -hE "fused|bf16  |grouped " "$OUT/fused-bench.log" | cut -c1-150
+      timeout 100 $NCU --section SourceCounters -k regex:_fused$ -c 1 .gpu/tests/gdn "P1 " > "$OUT/ncu_fused_p1.txt" 2>&1
+      timeout 100 $NCU -k regex:_fused_cp_ -c 2 .gpu/tests/gdn "P5 " > "$OUT/ncu_fused_p5.txt" 2>&1
+      grep -hE "^  [a-z_]+.*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall" "$OUT"/ncu_fused_*.txt | head -60 ;;
     profile)
       # One launch of each kernel the notes name as the next bottleneck.
       timeout 120 $NCU -k regex:natsl_router -c 2 .gpu/bin/natsl bench router "T=131072" > "$OUT/ncu_router.txt" 2>&1

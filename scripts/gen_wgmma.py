@@ -10,6 +10,8 @@ import pathlib
 TYPES = [("bf16", "bf16"), ("f16", "f16")]
 RS_N = [64, 128, 256]
 SS_N = [64, 128]
+# wgmma_ss_ta: A MN-major (transposed) in shared memory, scaled by SCALE_A (+1 / -1).
+SS_TA = [(64, 0, -1)]
 HOLD_FRAGS = [8, 16, 32]
 
 
@@ -48,6 +50,19 @@ def ss(ty, ptx, n, tb):
 """
 
 
+def ss_ta(ty, ptx, n, tb, sa):
+    acc, r = acc_list(n)
+    return f"""template <> __device__ __forceinline__ void wgmma_ss_ta<{ty}, {n}, {tb}, {sa}>(float (*d)[4], unsigned long long da, unsigned long long db, int accumulate) {{
+    asm volatile(
+        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{r + 2}, 0;\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
+        "{acc}, %{r}, %{r + 1}, p, {sa}, 1, 1, {tb};\\n}}\\n"
+        : {outputs(n)}
+        : "l"(da), "l"(db), "r"(accumulate));
+}}
+"""
+
+
 def hold(nf):
     regs = ", ".join(f'"+f"(d[{i // 4}][{i % 4}])' for i in range(nf * 4))
     return f"""template <> __device__ __forceinline__ void wg_hold<{nf}>(float (*d)[4]) {{
@@ -65,6 +80,8 @@ def main():
         "//   registers (the m16n8k16 A fragment of each warp's 16 rows), B in shared memory",
         "//   through descriptor db: TRANS_B 0 = K-major (B stored [N][16]), 1 = MN-major ([16][N]).",
         "// wgmma_ss<T, N, TRANS_B>(d, da, db, acc): as above with A K-major in shared memory.",
+        "// wgmma_ss_ta<T, N, TRANS_B, SCALE_A>(d, da, db, acc): A MN-major in shared memory (A = X^T for",
+        "//   X stored [16][64] through descriptor da, the layout of an MN-major B), times SCALE_A (+1 / -1).",
         "// d is the accumulator fragment float[N / 8][4]; acc = 0 overwrites D.",
         "// wg_hold<NF>(d): an empty asm that pins NF accumulator fragments across fences/waits.",
         "#pragma once",
@@ -75,6 +92,7 @@ def main():
         "",
         "template <typename T, int N, int TRANS_B> __device__ __forceinline__ void wgmma_rs(float (*d)[4], const u32* a, unsigned long long db, int accumulate);",
         "template <typename T, int N, int TRANS_B> __device__ __forceinline__ void wgmma_ss(float (*d)[4], unsigned long long da, unsigned long long db, int accumulate);",
+        "template <typename T, int N, int TRANS_B, int SCALE_A> __device__ __forceinline__ void wgmma_ss_ta(float (*d)[4], unsigned long long da, unsigned long long db, int accumulate);",
         "template <int NF = 8> __device__ __forceinline__ void wg_hold(float (*d)[4]);",
         "",
     ]
@@ -85,6 +103,8 @@ def main():
         for n in SS_N:
             for tb in (0, 1):
                 out.append(ss(ty, ptx, n, tb))
+        for n, tb, sa in SS_TA:
+            out.append(ss_ta(ty, ptx, n, tb, sa))
     for nf in HOLD_FRAGS:
         out.append(hold(nf))
     out += ["#endif  // NATSL_SM90A", "", "} // namespace natsl", ""]

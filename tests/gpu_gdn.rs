@@ -308,9 +308,11 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
         }
     }
     let h0d = testing::upload::<f32>(rt, &h0_pool).unwrap();
-    // Every check runs once per prep kernel (outputs re-poisoned for each).
+    // Every check runs once per prep kernel (outputs re-poisoned for each); the fused
+    // kernel has no separate prep (once).
     let mut failures = Vec::new();
-    for prep in [PrepKernel::Compact, PrepKernel::Grouped] {
+    let preps: &[PrepKernel] = if c.tile == ScanTile::Fused { &[PrepKernel::Grouped] } else { &[PrepKernel::Compact, PrepKernel::Grouped] };
+    for &prep in preps {
         println!("  prep kernel {prep:?}");
         let mut od = testing::poisoned::<T>(rt, t * c.hv * c.dv).unwrap();
         let mut comd = testing::poisoned::<f32>(rt, rows * sd).unwrap();
@@ -599,6 +601,177 @@ fn prefill_reg_scan_tile() {
         c.l2norm = false;
         run_prefill::<f16>(&rt, &c);
     }
+}
+
+/// The candidate fused sm_90a prefill (`ScanTile::Fused`, cuda/gdn/fused.cuh: TMA loads, the
+/// WY prep of chunk c + 1 on chip beside chunk c's state update in wgmma accumulators) on
+/// the cases of the current kernels, at the dims it serves (dk 128, dv 128 / 256): ragged
+/// plain GDN; random labels, l2norm, h0; GVA in f16 with beta in the activation dtype;
+/// all-ATTN labels; many heads; the NAtS-L shapes as packed strided views without h0;
+/// context parallelism (single sequence in 2, 3, 7, 16 segments, ragged batches, f16,
+/// Auto); long sequences (16384, 65536). sm_90a only: on the sm_80 path (and at other
+/// dims) the forced variant is an error, checked here and in tests/validation_gdn.rs.
+#[test]
+fn prefill_fused_tile() {
+    let Some(rt) = testing::gpu_or_skip("prefill_fused_tile") else {
+        return;
+    };
+    if rt.arch() != Arch::Sm90a {
+        println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
+        return;
+    }
+    let fused = |mut c: Case| {
+        c.tile = ScanTile::Fused;
+        c
+    };
+    for (dk, dv) in [(128, 128), (128, 256)] {
+        run_prefill::<bf16>(&rt, &fused(Case::new("fused-plain", &RAGGED, 1, 2, dk, dv)));
+        let mut c = fused(Case::new("fused-labels", &RAGGED, 1, 2, dk, dv));
+        c.labels = Labels::Random;
+        c.hr = 1;
+        c.l2norm = true;
+        c.seed = 41;
+        run_prefill::<bf16>(&rt, &c);
+        run_prefill::<f16>(&rt, &c);
+    }
+    // GVA, f16 with beta in the activation dtype; all-ATTN labels (pure decays).
+    let mut c = fused(Case::new("fused-gva-f16", &RAGGED, 2, 4, 128, 128));
+    c.labels = Labels::Random;
+    c.hr = 2;
+    c.beta_f32 = false;
+    run_prefill::<f16>(&rt, &c);
+    c.labels = Labels::AllAttn;
+    run_prefill::<bf16>(&rt, &c);
+    for labels in [Labels::AllGdn, Labels::Random] {
+        let mut c = fused(Case::new("fused-gva-labels", &RAGGED, 2, 4, 128, 128));
+        c.labels = labels;
+        c.hr = 2;
+        c.l2norm = true;
+        c.seed = 7;
+        run_prefill::<bf16>(&rt, &c);
+    }
+    // Many heads (several CTAs per SM's worth of work, GVA 2).
+    for (dv, hv) in [(128, 16), (256, 12)] {
+        let mut c = fused(Case::new("fused-heads", &RAGGED, hv / 2, hv, 128, dv));
+        c.labels = Labels::Random;
+        c.hr = hv / 2;
+        c.l2norm = true;
+        c.seed = 43;
+        run_prefill::<bf16>(&rt, &c);
+    }
+    // The NAtS-L shape: packed strided q / k / v views (TMA maps over the packed rows), no h0.
+    let mut c = fused(Case::new("fused-natsl", &[300, 640, 37], 2, 2, 128, 256));
+    c.labels = Labels::Random;
+    c.hr = 2;
+    c.h0 = false;
+    c.packed = true;
+    c.l2norm = true;
+    run_prefill::<bf16>(&rt, &c);
+    run_prefill::<f16>(&rt, &c);
+    // Context parallelism: pass A (offset and identity tiles), cp_combine, pass C.
+    for segs in [2, 3, 7, 16] {
+        let mut c = fused(Case::new("fused-cp-single", &[1000], 1, 2, 128, 128));
+        c.labels = Labels::Random;
+        c.hr = 1;
+        c.seed = 11 + segs as u64;
+        c.cp = ScanParallel::Segments(segs);
+        run_prefill::<bf16>(&rt, &c);
+    }
+    for (dk, dv) in [(128, 128), (128, 256)] {
+        let mut c = fused(Case::new("fused-cp-ragged", &[1, 63, 64, 65, 200, 1000, 640], 1, 2, dk, dv));
+        c.labels = Labels::Random;
+        c.hr = 1;
+        c.l2norm = true;
+        c.seed = 23;
+        c.cp = ScanParallel::Segments(4);
+        run_prefill::<bf16>(&rt, &c);
+    }
+    let mut c = fused(Case::new("fused-cp-f16", &RAGGED, 2, 4, 128, 128));
+    c.labels = Labels::Random;
+    c.hr = 2;
+    c.beta_f32 = false;
+    c.cp = ScanParallel::Segments(3);
+    run_prefill::<f16>(&rt, &c);
+    c.labels = Labels::AllAttn;
+    c.cp = ScanParallel::Segments(5);
+    run_prefill::<bf16>(&rt, &c);
+    c.labels = Labels::None;
+    c.h0 = false;
+    c.cp = ScanParallel::Segments(8);
+    run_prefill::<bf16>(&rt, &c);
+    // Long sequences with long memory (errors would accumulate through the state).
+    let mut c = fused(Case::new("fused-long", &[16384], 1, 2, 128, 128));
+    c.l2norm = true;
+    c.g_lo = -0.02;
+    run_prefill::<bf16>(&rt, &c);
+    for cp in [ScanParallel::Segments(8), ScanParallel::Auto] {
+        c.cp = cp;
+        run_prefill::<bf16>(&rt, &c);
+    }
+    let mut c = fused(Case::new("fused-long-65536", &[65536], 1, 1, 128, 128));
+    c.l2norm = true;
+    c.g_lo = -0.02;
+    run_prefill::<bf16>(&rt, &c);
+    c.labels = Labels::Random;
+    c.hr = 1;
+    c.l2norm = false;
+    run_prefill::<f16>(&rt, &c);
+    // The forced variant where it has no kernel is an error naming `variant`.
+    let rt80 = Runtime::with_arch(0, Arch::Sm80).unwrap();
+    for (r, dk, dv) in [(&rt80, 128, 128), (&rt, 64, 64), (&rt, 192, 384)] {
+        let cu = testing::cu_seqlens(&[100]);
+        let e = fused_call_error(r, &cu, dk, dv);
+        println!("  fused on {:?} dk {dk} dv {dv}: {e}", r.arch());
+        assert_eq!(testing::invalid_arg(e), "variant");
+    }
+}
+
+/// A small cut of `prefill_fused_tile` for compute-sanitizer (memcheck, racecheck): ragged,
+/// random labels, l2norm, h0 at both dims pairs, and context parallelism in 3 segments.
+#[test]
+fn prefill_fused_small() {
+    let Some(rt) = testing::gpu_or_skip("prefill_fused_small") else {
+        return;
+    };
+    if rt.arch() != Arch::Sm90a {
+        println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
+        return;
+    }
+    for (dk, dv) in [(128, 128), (128, 256)] {
+        let mut c = Case::new("fused-small", &[1, 63, 64, 65, 200], 1, 2, dk, dv);
+        c.tile = ScanTile::Fused;
+        c.labels = Labels::Random;
+        c.hr = 1;
+        c.l2norm = true;
+        c.seed = 5;
+        run_prefill::<bf16>(&rt, &c);
+        c.cp = ScanParallel::Segments(3);
+        run_prefill::<bf16>(&rt, &c);
+    }
+}
+
+/// The error of a forced `ScanTile::Fused` call at (dk, dv) on `rt` (one sequence, one head).
+fn fused_call_error(rt: &Runtime, cu: &[i32], dk: usize, dv: usize) -> natsl::Error {
+    let t = *cu.last().unwrap() as usize;
+    let batch = Batch::new(rt, cu).unwrap();
+    let q = testing::upload::<bf16>(rt, &vec![0.1; t * dk]).unwrap();
+    let k = testing::upload::<bf16>(rt, &vec![0.1; t * dk]).unwrap();
+    let v = testing::upload::<bf16>(rt, &vec![0.1; t * dv]).unwrap();
+    let g = testing::upload::<f32>(rt, &vec![-0.01; t]).unwrap();
+    let beta = testing::upload::<f32>(rt, &vec![0.5; t]).unwrap();
+    let mut o = testing::poisoned::<bf16>(rt, t * dv).unwrap();
+    let inp = GdnPrefillInputs {
+        q: TensorRef::new(&q, &[t, 1, dk]),
+        k: TensorRef::new(&k, &[t, 1, dk]),
+        v: TensorRef::new(&v, &[t, 1, dv]),
+        g: TensorRef::new(&g, &[t, 1]),
+        beta: TensorRef::new(&beta, &[t, 1]),
+        labels: None,
+        h0: None,
+    };
+    let mut out = GdnPrefillOutputs { o: TensorMut::new(&mut o, &[t, 1, dv]), committed: None, running: None, gsum_running: None };
+    let v = PrefillVariant { tile: ScanTile::Fused, ..Default::default() };
+    gdn_prefill_variant(rt, &batch, &inp, &mut out, &GdnOptions::default(), &mut GdnWorkspace::new(), v).unwrap_err()
 }
 
 #[test]

@@ -21,6 +21,8 @@
 //       reads raw q, k and applies the row factors to its f32 accumulators / v_new,
 //       so it does no per-row normalisation work of its own:
 //         o = diag(fq) (Q S) + P v_new,   S' = e^{G_L} S + K^T (diag(fk) v_new).
+// fused (gdn/fused.cuh, sm_90a, dk 128): the same quantities in one warp-specialised
+//       launch, the prep one chunk ahead of the scan on chip (ScanTile::Fused).
 #pragma once
 #include "gdn/prep.cuh"
 #include "gdn/scan.cuh"

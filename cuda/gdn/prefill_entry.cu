@@ -1,30 +1,56 @@
-// GDN prefill entry points (see gdn/prefill.cuh). Spec macros come from natsl-codegen.
+// GDN prefill entry points (see gdn/prefill.cuh, gdn/fused.cuh). Spec macros come from natsl-codegen.
 #include "include/natsl_params.h"
 #include "gdn/prefill.cuh"
+#include "gdn/fused.cuh"
+
+// Tile stages = 4 marks the fused unit (ScanTile::Fused): there only the fused entries and
+// cp_combine have bodies; in every other unit the fused entries are empty stubs (as on
+// sm_80), so the entry list is the same everywhere and the host never launches a stub.
+#if NATSL_STAGES == 4
+#define NATSL_GDN_FUSED_UNIT 1
+#else
+#define NATSL_GDN_FUSED_UNIT 0
+#endif
 
 // W, U, P, F of one (chunk slot, value head): blocked inverse in two smem regions, T in
 // registers (PrepKernel::Compact).
 extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS, (natsl::gdn::prep_compact_min_ctas<NATSL_DK, NATSL_DV>()))
 NATSL_KERNEL(prep_compact)(const NatslGdnPrefillParams p) {
+#if NATSL_GDN_FUSED_UNIT
+    (void)p;
+#else
     natsl::gdn::prep_compact<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);
+#endif
 }
 
 // Same outputs as prep_compact; one CTA per (chunk slot, q/k head) serving its
 // Hv / Hqk value heads (Q K^T, q/k loads and norms once per group; PrepKernel::Grouped).
 extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS, (natsl::gdn::prep_grouped_min_ctas<NATSL_DK, NATSL_DV>()))
 NATSL_KERNEL(prep_grouped)(const NatslGdnPrefillParams p) {
+#if NATSL_GDN_FUSED_UNIT
+    (void)p;
+#else
     natsl::gdn::prep_grouped<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(scan)(const NatslGdnPrefillParams p) {
+#if NATSL_GDN_FUSED_UNIT
+    (void)p;
+#else
     natsl::gdn::scan<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_BLOCK_N, NATSL_WARPS, NATSL_STAGES>(p);
+#endif
 }
 
 // Context parallelism (ScanParallel in src/ops/gdn.rs; see gdn/prefill.cuh): pass A
 // (segment 0 from h0, segment offsets E and transitions A), pass B (segment states),
 // pass C (segments >= 1 rerun from their true start states).
 extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(scan_cp_a)(const NatslGdnPrefillParams p) {
+#if NATSL_GDN_FUSED_UNIT
+    (void)p;
+#else
     natsl::gdn::scan_cp<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_BLOCK_N, NATSL_WARPS, NATSL_STAGES, natsl::gdn::MODE_CP_A>(p);
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(natsl::gdn::CP_THREADS) NATSL_KERNEL(cp_combine)(const NatslGdnPrefillParams p) {
@@ -32,5 +58,36 @@ extern "C" __global__ void __launch_bounds__(natsl::gdn::CP_THREADS) NATSL_KERNE
 }
 
 extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(scan_cp_c)(const NatslGdnPrefillParams p) {
+#if NATSL_GDN_FUSED_UNIT
+    (void)p;
+#else
     natsl::gdn::scan_cp<NATSL_DTYPE, NATSL_DK, NATSL_DV, NATSL_BLOCK_N, NATSL_WARPS, NATSL_STAGES, natsl::gdn::MODE_CP_C>(p);
+#endif
+}
+
+// The fused sm_90a prefill (gdn/fused.cuh): one launch, 384 threads (prep + TMA issue,
+// two consumer warpgroups); the plain scan and the two context-parallel passes
+// (cp_combine between them). The params are a __grid_constant__: TMA reads its maps there.
+extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused)(const __grid_constant__ NatslGdnFusedParams p) {
+#if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_SCAN>(p);
+#else
+    (void)p;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_cp_a)(const __grid_constant__ NatslGdnFusedParams p) {
+#if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_A>(p);
+#else
+    (void)p;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_cp_c)(const __grid_constant__ NatslGdnFusedParams p) {
+#if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_C>(p);
+#else
+    (void)p;
+#endif
 }

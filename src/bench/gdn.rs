@@ -28,7 +28,11 @@ fn flops_prefill(t: usize, hv: usize, dk: usize, dv: usize) -> f64 {
 /// The full prefill, then (`split`) prep alone and scan alone (the scan reads the
 /// workspace the full call left), then (`cp`) the context-parallel scan
 /// ([`ScanParallel`]): full prefill and scan alone per segment count.
+/// `NATSL_BENCH_FUSED_ONLY=1`: the default and the fused candidate's rows only (a short
+/// run beside the FlashQLA / fla peers in one device call).
 fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record> {
+    let fused_only = std::env::var_os("NATSL_BENCH_FUSED_ONLY").is_some();
+    let split = split && !fused_only;
     let cu = testing::cu_seqlens(&s.lens);
     let t = *cu.last().unwrap() as usize;
     let n = s.lens.len();
@@ -129,14 +133,25 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             ));
         }
     }
-    // Candidate defaults, end to end (prep + scan, context parallelism Auto).
-    for (prep, tile, tag) in [(PrepKernel::Grouped, ScanTile::Auto, "grouped"), (PrepKernel::Compact, ScanTile::Reg, "compact+reg"), (PrepKernel::Grouped, ScanTile::Reg, "grouped+reg")] {
-        let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, ..Default::default() })).unwrap();
+    // Candidate defaults, end to end (prep + scan, context parallelism Auto), and the fused
+    // sm_90a candidate (ScanTile::Fused: one launch) where it has a kernel: with its own
+    // context-parallel choice (Auto) and without (off).
+    let fused = fused_supported(dk, dv, rt.arch());
+    let mut cands = vec![(PrepKernel::Grouped, ScanTile::Auto, ScanParallel::Auto, "grouped"), (PrepKernel::Compact, ScanTile::Reg, ScanParallel::Auto, "compact+reg"), (PrepKernel::Grouped, ScanTile::Reg, ScanParallel::Auto, "grouped+reg")];
+    if fused_only {
+        cands.clear();
+    }
+    if fused {
+        cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Auto, "fused"));
+        cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Off, "fused cp off"));
+    }
+    for (prep, tile, cp, tag) in cands {
+        let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, cp, ..Default::default() })).unwrap();
         recs.push(Record::new(rt, "gdn_prefill", s.name.clone(), format!("{variant} {tag}"), &tm, flops, bytes));
     }
     if cp {
         let prep = PrepKernel::default();
-        for (sp, tag, tile) in [
+        let mut rows = vec![
             (ScanParallel::Auto, "cp auto".to_string(), ScanTile::Auto),
             (ScanParallel::Segments(4), "cp4".into(), ScanTile::Auto),
             (ScanParallel::Segments(8), "cp8".into(), ScanTile::Auto),
@@ -145,7 +160,17 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             (ScanParallel::Auto, "reg cp auto".to_string(), ScanTile::Reg),
             (ScanParallel::Segments(8), "reg cp8".into(), ScanTile::Reg),
             (ScanParallel::Segments(16), "reg cp16".into(), ScanTile::Reg),
-        ] {
+        ];
+        if fused_only {
+            rows.clear();
+        }
+        if fused {
+            // The fused candidate's three cp passes (its "scan only" rows are the whole thing).
+            for k in [2, 4, 8, 16] {
+                rows.push((ScanParallel::Segments(k), format!("fused cp{k}"), ScanTile::Fused));
+            }
+        }
+        for (sp, tag, tile) in rows {
             let full = time_it(rt, 3, 10, |_| {
                 gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, cp: sp, tile, ..Default::default() })
             })

@@ -12,9 +12,10 @@
 
 use crate::batch::{validate_cu_seqlens, Batch, CHUNK};
 use crate::error::{Error, Result};
-use crate::params::{NatslGdnDecodeParams, NatslGdnPrefillParams};
+use crate::params::{NatslGdnDecodeParams, NatslGdnFusedParams, NatslGdnPrefillParams};
 use crate::runtime::Runtime;
 use crate::tensor::{Access, ContextId, DType, Operands, TensorMut, TensorRef};
+use crate::tma;
 use crate::workspace::{align, Scratch};
 use super::Sat;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -25,6 +26,9 @@ use natsl_codegen::catalog::{self, GDN_DIMS};
 unsafe impl DeviceRepr for NatslGdnPrefillParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for NatslGdnDecodeParams {}
+// SAFETY: as above (three 64-byte aligned tensor maps, then the prefill params); the
+// fused entries take it as a __grid_constant__ by value.
+unsafe impl DeviceRepr for NatslGdnFusedParams {}
 
 /// Threads of the prep kernel (`natsl::gdn::PREP_THREADS`).
 const PREP_THREADS: u32 = 128;
@@ -438,7 +442,9 @@ pub fn reg_scan_smem_bytes(dk: usize, bv: usize, warps: usize) -> usize {
 /// Dynamic shared memory of a scan tile (stages 1 / 2: `scan_smem_bytes`; 3: the
 /// register-state scan).
 fn tile_smem_bytes(dk: usize, t: natsl_codegen::spec::Tile) -> usize {
-    if t.stages == 3 {
+    if t.stages == 4 {
+        fused_smem_bytes()
+    } else if t.stages == 3 {
         reg_scan_smem_bytes(dk, t.block_n as usize, t.warps as usize)
     } else {
         scan_smem_bytes(dk, t.block_n as usize, t.stages as usize)
@@ -564,6 +570,18 @@ pub enum ScanTile {
     /// two run the plain scan only, no context parallelism).
     /// An invalid tile for the launch's dims falls back to `Reg`'s choice.
     RegWith { block_n: u32, warps: u32 },
+    /// Candidate (not a default until measured; JIT on first use, tile stages = 4 marks
+    /// it): the fused, warp-specialised sm_90a prefill in cuda/gdn/fused.cuh. One launch
+    /// (no prep kernel, no W / U / P workspace): per CTA (128 state columns, value head,
+    /// sequence) a prep warpgroup computes chunk c + 1's WY quantities on chip from TMA
+    /// loads of q, k (and issues those loads) while two consumer warpgroups run chunk c's
+    /// state update and outputs with the state in wgmma accumulators. dk = 128 with
+    /// dv = 128 or 256, sm_90a only: anything else is an error (`InvalidArgument` naming
+    /// `variant`), as is a q / k / v view no TMA map describes. Context parallelism as for
+    /// the other tiles (`fused_cp_a`, `cp_combine`, `fused_cp_c`); the prep kernel choice
+    /// is ignored, `PrefillPart::Prep` queues nothing and `PrefillPart::Scan` the whole
+    /// fused launch.
+    Fused,
 }
 
 /// Register-state tiles whose warps hold 128 dk rows (n64w4 / n128w8 at dk = 128: the
@@ -597,6 +615,32 @@ pub fn reg_scan_spec(wide: natsl_codegen::spec::KernelSpec, dk: usize, few: bool
         _ => return wide,
     };
     natsl_codegen::spec::KernelSpec { tile, ..wide }
+}
+
+/// Tile of the fused prefill (`ScanTile::Fused`): 64-token chunks, 128 state columns per
+/// CTA, 12 warps (prep with the TMA issue, two consumer warpgroups); stages = 4 marks the unit.
+pub const FUSED_TILE: natsl_codegen::spec::Tile = natsl_codegen::spec::Tile::new(64, 128, 12, 4);
+
+/// Whether the fused prefill has a kernel for (dk, dv) on `arch` (sm_90a; dk = 128 and
+/// dv = 128 or 256: the P shapes and natsl-340M).
+pub fn fused_supported(dk: usize, dv: usize, arch: natsl_codegen::Arch) -> bool {
+    arch == natsl_codegen::Arch::Sm90a && dk == 128 && (dv == 128 || dv == 256)
+}
+
+/// The spec of the fused prefill (`ScanTile::Fused`, entries `fused`, `fused_cp_a`,
+/// `fused_cp_c`, `cp_combine`); `None` where [`fused_supported`] says no.
+pub fn fused_spec(dtype: natsl_codegen::DType, dk: u32, dv: u32, arch: natsl_codegen::Arch) -> Option<natsl_codegen::spec::KernelSpec> {
+    fused_supported(dk as usize, dv as usize, arch).then(|| natsl_codegen::spec::KernelSpec { tile: FUSED_TILE, ..catalog::gdn_prefill_spec(dtype, dk, dv, arch) })
+}
+
+/// Dynamic shared memory of the fused prefill (mirror of `FusedLayout::BYTES` in
+/// cuda/gdn/fused.cuh): Q/K ring 3 x 32 KB, V ring 2 x 16 KB, prep stages 2 x 33 KB
+/// (W, T diag(beta), P, row factors), the f32 inverse scratch, 2 x 5 x 64 f32, 9
+/// mbarriers, 1 KB alignment slack. Fixed for dk = 128 (the only dk it serves).
+pub fn fused_smem_bytes() -> usize {
+    const PANEL: usize = 64 * 128;
+    let bar = 3 * 4 * PANEL + 2 * 2 * PANEL + 2 * (4 * PANEL + 1024) + CHUNK * (CHUNK + 4) * 4 + 2 * 5 * CHUNK * 4;
+    bar + 9 * 8 + 1024
 }
 
 /// Every spec a default [`gdn_prefill`] can pick at (dk, dv), by shape: the wide
@@ -774,7 +818,14 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
     let nchs: Vec<usize> = cu_seqlens.windows(2).map(|w| ((w[1] - w[0]) as usize).div_ceil(CHUNK)).collect();
     let cp_of = |t: natsl_codegen::spec::Tile| cp_segments(cp, &nchs, d.hv, d.dk, d.dv, t.block_n as usize, tile_smem_bytes(d.dk, t), sm);
     let cp_wide = cp_of(wide.tile);
+    if tile == ScanTile::Fused && !fused_supported(d.dk, d.dv, arch) {
+        return Err(Error::invalid(
+            "variant",
+            format!("the fused prefill (ScanTile::Fused) runs dk 128 with dv 128 or 256 on sm_90a, not dk {} / dv {} on {arch:?}", d.dk, d.dv),
+        ));
+    }
     let spec = match (tile, narrow) {
+        (ScanTile::Fused, _) => fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("checked above"),
         (ScanTile::Narrow, Some(s)) => s,
         (ScanTile::Reg, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, None),
         (ScanTile::RegWith { block_n, warps }, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, Some((block_n, warps))),
@@ -801,7 +852,8 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
         cp_of(spec.tile)
     };
     let ns = crate::batch::num_slots(d.tokens, d.seqs);
-    let idx_off = workspace_bytes(ns, d.hv, d.dk, d.dv);
+    // The fused prefill keeps W, U, P, F on chip: no workspace for them.
+    let idx_off = if spec.tile == FUSED_TILE { 0 } else { workspace_bytes(ns, d.hv, d.dk, d.dv) };
     let cp_off = idx_off + if has_host_index(inp, out) { align(3 * d.seqs * 4) } else { 0 };
     let ws_bytes = cp_off + if segments > 1 { cp_workspace_bytes(d.seqs, segments, d.hv, d.dk, d.dv) } else { 0 };
     Ok(Plan { d, scale, spec, segments, prep_smem: prep_kernel_smem_bytes(d.dk, d.dv, prep) as u32, scan_smem: tile_smem_bytes(d.dk, spec.tile) as u32, idx_off, cp_off, ws_bytes })
@@ -820,6 +872,13 @@ pub fn prefill_workspace_bytes_for(arch: natsl_codegen::Arch, sm_count: u32, cu_
     Ok(plan(None, arch, sm_count, cu_seqlens, inp, out, opts, PrefillVariant::default())?.ws_bytes)
 }
 
+/// [`prefill_workspace_bytes_for`] with the paths of `v`: the plan of a forced variant
+/// (whether it can run there, and its workspace) without a device.
+#[doc(hidden)]
+pub fn prefill_workspace_bytes_variant(arch: natsl_codegen::Arch, sm_count: u32, cu_seqlens: &[i32], inp: &GdnPrefillInputs, out: &GdnPrefillOutputs, opts: &GdnOptions, v: PrefillVariant) -> Result<usize> {
+    Ok(plan(None, arch, sm_count, cu_seqlens, inp, out, opts, v)?.ws_bytes)
+}
+
 fn prefill_launch(
     rt: &Runtime,
     batch: &Batch,
@@ -834,20 +893,30 @@ fn prefill_launch(
     let ctx = super::launch_context(rt, Some(batch))?;
     let Plan { d, scale, spec, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes } = plan(Some(ctx), rt.arch(), rt.sm_count(), batch.cu_seqlens(), inp, out, opts, v)?;
     let tile = spec.tile;
-    let f_prep = rt.function(&spec, v.prep.entry(), prep_smem)?;
+    // The fused prefill (ScanTile::Fused): one kernel does the prep's work on chip.
+    let fused = tile == FUSED_TILE;
+    let run_prep = run_prep && !fused;
+    let f_prep = if fused { None } else { Some(rt.function(&spec, v.prep.entry(), prep_smem)?) };
+    let (e_scan, e_cp_a, e_cp_c) = if fused { ("fused", "fused_cp_a", "fused_cp_c") } else { ("scan", "scan_cp_a", "scan_cp_c") };
     let s = rt.stream();
     // Context parallelism: (scan_cp_a, cp_combine, scan_cp_c) instead of scan.
     let f_scan = if segments > 1 {
         None
     } else {
-        Some(rt.function(&spec, "scan", scan_smem)?)
+        Some(rt.function(&spec, e_scan, scan_smem)?)
     };
     let f_cp = if segments > 1 {
         Some((
-            rt.function(&spec, "scan_cp_a", scan_smem)?,
+            rt.function(&spec, e_cp_a, scan_smem)?,
             rt.function(&spec, "cp_combine", 0)?,
-            rt.function(&spec, "scan_cp_c", scan_smem)?,
+            rt.function(&spec, e_cp_c, scan_smem)?,
         ))
+    } else {
+        None
+    };
+    // TMA maps of q, k, v for the fused kernel (a view no map describes is an error).
+    let maps = if fused {
+        Some([tma::encode_thd("q", &inp.q, CHUNK as u32)?, tma::encode_thd("k", &inp.k, CHUNK as u32)?, tma::encode_thd("v", &inp.v, CHUNK as u32)?])
     } else {
         None
     };
@@ -887,10 +956,15 @@ fn prefill_launch(
     let rows_of = |p: Option<&TensorRef>| p.map_or(0, |t| t.dim(0).min(i32::MAX as usize) as i32);
     let rows = ns * d.hv * CHUNK;
     let al = |x: usize| align(x) as u64;
-    let ws_w = wsb;
-    let ws_u = ws_w + al(rows * d.dk * 2);
-    let ws_p = ws_u + al(rows * d.dv * 2);
-    let ws_g = ws_p + al(rows * CHUNK * 2);
+    // (The fused kernel has no W / U / P / F workspace: null there.)
+    let (ws_w, ws_u, ws_p, ws_g) = if fused {
+        (0, 0, 0, 0)
+    } else {
+        let ws_w = wsb;
+        let ws_u = ws_w + al(rows * d.dk * 2);
+        let ws_p = ws_u + al(rows * d.dv * 2);
+        (ws_w, ws_u, ws_p, ws_p + al(rows * CHUNK * 2))
+    };
 
     let p = NatslGdnPrefillParams {
         batch: batch.raw(),
@@ -951,47 +1025,63 @@ fn prefill_launch(
         ws_cp_a: cp_a as *mut f32,
     };
     let bv = tile.block_n as usize;
+    let fp = maps.map(|[tma_q, tma_k, tma_v]| NatslGdnFusedParams { tma_q, tma_k, tma_v, base: p });
+    // A scan-side launch: the fused entries take the params with the maps, the others `p`.
+    let launch = |f: &cudarc::driver::CudaFunction, cfg: LaunchConfig| -> Result<()> {
+        let mut b = s.launch_builder(f);
+        match &fp {
+            Some(fp) => b.arg(fp),
+            None => b.arg(&p),
+        };
+        // SAFETY: see the block below.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    };
     // SAFETY: every pointer in `p` was validated above (dtype, shape, bounds,
     // alignment, index ranges) or allocated here for exactly this problem; the
-    // kernels read `p` by value and stay inside those bounds.
+    // kernels read `p` (the fused ones `fp`: tensor maps of the validated q, k, v) by
+    // value and stay inside those bounds.
     unsafe {
         if run_prep {
             // Grouped: one CTA per (slot, q/k head); the others per (slot, value head).
             let prep_heads = if v.prep == PrepKernel::Grouped { d.hqk } else { d.hv };
-            s.launch_builder(&f_prep).arg(&p).launch(LaunchConfig {
+            s.launch_builder(f_prep.as_ref().expect("prep entry")).arg(&p).launch(LaunchConfig {
                 grid_dim: (ns as u32, prep_heads as u32, 1),
                 block_dim: (PREP_THREADS, 1, 1),
                 shared_mem_bytes: prep_smem,
             })?;
         }
-        if run_scan {
-            if let Some(f_scan) = &f_scan {
-                s.launch_builder(f_scan).arg(&p).launch(LaunchConfig {
-                    grid_dim: ((d.dv / bv) as u32, d.hv as u32, n as u32),
-                    block_dim: (tile.threads(), 1, 1),
-                    shared_mem_bytes: scan_smem,
-                })?;
-            }
-            if let Some((fa, fb, fc)) = &f_cp {
-                // Pass A: segments x (dk + dv) / bv tiles (identity tiles cover dk).
-                s.launch_builder(fa).arg(&p).launch(LaunchConfig {
-                    grid_dim: ((segments * (d.dk + d.dv) / bv) as u32, d.hv as u32, n as u32),
-                    block_dim: (tile.threads(), 1, 1),
-                    shared_mem_bytes: scan_smem,
-                })?;
-                if segments >= 3 {
+    }
+    if run_scan {
+        if let Some(f_scan) = &f_scan {
+            launch(f_scan, LaunchConfig {
+                grid_dim: ((d.dv / bv) as u32, d.hv as u32, n as u32),
+                block_dim: (tile.threads(), 1, 1),
+                shared_mem_bytes: scan_smem,
+            })?;
+        }
+        if let Some((fa, fb, fc)) = &f_cp {
+            // Pass A: segments x (dk + dv) / bv tiles (identity tiles cover dk).
+            launch(fa, LaunchConfig {
+                grid_dim: ((segments * (d.dk + d.dv) / bv) as u32, d.hv as u32, n as u32),
+                block_dim: (tile.threads(), 1, 1),
+                shared_mem_bytes: scan_smem,
+            })?;
+            if segments >= 3 {
+                // SAFETY: as above (cp_combine reads `p`'s E / A workspace).
+                unsafe {
                     s.launch_builder(fb).arg(&p).launch(LaunchConfig {
                         grid_dim: ((d.dv / CP_COLS) as u32, d.hv as u32, n as u32),
                         block_dim: (CP_THREADS, 1, 1),
                         shared_mem_bytes: 0,
                     })?;
                 }
-                s.launch_builder(fc).arg(&p).launch(LaunchConfig {
-                    grid_dim: (((segments - 1) * d.dv / bv) as u32, d.hv as u32, n as u32),
-                    block_dim: (tile.threads(), 1, 1),
-                    shared_mem_bytes: scan_smem,
-                })?;
             }
+            launch(fc, LaunchConfig {
+                grid_dim: (((segments - 1) * d.dv / bv) as u32, d.hv as u32, n as u32),
+                block_dim: (tile.threads(), 1, 1),
+                shared_mem_bytes: scan_smem,
+            })?;
         }
     }
     Ok(())

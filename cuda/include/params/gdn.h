@@ -56,6 +56,21 @@ typedef struct NatslGdnPrefillParams {
 } NatslGdnPrefillParams;
 
 /*
+ * The fused sm_90a prefill (entries fused, fused_cp_a, fused_cp_c; ScanTile::Fused in
+ * src/ops/gdn.rs): one launch, grid (dv / 128, num_v_heads, num_seqs) (context
+ * parallelism: the scan_cp grid with 128-column tiles). q, k, v are read by TMA through
+ * the maps below (3-D (dim, head, token) tensors, 64 x 1 x 64 boxes, 128-byte swizzle);
+ * the WY quantities never leave the SM, so base.ws_w, ws_u, ws_p, ws_g are unused.
+ * Taken as a __grid_constant__ (the maps must stay in parameter space).
+ */
+typedef struct NatslGdnFusedParams {
+    NatslTensorMap tma_q;       /* q [T, Hqk, dk] */
+    NatslTensorMap tma_k;       /* k [T, Hqk, dk] */
+    NatslTensorMap tma_v;       /* v [T, Hv, dv] */
+    NatslGdnPrefillParams base; /* everything else, as for prep + scan */
+} NatslGdnFusedParams;
+
+/*
  * Decode: grid (dv / BLOCK_N, num_v_heads, num_seqs). tokens_per_seq tokens of
  * each sequence (1 + speculative, at most 8) are run in order on the running
  * state, which the kernel updates in place. When a token completes a chunk
