@@ -5,7 +5,7 @@
 //!                        a GPU, compile the kernels through NVRTC and run the CPU reference
 //!   natsl kernels        list every shipped specialisation
 //!   natsl compile [NAME] compile the shipped specialisations whose unit name contains NAME (NVRTC), print ptxas'
-//!                        report; with NATSL_DUMP_DIR set, also write each unit's .cu and .cubin there
+//!                        report; with NATSL_DUMP_DIR set, also write each unit's .cu, .cubin and ptxas .log there
 //!   natsl warmup         load or compile (with progress) every unit natsl-340M uses on device 0
 //!   natsl bench [FAMILY] [FILTER...]
 //!                        time the kernels (router, gdn, sparse, all; shapes whose name
@@ -85,6 +85,7 @@ fn compile_all(verbose: bool, filter: &str) -> Result<(usize, f64), Box<dyn std:
                                 std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
                                 write("cu", u.source.as_bytes())?;
                                 write("cubin", &img.cubin)?;
+                                write("log", img.log.as_bytes())?;
                             }
                             Ok(img)
                         });
