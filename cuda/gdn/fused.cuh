@@ -81,6 +81,39 @@ constexpr int kFusedPrepRegs = 120;
 constexpr int kFusedConsumerRegs = 192;
 constexpr int kFusedPrepBar = 1;  // named barrier of the prep warpgroup (128 threads)
 
+// Phase timer (NATSL_GDN_FUSED_PROFILE: profile units only, tile stages odd, never shipped):
+// clock64 at phase boundaries, by thread 0 of each warpgroup, for the CTAs (0, h < 4, 0) and
+// chunks < 64, into natsl_gdn_fused_prof[cta][chunk][32] (slots 0..15 prep, 16 + 8 cw + e
+// consumer warpgroup cw), then per CTA (start clock, start globaltimer, end clock, end
+// globaltimer). src/bench/gdn.rs fused_profile reads it back and prints the table.
+#if NATSL_GDN_FUSED_PROFILE
+constexpr int kProfCtas = 4, kProfChunks = 64, kProfEv = 32;
+extern "C" __device__ unsigned long long natsl_gdn_fused_prof[kProfCtas * kProfChunks * kProfEv + kProfCtas * 4];
+__device__ __forceinline__ bool fused_prof_cta() { return blockIdx.x == 0 && blockIdx.z == 0 && blockIdx.y < kProfCtas; }
+__device__ __forceinline__ unsigned long long fused_clock() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(t) :: "memory");
+    return t;
+}
+__device__ __forceinline__ void fused_prof(int c, int slot) {
+    if (!fused_prof_cta() || c >= kProfChunks || (threadIdx.x & 127) != 0) return;
+    natsl_gdn_fused_prof[((int)blockIdx.y * kProfChunks + c) * kProfEv + slot] = fused_clock();
+}
+__device__ __forceinline__ void fused_prof_edge(int end) {
+    if (!fused_prof_cta()) return;
+    unsigned long long gt;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt) :: "memory");
+    unsigned long long* h = natsl_gdn_fused_prof + kProfCtas * kProfChunks * kProfEv + (int)blockIdx.y * 4 + 2 * end;
+    h[0] = fused_clock();
+    h[1] = gt;
+}
+#define NATSL_FUSED_PROF(c, slot) fused_prof(c, slot)
+#define NATSL_FUSED_PROF_EDGE(end) fused_prof_edge(end)
+#else
+#define NATSL_FUSED_PROF(c, slot) ((void)0)
+#define NATSL_FUSED_PROF_EDGE(end) ((void)0)
+#endif
+
 // Keep A fragments unmodified until the wgmma reading them was waited on.
 template <int NK>
 __device__ __forceinline__ void fused_hold_a(u32 (*a)[4]) {
@@ -186,6 +219,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             mbar_init(pempty(s), 256);
         }
         mbar_init_fence();
+        NATSL_FUSED_PROF_EDGE(0);
     }
     __syncthreads();
 
@@ -228,6 +262,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         for (int c = 0; c < geo(2); ++c) {
             // Thread indices read afresh (see prep_fresh_tid): the swizzled smem offsets
             // derived from them are recomputed per chunk, not hoisted and kept live (spills).
+            NATSL_FUSED_PROF(c, 0);
             const int pt = prep_fresh_tid(), pw = pt >> 5, m0 = pw * 16;
             const int lane = pt & 31, g = lane >> 2, tq = lane & 3;
             const int ln = min(C, geo(1) - c * C);
@@ -255,11 +290,13 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             // Consumers done with chunk c - 2: this chunk's prep stage, the Q/K slot of chunk
             // c + 1 and the V slot of chunk c are free (each last held chunk c - 2).
             if (c >= L::PS) mbar_wait(pempty(sp), ((c / L::PS) & 1) ^ 1);
+            NATSL_FUSED_PROF(c, 1);
             if (pt == 0) {
                 if (c + 1 < geo(2)) issue_qk(c + 1);
                 issue_v(c);
             }
             mbar_wait(qkfull(sq), (c / L::QKS) & 1);
+            NATSL_FUSED_PROF(c, 2);
             const unsigned char* sQ = smem + L::QK + sq * L::QK_STAGE;
             const unsigned char* sK = sQ + (DK / 64) * PANEL;
             const u32 qaddr = smem_u32(sQ), kaddr = smem_u32(sK);
@@ -296,8 +333,10 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 (pt < C ? sInvQ : sInvK)[row] = inv;
             }
             named_bar_sync(kFusedPrepBar, 128);  // norms and gates visible
+            NATSL_FUSED_PROF(c, 3);
             wg_wait<0>();
             wg_hold<8>(qk);
+            NATSL_FUSED_PROF(c, 4);
             unsigned char* st = smem + L::PR + sp * L::P_STAGE;
             const float gi0 = sG2[m0 + g], gi1 = sG2[m0 + g + 8];
             // P (every tile: the consumers read all of it; zero above the diagonal).
@@ -324,6 +363,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                     for (int hf = 0; hf < 2; ++hf) *reinterpret_cast<u32*>(sP + 2 * sw128<64>(m0 + g + hf * 8, j)) = wv[hf];
                 }
             }
+            NATSL_FUSED_PROF(c, 5);
             // K K^T, then A = strictly_lower(beta_i e^{G_i - G_j} k_i.k_j / (|k_i| |k_j|)) into sA.
             {
                 float kk[8][4];
@@ -341,6 +381,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 wg_commit();
                 wg_wait<0>();
                 wg_hold<8>(kk);
+                NATSL_FUSED_PROF(c, 6);
                 const float ri0 = sB[m0 + g] * sInvK[m0 + g], ri1 = sB[m0 + g + 8] * sInvK[m0 + g + 8];
 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt) {
@@ -359,6 +400,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 }
             }
             named_bar_sync(kFusedPrepBar, 128);
+            NATSL_FUSED_PROF(c, 7);
             // Level 0: thread pt < 64 solves column m of the inverse of diagonal block pt / 16.
             {
                 const int m = pt % 16, o = (pt / 16) * 16;
@@ -385,6 +427,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 }
             }
             named_bar_sync(kFusedPrepBar, 128);  // diagonal inverses D0..D3 in sA
+            NATSL_FUSED_PROF(c, 8);
             if (pw < 2) {
                 // Level 1: T[o+16.., o..] = -(D_hi A[o+16.., o..]) D_lo, o = 32 pw.
                 const int o = pw * 32;
@@ -400,6 +443,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                     }
             }
             named_bar_sync(kFusedPrepBar, 128);  // T[0:32, 0:32] and T[32:64, 32:64] complete
+            NATSL_FUSED_PROF(c, 9);
             {
                 // Level 2: T[32:64, 0:32] = -(T[32:64, 32:64] A[32:64, 0:32]) T[0:32, 0:32].
                 const int s = pw & 1, hc = pw >> 1;
@@ -415,6 +459,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                     }
             }
             named_bar_sync(kFusedPrepBar, 128);  // T complete (f32, lower block triangle)
+            NATSL_FUSED_PROF(c, 10);
 
             // This warp's 16 rows of T: tw = T diag(beta e^G / |k|) as bf16 A fragments (for W),
             // Tb = T diag(beta) to the stage (zero for identity tiles: U = 0).
@@ -456,6 +501,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                     *reinterpret_cast<u32*>(sTB + 2 * sw128<64>(m0 + g + 8, c0 + 8)) = tb[3];
                 }
             }
+            NATSL_FUSED_PROF(c, 11);
             // W = tw K (K MN-major from the stage), one 64-column panel of dk at a time.
             {
                 unsigned char* sW = st + L::P_W;
@@ -480,6 +526,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
 #pragma unroll
                         for (int hf = 0; hf < 2; ++hf)
                             *reinterpret_cast<u32*>(sW + ph * PANEL + 2 * sw128<64>(m0 + g + hf * 8, nt * 8 + tq * 2)) = pack2<T>(wa[nt][hf * 2], wa[nt][hf * 2 + 1]);
+                    NATSL_FUSED_PROF(c, 12 + ph);
                 }
             }
             // Row factors (warp 0: tokens 2 lane, 2 lane + 1), G_L and the label.
@@ -497,6 +544,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             (void)ln;
             fence_proxy_async();  // generic writes of P, Tb, W before the consumers' wgmma reads
             mbar_arrive(pfull(sp));
+            NATSL_FUSED_PROF(c, 14);
         }
         return;
     }
@@ -544,6 +592,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
     const bool want_o = w.want_o;
 #pragma unroll 1
     for (int c = 0; c < geo(2); ++c) {
+        NATSL_FUSED_PROF(c, 16 + 8 * cw);
         const int lane = prep_fresh_tid() & 31, g = lane >> 2, tq = lane & 3;  // afresh, as in the prep
         const int ln = min(C, geo(1) - c * C);
         const bool complete = ln == C, last = c == geo(2) - 1;
@@ -553,8 +602,10 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         const u32 pa = sbase + L::PR + sp * L::P_STAGE;
         const float* F = reinterpret_cast<const float*>(smem + L::PR + sp * L::P_STAGE + L::P_F);
         mbar_wait(pfull(sp), (c / L::PS) & 1);
+        NATSL_FUSED_PROF(c, 17 + 8 * cw);
         mbar_wait(qkfull(sq), (c / L::QKS) & 1);
         mbar_wait(vfull(sv), (c / L::VS) & 1);
+        NATSL_FUSED_PROF(c, 18 + 8 * cw);
         const float GL = F[2 * C];
         const bool attn = __float_as_int(F[2 * C + 1]) == NATSL_LABEL_ATTN;
 
@@ -592,6 +643,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         wg_hold<8>(vn);
         wg_hold<8>(oq);
         fused_hold_a<8>(sa);
+        NATSL_FUSED_PROF(c, 19 + 8 * cw);
 
         // v_new^T as A fragments (for P v_new), and v_new^T diag(fk) (zero for an ATTN chunk).
         u32 va[4][4], vka[4][4];
@@ -630,6 +682,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         wg_hold<8>(oq);
         fused_hold_a<4>(vka);
         fused_hold_a<4>(va);
+        NATSL_FUSED_PROF(c, 20 + 8 * cw);
         wg_fence();
 #pragma unroll
         for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 128, 1>(S, vka[kb], wg_desc(ka + kb * 16 * 128, PANEL), 1);
@@ -642,6 +695,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         fused_hold_a<4>(va);
         fused_hold_a<4>(vka);
         mbar_arrive(pempty(sp));  // Q/K, V and the prep stage of chunk c are read
+        NATSL_FUSED_PROF(c, 21 + 8 * cw);
 
         if (want_o) {
             // o rows = tokens: movmatrix.trans turns each 8 x 8 block (value columns x tokens)
@@ -658,7 +712,9 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 }
             }
         }
+        NATSL_FUSED_PROF(c, 22 + 8 * cw);
     }
+    if (cw == 0 && ct == 0) NATSL_FUSED_PROF_EDGE(1);
 
     // The end of the (segment of the) sequence: whether its last chunk is complete, and
     // its G_L (still in the last prep stage: the prep writes no stage after it).
