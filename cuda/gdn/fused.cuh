@@ -88,7 +88,9 @@ constexpr int kFusedPrepBar = 1;  // named barrier of the prep warpgroup (128 th
 // globaltimer). src/bench/gdn.rs fused_profile reads it back and prints the table.
 #if NATSL_GDN_FUSED_PROFILE
 constexpr int kProfCtas = 4, kProfChunks = 64, kProfEv = 32;
-extern "C" __device__ unsigned long long natsl_gdn_fused_prof[kProfCtas * kProfChunks * kProfEv + kProfCtas * 4];
+extern "C" {
+__device__ unsigned long long natsl_gdn_fused_prof[kProfCtas * kProfChunks * kProfEv + kProfCtas * 4];
+}
 __device__ __forceinline__ bool fused_prof_cta() { return blockIdx.x == 0 && blockIdx.z == 0 && blockIdx.y < kProfCtas; }
 __device__ __forceinline__ unsigned long long fused_clock() {
     unsigned long long t;
@@ -113,6 +115,16 @@ __device__ __forceinline__ void fused_prof_edge(int end) {
 #define NATSL_FUSED_PROF(c, slot) ((void)0)
 #define NATSL_FUSED_PROF_EDGE(end) ((void)0)
 #endif
+
+// Variant 1 (ScanTile::FusedWith, measured against 0; the loser goes): the consumers form
+// S^T W^T themselves as (S^T K^T diag(e^G / |k|)) Tb^T (W = Tb diag(e^G / |k|) K), so the
+// prep computes no W (two wgmma round trips and ~400 instructions off its chain, which the
+// phase timer says binds) at 4 more m64n64k16 per consumer warpgroup (tensor work equal:
+// the prep's 8 W wgmma go). Identity tiles (context parallelism) keep Tb and read V as zeros.
+#ifndef NATSL_GDN_FUSED_VARIANT
+#define NATSL_GDN_FUSED_VARIANT 0
+#endif
+constexpr bool kFusedWS = NATSL_GDN_FUSED_VARIANT == 1;
 
 // Keep A fragments unmodified until the wgmma reading them was waited on.
 template <int NK>
@@ -257,6 +269,14 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         float* sA = reinterpret_cast<float*>(smem + L::SA);
         const int hr = p.labels ? h / (Hv / p.num_r_heads) : 0;
         float gn[2], bn[2];  // raw gates of the next chunk (lane: tokens 2 lane, 2 lane + 1)
+        if constexpr (kFusedWS) {
+            // Identity tiles: V never loaded, both slots zero (vfull: a plain arrive).
+            if (geo(5) != 0) {
+                for (int i = threadIdx.x; i < L::VS * L::V_STAGE / 16; i += 128) *reinterpret_cast<uint4*>(smem + L::V + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
+                fence_proxy_async();
+                named_bar_sync(kFusedPrepBar, 128);
+            }
+        }
         if (geo(2) > 0) prep_load_gates<T>(p, geo(0), min(C, geo(1)), h, gn, bn);
 #pragma unroll 1
         for (int c = 0; c < geo(2); ++c) {
@@ -293,7 +313,8 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             NATSL_FUSED_PROF(c, 1);
             if (pt == 0) {
                 if (c + 1 < geo(2)) issue_qk(c + 1);
-                issue_v(c);
+                if (kFusedWS && geo(5) != 0) mbar_arrive(vfull(c % L::VS));
+                else issue_v(c);
             }
             mbar_wait(qkfull(sq), (c / L::QKS) & 1);
             NATSL_FUSED_PROF(c, 2);
@@ -466,7 +487,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             u32 tw[4][4];
             {
                 unsigned char* sTB = st + L::P_TB;
-                const bool zu = (geo(5) != 0);
+                const bool zu = !kFusedWS && (geo(5) != 0);
 #pragma unroll
                 for (int kb = 0; kb < 4; ++kb) {
                     u32 tb[4] = {0u, 0u, 0u, 0u};
@@ -503,7 +524,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             }
             NATSL_FUSED_PROF(c, 11);
             // W = tw K (K MN-major from the stage), one 64-column panel of dk at a time.
-            {
+            if constexpr (!kFusedWS) {
                 unsigned char* sW = st + L::P_W;
 #pragma unroll
                 for (int ph = 0; ph < DK / 64; ++ph) {
@@ -536,6 +557,8 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 const float2 ik = *reinterpret_cast<const float2*>(sInvK + 2 * lane);
                 *reinterpret_cast<float2*>(F + 2 * lane) = make_float2(p.scale * __expf(gx[0]) * iq.x, p.scale * __expf(gx[1]) * iq.y);
                 *reinterpret_cast<float2*>(F + C + 2 * lane) = make_float2(__expf(gl - gx[0]) * ik.x, __expf(gl - gx[1]) * ik.y);
+                // fe = e^G / |k| (variant 1: the consumers' S^T K^T column factors).
+                if constexpr (kFusedWS) *reinterpret_cast<float2*>(F + 3 * C + 2 * lane) = make_float2(__expf(gx[0]) * ik.x, __expf(gx[1]) * ik.y);
                 if (lane == 0) {
                     F[2 * C] = gl;
                     F[2 * C + 1] = __int_as_float(label);
@@ -627,11 +650,17 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         wg_hold<8>(oq);
         fused_hold_a<8>(sa);
         wg_fence();
-        // Group 1: -v_new^T = -V^T Tb^T + S^T W^T.
+        if constexpr (kFusedWS) {
+            // Group 1 (variant 1): Y = S^T K^T (into vn; the same K-major form as W).
 #pragma unroll
-        for (int kb = 0; kb < 4; ++kb) wgmma_ss_ta<T, 64, 0, -1>(vn, wg_desc(vta + kb * 16 * 128), wg_desc(pa + L::P_TB + kb * 32), kb > 0);
+            for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(vn, sa[kk], wg_desc(ka + (kk >> 2) * PANEL + (kk & 3) * 32), kk > 0);
+        } else {
+            // Group 1: -v_new^T = -V^T Tb^T + S^T W^T.
 #pragma unroll
-        for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(vn, sa[kk], wg_desc(pa + L::P_W + (kk >> 2) * PANEL + (kk & 3) * 32), 1);
+            for (int kb = 0; kb < 4; ++kb) wgmma_ss_ta<T, 64, 0, -1>(vn, wg_desc(vta + kb * 16 * 128), wg_desc(pa + L::P_TB + kb * 32), kb > 0);
+#pragma unroll
+            for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(vn, sa[kk], wg_desc(pa + L::P_W + (kk >> 2) * PANEL + (kk & 3) * 32), 1);
+        }
         wg_commit();
         // Group 2: (Q S)^T. Both groups are waited for here, so the old state's packing
         // dies before v_new is formed (headroom: below ~200 registers ptxas serialises
@@ -643,6 +672,32 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         wg_hold<8>(vn);
         wg_hold<8>(oq);
         fused_hold_a<8>(sa);
+        if constexpr (kFusedWS) {
+            // X = Y diag(e^G / |k|) as A fragments; -v_new^T = -V^T Tb^T + X Tb^T.
+            u32 xa[4][4];
+#pragma unroll
+            for (int kb = 0; kb < 4; ++kb)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int nt = 2 * kb + hh;
+                    const float2 fe = *reinterpret_cast<const float2*>(F + 3 * C + 8 * nt + 2 * tq);
+                    xa[kb][2 * hh] = pack2<T>(vn[nt][0] * fe.x, vn[nt][1] * fe.y);
+                    xa[kb][2 * hh + 1] = pack2<T>(vn[nt][2] * fe.x, vn[nt][3] * fe.y);
+                }
+            wg_hold<8>(vn);
+            wg_hold<8>(oq);
+            fused_hold_a<4>(xa);
+            wg_fence();
+#pragma unroll
+            for (int kb = 0; kb < 4; ++kb) wgmma_ss_ta<T, 64, 0, -1>(vn, wg_desc(vta + kb * 16 * 128), wg_desc(pa + L::P_TB + kb * 32), kb > 0);
+#pragma unroll
+            for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 64, 0>(vn, xa[kb], wg_desc(pa + L::P_TB + kb * 32), 1);
+            wg_commit();
+            wg_wait<0>();
+            wg_hold<8>(vn);
+            wg_hold<8>(oq);
+            fused_hold_a<4>(xa);
+        }
         NATSL_FUSED_PROF(c, 19 + 8 * cw);
 
         // v_new^T as A fragments (for P v_new), and v_new^T diag(fk) (zero for an ATTN chunk).
