@@ -81,9 +81,9 @@ for step in $steps; do
       timeout 100 $NCU -k regex:_fused_cp_ -c 2 .gpu/tests/gdn "P5 " > "$OUT/ncu_fused_p5.txt" 2>&1
       grep -hE "^  [a-z_]+.*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall" "$OUT"/ncu_fused_*.txt | head -60 ;;
     fusedprof)
-      # Session 4 follow-up (< 5 minutes): the fused kernel's phase timer (variants 0 and 1,
+      # Session 4 follow-up (< 5 minutes): the fused kernel's phase timer (variants 0, 1, 2,
       # P1 and P4), then the short bench with the variant rows.
-      NATSL_BENCH_FUSED_PROFILE=0,1 timeout 150 .gpu/tests/gdn "P1 " "P4 " > "$OUT/fused-profile.log" 2>&1; echo "== profile rc $?"
+      NATSL_BENCH_FUSED_PROFILE=0,1,2 timeout 150 .gpu/tests/gdn "P1 " "P4 " > "$OUT/fused-profile.log" 2>&1; echo "== profile rc $?"
       grep -vE "^\s*$|^running|^test result" "$OUT/fused-profile.log" | cut -c1-120 | head -110
       NATSL_BENCH_FUSED_ONLY=1 timeout 240 .gpu/tests/gdn P1 P2 P4 P5 P8 natsl-340M > "$OUT/fused-variants-bench.log" 2>&1; echo "== bench rc $?"
       cp bench/results/gdn-"$(date +%F)".jsonl "$OUT/" 2>/dev/null

@@ -124,7 +124,11 @@ __device__ __forceinline__ void fused_prof_edge(int end) {
 #ifndef NATSL_GDN_FUSED_VARIANT
 #define NATSL_GDN_FUSED_VARIANT 0
 #endif
-constexpr bool kFusedWS = NATSL_GDN_FUSED_VARIANT == 1;
+constexpr bool kFusedWS = NATSL_GDN_FUSED_VARIANT == 1 || NATSL_GDN_FUSED_VARIANT == 2;
+// Variant 2 = 1 + a shorter prep ALU chain: P's decays e^{G_i - G_j} (j < i) go to sA, where
+// A reads them back (same thread, same element: 32 exp2 a thread fewer; bitwise the same
+// A), and the norms read their rows with LDS.128 (the vec8 copy was split into 4 LDS.32).
+constexpr bool kFusedV2 = NATSL_GDN_FUSED_VARIANT == 2;
 
 // Keep A fragments unmodified until the wgmma reading them was waited on.
 template <int NK>
@@ -346,7 +350,15 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
 #pragma unroll
                     for (int ch = 0; ch < 8; ++ch) {
                         float x[8];
-                        unpack8<T>(*reinterpret_cast<const vec8*>(rb + pn * PANEL + ((ch ^ (row & 7)) << 4)), x);
+                        vec8 v;
+                        if constexpr (kFusedV2) {
+                            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                                         : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+                                         : "r"(smem_u32(rb + pn * PANEL + ((ch ^ (row & 7)) << 4))));
+                        } else {
+                            v = *reinterpret_cast<const vec8*>(rb + pn * PANEL + ((ch ^ (row & 7)) << 4));
+                        }
+                        unpack8<T>(v, x);
 #pragma unroll
                         for (int e = 0; e < 8; ++e) ss[e % 4] = fmaf(x[e], x[e], ss[e % 4]);
                     }
@@ -378,6 +390,8 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                             const float d0 = j <= i ? fast_exp2(gi - gj.x) : 0.f;
                             const float d1 = j + 1 <= i ? fast_exp2(gi - gj.y) : 0.f;
                             wv[hf] = pack2<T>(qk[nt][hf * 2] * (r * ck.x) * d0, qk[nt][hf * 2 + 1] * (r * ck.y) * d1);
+                            // (sA is free: this warp's rows, last read by its own Tb of chunk c - 1.)
+                            if constexpr (kFusedV2) *reinterpret_cast<float2*>(sA + i * LDA + j) = make_float2(j < i ? d0 : 0.f, j + 1 < i ? d1 : 0.f);
                         }
                     }
 #pragma unroll
@@ -414,8 +428,15 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                     for (int hf = 0; hf < 2; ++hf) {
                         const int i = m0 + g + hf * 8;
                         const float gi = hf ? gi1 : gi0, ri = hf ? ri1 : ri0;
-                        const float a0 = j < i ? ri * fast_exp2(gi - gj.x) * (ck.x * kk[nt][hf * 2]) : 0.f;
-                        const float a1 = j + 1 < i ? ri * fast_exp2(gi - gj.y) * (ck.y * kk[nt][hf * 2 + 1]) : 0.f;
+                        float a0, a1;
+                        if constexpr (kFusedV2) {
+                            const float2 d = *reinterpret_cast<const float2*>(sA + i * LDA + j);  // 0 where j >= i
+                            a0 = ri * d.x * (ck.x * kk[nt][hf * 2]);
+                            a1 = ri * d.y * (ck.y * kk[nt][hf * 2 + 1]);
+                        } else {
+                            a0 = j < i ? ri * fast_exp2(gi - gj.x) * (ck.x * kk[nt][hf * 2]) : 0.f;
+                            a1 = j + 1 < i ? ri * fast_exp2(gi - gj.y) * (ck.y * kk[nt][hf * 2 + 1]) : 0.f;
+                        }
                         *reinterpret_cast<float2*>(sA + i * LDA + j) = make_float2(a0, a1);
                     }
                 }

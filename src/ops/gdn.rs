@@ -630,7 +630,7 @@ pub const FUSED_TILE: natsl_codegen::spec::Tile = natsl_codegen::spec::Tile::new
 /// Experimental variants of the fused kernel (`ScanTile::FusedWith`), for one device call;
 /// the losers are removed after it (see bench/NOTES.md, session 4).
 #[doc(hidden)]
-pub const FUSED_VARIANTS: &[(u32, &str)] = &[(1, "v1 consumers form W S")];
+pub const FUSED_VARIANTS: &[(u32, &str)] = &[(1, "v1 consumers form W S"), (2, "v2 v1 + prep diet")];
 
 /// The tile of fused variant `variant` (0 = [`FUSED_TILE`]), `profile`: its phase-timer build.
 #[doc(hidden)]
