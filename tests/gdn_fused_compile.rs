@@ -8,7 +8,7 @@
 //! sm_90a only; NATSL_DUMP_DIR: keep each unit's .cu / .cubin (for cuobjdump -sass).
 
 use natsl::jit;
-use natsl::ops::gdn::{fused_spec, FUSED_TILE};
+use natsl::ops::gdn::{fused_spec, fused_tile, FUSED_TILE, FUSED_VARIANTS};
 use natsl_codegen::{catalog, emit, Arch, DType, KernelSpec};
 
 #[test]
@@ -21,20 +21,36 @@ fn fused_prefill_compiles_without_spills_or_serialised_wgmma() {
     let dump = std::env::var_os("NATSL_DUMP_DIR");
     let mut failures = Vec::new();
     let mut specs: Vec<KernelSpec> = Vec::new();
+    // Profile builds (phase timer): compiled and reported, their spills tolerated (they never
+    // ship; the timer's stores may cost the prep a few registers).
+    let mut profile: Vec<KernelSpec> = Vec::new();
+    // NATSL_FUSED_VARIANT=k: variant k only (0: the candidate itself).
+    let only: Option<u32> = std::env::var("NATSL_FUSED_VARIANT").ok().and_then(|v| v.parse().ok());
+    let variants: Vec<u32> = std::iter::once(0).chain(FUSED_VARIANTS.iter().map(|v| v.0)).filter(|v| only.is_none_or(|o| o == *v)).collect();
     for dtype in [DType::Bf16, DType::F16] {
         for (dk, dv) in [(128u32, 128u32), (128, 256)] {
             if quick && (dtype != DType::Bf16 || dv != 128) {
                 continue;
             }
-            specs.push(fused_spec(dtype, dk, dv, Arch::Sm90a).expect("fused spec"));
+            let base = fused_spec(dtype, dk, dv, Arch::Sm90a).expect("fused spec");
+            for &v in &variants {
+                specs.push(KernelSpec { tile: fused_tile(v, false), ..base });
+                if dtype == DType::Bf16 {
+                    profile.push(KernelSpec { tile: fused_tile(v, true), ..base });
+                }
+            }
         }
     }
+    assert_eq!(fused_tile(0, false), FUSED_TILE);
     // The sm_80 unit of the same tile: stubs only (the host refuses the variant there).
     if !quick {
         specs.push(KernelSpec { tile: FUSED_TILE, ..catalog::gdn_prefill_spec(DType::Bf16, 128, 128, Arch::Sm80) });
     }
+    let n_strict = specs.len();
+    specs.extend(profile);
     assert!(fused_spec(DType::Bf16, 128, 128, Arch::Sm80).is_none() && fused_spec(DType::Bf16, 64, 64, Arch::Sm90a).is_none());
-    for spec in specs {
+    for (i, spec) in specs.into_iter().enumerate() {
+        let strict = i < n_strict;
         let unit = emit(&spec).unwrap();
         for e in ["fused", "fused_cp_a", "fused_cp_c", "cp_combine"] {
             assert!(unit.entries.iter().any(|x| x == e), "{}: no entry {e}", unit.name);
@@ -58,13 +74,13 @@ fn fused_prefill_compiles_without_spills_or_serialised_wgmma() {
             println!("{}", img.log);
         }
         for code in ["C7520", "C7508", "C7512", "C7515", "instructions are serialized"] {
-            for line in img.log.lines().filter(|l| l.contains(code)) {
+            for line in img.log.lines().filter(|l| l.contains(code) && strict) {
                 failures.push(format!("{}: {}", unit.name, line.trim()));
             }
         }
         for r in jit::parse_ptxas(&img.log) {
             println!("  {:<78} {:>3} regs {:>6} B smem spills {}/{}", r.function, r.registers, r.smem, r.spill_stores, r.spill_loads);
-            if (r.spill_stores, r.spill_loads) != (0, 0) {
+            if (r.spill_stores, r.spill_loads) != (0, 0) && strict {
                 failures.push(format!("{}: spills {} B stores / {} B loads", r.function, r.spill_stores, r.spill_loads));
             }
         }

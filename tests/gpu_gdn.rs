@@ -311,7 +311,7 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
     // Every check runs once per prep kernel (outputs re-poisoned for each); the fused
     // kernel has no separate prep (once).
     let mut failures = Vec::new();
-    let preps: &[PrepKernel] = if c.tile == ScanTile::Fused { &[PrepKernel::Grouped] } else { &[PrepKernel::Compact, PrepKernel::Grouped] };
+    let preps: &[PrepKernel] = if matches!(c.tile, ScanTile::Fused | ScanTile::FusedWith { .. }) { &[PrepKernel::Grouped] } else { &[PrepKernel::Compact, PrepKernel::Grouped] };
     for &prep in preps {
         println!("  prep kernel {prep:?}");
         let mut od = testing::poisoned::<T>(rt, t * c.hv * c.dv).unwrap();
@@ -620,8 +620,39 @@ fn prefill_fused_tile() {
         println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
         return;
     }
+    fused_cases(&rt, ScanTile::Fused);
+    // The forced variant where it has no kernel is an error naming `variant`.
+    let rt80 = Runtime::with_arch(0, Arch::Sm80).unwrap();
+    for (r, dk, dv) in [(&rt80, 128, 128), (&rt, 64, 64), (&rt, 192, 384)] {
+        let cu = testing::cu_seqlens(&[100]);
+        let e = fused_call_error(r, &cu, dk, dv);
+        println!("  fused on {:?} dk {dk} dv {dv}: {e}", r.arch());
+        assert_eq!(testing::invalid_arg(e), "variant");
+    }
+}
+
+/// `prefill_fused_tile`'s cases on each experimental fused variant (`FUSED_VARIANTS`,
+/// `ScanTile::FusedWith`) and on the phase-timer build of the candidate.
+#[test]
+fn prefill_fused_variants() {
+    let Some(rt) = testing::gpu_or_skip("prefill_fused_variants") else {
+        return;
+    };
+    if rt.arch() != Arch::Sm90a {
+        println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
+        return;
+    }
+    for &(v, name) in natsl::ops::gdn::FUSED_VARIANTS {
+        println!("fused variant {v} ({name})");
+        fused_cases(&rt, ScanTile::FusedWith { variant: v, profile: false });
+    }
+    println!("fused variant 0, profile build");
+    fused_cases(&rt, ScanTile::FusedWith { variant: 0, profile: true });
+}
+
+fn fused_cases(rt: &Runtime, tile: ScanTile) {
     let fused = |mut c: Case| {
-        c.tile = ScanTile::Fused;
+        c.tile = tile;
         c
     };
     for (dk, dv) in [(128, 128), (128, 256)] {
@@ -716,14 +747,6 @@ fn prefill_fused_tile() {
     c.hr = 1;
     c.l2norm = false;
     run_prefill::<f16>(&rt, &c);
-    // The forced variant where it has no kernel is an error naming `variant`.
-    let rt80 = Runtime::with_arch(0, Arch::Sm80).unwrap();
-    for (r, dk, dv) in [(&rt80, 128, 128), (&rt, 64, 64), (&rt, 192, 384)] {
-        let cu = testing::cu_seqlens(&[100]);
-        let e = fused_call_error(r, &cu, dk, dv);
-        println!("  fused on {:?} dk {dk} dv {dv}: {e}", r.arch());
-        assert_eq!(testing::invalid_arg(e), "variant");
-    }
 }
 
 /// A small cut of `prefill_fused_tile` for compute-sanitizer (memcheck, racecheck): ragged,
@@ -737,16 +760,20 @@ fn prefill_fused_small() {
         println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
         return;
     }
-    for (dk, dv) in [(128, 128), (128, 256)] {
-        let mut c = Case::new("fused-small", &[1, 63, 64, 65, 200], 1, 2, dk, dv);
-        c.tile = ScanTile::Fused;
-        c.labels = Labels::Random;
-        c.hr = 1;
-        c.l2norm = true;
-        c.seed = 5;
-        run_prefill::<bf16>(&rt, &c);
-        c.cp = ScanParallel::Segments(3);
-        run_prefill::<bf16>(&rt, &c);
+    // The candidate, then each experimental variant (FUSED_VARIANTS).
+    let tiles = std::iter::once(ScanTile::Fused).chain(natsl::ops::gdn::FUSED_VARIANTS.iter().map(|&(v, _)| ScanTile::FusedWith { variant: v, profile: false }));
+    for tile in tiles {
+        for (dk, dv) in [(128, 128), (128, 256)] {
+            let mut c = Case::new("fused-small", &[1, 63, 64, 65, 200], 1, 2, dk, dv);
+            c.tile = tile;
+            c.labels = Labels::Random;
+            c.hr = 1;
+            c.l2norm = true;
+            c.seed = 5;
+            run_prefill::<bf16>(&rt, &c);
+            c.cp = ScanParallel::Segments(3);
+            run_prefill::<bf16>(&rt, &c);
+        }
     }
 }
 

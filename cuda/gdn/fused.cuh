@@ -81,6 +81,55 @@ constexpr int kFusedPrepRegs = 120;
 constexpr int kFusedConsumerRegs = 192;
 constexpr int kFusedPrepBar = 1;  // named barrier of the prep warpgroup (128 threads)
 
+// Phase timer (NATSL_GDN_FUSED_PROFILE: profile units only, tile stages odd, never shipped):
+// clock64 at phase boundaries, by thread 0 of each warpgroup, for the CTAs (0, h < 4, 0) and
+// chunks < 64, into natsl_gdn_fused_prof[cta][chunk][32] (slots 0..15 prep, 16 + 8 cw + e
+// consumer warpgroup cw), then per CTA (start clock, start globaltimer, end clock, end
+// globaltimer). src/bench/gdn.rs fused_profile reads it back and prints the table.
+#if NATSL_GDN_FUSED_PROFILE
+constexpr int kProfCtas = 4, kProfChunks = 64, kProfEv = 32;
+extern "C" {
+__device__ unsigned long long natsl_gdn_fused_prof[kProfCtas * kProfChunks * kProfEv + kProfCtas * 4];
+}
+__device__ __forceinline__ bool fused_prof_cta() { return blockIdx.x == 0 && blockIdx.z == 0 && blockIdx.y < kProfCtas; }
+__device__ __forceinline__ unsigned long long fused_clock() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(t) :: "memory");
+    return t;
+}
+__device__ __forceinline__ void fused_prof(int c, int slot) {
+    if (!fused_prof_cta() || c >= kProfChunks || (threadIdx.x & 127) != 0) return;
+    natsl_gdn_fused_prof[((int)blockIdx.y * kProfChunks + c) * kProfEv + slot] = fused_clock();
+}
+__device__ __forceinline__ void fused_prof_edge(int end) {
+    if (!fused_prof_cta()) return;
+    unsigned long long gt;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt) :: "memory");
+    unsigned long long* h = natsl_gdn_fused_prof + kProfCtas * kProfChunks * kProfEv + (int)blockIdx.y * 4 + 2 * end;
+    h[0] = fused_clock();
+    h[1] = gt;
+}
+#define NATSL_FUSED_PROF(c, slot) fused_prof(c, slot)
+#define NATSL_FUSED_PROF_EDGE(end) fused_prof_edge(end)
+#else
+#define NATSL_FUSED_PROF(c, slot) ((void)0)
+#define NATSL_FUSED_PROF_EDGE(end) ((void)0)
+#endif
+
+// Variant 1 (ScanTile::FusedWith, measured against 0; the loser goes): the consumers form
+// S^T W^T themselves as (S^T K^T diag(e^G / |k|)) Tb^T (W = Tb diag(e^G / |k|) K), so the
+// prep computes no W (two wgmma round trips and ~400 instructions off its chain, which the
+// phase timer says binds) at 4 more m64n64k16 per consumer warpgroup (tensor work equal:
+// the prep's 8 W wgmma go). Identity tiles (context parallelism) keep Tb and read V as zeros.
+#ifndef NATSL_GDN_FUSED_VARIANT
+#define NATSL_GDN_FUSED_VARIANT 0
+#endif
+constexpr bool kFusedWS = NATSL_GDN_FUSED_VARIANT == 1 || NATSL_GDN_FUSED_VARIANT == 2;
+// Variant 2 = 1 + a shorter prep ALU chain: P's decays e^{G_i - G_j} (j < i) go to sA, where
+// A reads them back (same thread, same element: 32 exp2 a thread fewer; bitwise the same
+// A), and the norms read their rows with LDS.128 (the vec8 copy was split into 4 LDS.32).
+constexpr bool kFusedV2 = NATSL_GDN_FUSED_VARIANT == 2;
+
 // Keep A fragments unmodified until the wgmma reading them was waited on.
 template <int NK>
 __device__ __forceinline__ void fused_hold_a(u32 (*a)[4]) {
@@ -186,6 +235,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             mbar_init(pempty(s), 256);
         }
         mbar_init_fence();
+        NATSL_FUSED_PROF_EDGE(0);
     }
     __syncthreads();
 
@@ -223,11 +273,20 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         float* sA = reinterpret_cast<float*>(smem + L::SA);
         const int hr = p.labels ? h / (Hv / p.num_r_heads) : 0;
         float gn[2], bn[2];  // raw gates of the next chunk (lane: tokens 2 lane, 2 lane + 1)
+        if constexpr (kFusedWS) {
+            // Identity tiles: V never loaded, both slots zero (vfull: a plain arrive).
+            if (geo(5) != 0) {
+                for (int i = threadIdx.x; i < L::VS * L::V_STAGE / 16; i += 128) *reinterpret_cast<uint4*>(smem + L::V + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
+                fence_proxy_async();
+                named_bar_sync(kFusedPrepBar, 128);
+            }
+        }
         if (geo(2) > 0) prep_load_gates<T>(p, geo(0), min(C, geo(1)), h, gn, bn);
 #pragma unroll 1
         for (int c = 0; c < geo(2); ++c) {
             // Thread indices read afresh (see prep_fresh_tid): the swizzled smem offsets
             // derived from them are recomputed per chunk, not hoisted and kept live (spills).
+            NATSL_FUSED_PROF(c, 0);
             const int pt = prep_fresh_tid(), pw = pt >> 5, m0 = pw * 16;
             const int lane = pt & 31, g = lane >> 2, tq = lane & 3;
             const int ln = min(C, geo(1) - c * C);
@@ -255,11 +314,14 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             // Consumers done with chunk c - 2: this chunk's prep stage, the Q/K slot of chunk
             // c + 1 and the V slot of chunk c are free (each last held chunk c - 2).
             if (c >= L::PS) mbar_wait(pempty(sp), ((c / L::PS) & 1) ^ 1);
+            NATSL_FUSED_PROF(c, 1);
             if (pt == 0) {
                 if (c + 1 < geo(2)) issue_qk(c + 1);
-                issue_v(c);
+                if (kFusedWS && geo(5) != 0) mbar_arrive(vfull(c % L::VS));
+                else issue_v(c);
             }
             mbar_wait(qkfull(sq), (c / L::QKS) & 1);
+            NATSL_FUSED_PROF(c, 2);
             const unsigned char* sQ = smem + L::QK + sq * L::QK_STAGE;
             const unsigned char* sK = sQ + (DK / 64) * PANEL;
             const u32 qaddr = smem_u32(sQ), kaddr = smem_u32(sK);
@@ -288,7 +350,15 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
 #pragma unroll
                     for (int ch = 0; ch < 8; ++ch) {
                         float x[8];
-                        unpack8<T>(*reinterpret_cast<const vec8*>(rb + pn * PANEL + ((ch ^ (row & 7)) << 4)), x);
+                        vec8 v;
+                        if constexpr (kFusedV2) {
+                            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                                         : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
+                                         : "r"(smem_u32(rb + pn * PANEL + ((ch ^ (row & 7)) << 4))));
+                        } else {
+                            v = *reinterpret_cast<const vec8*>(rb + pn * PANEL + ((ch ^ (row & 7)) << 4));
+                        }
+                        unpack8<T>(v, x);
 #pragma unroll
                         for (int e = 0; e < 8; ++e) ss[e % 4] = fmaf(x[e], x[e], ss[e % 4]);
                     }
@@ -296,8 +366,10 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 (pt < C ? sInvQ : sInvK)[row] = inv;
             }
             named_bar_sync(kFusedPrepBar, 128);  // norms and gates visible
+            NATSL_FUSED_PROF(c, 3);
             wg_wait<0>();
             wg_hold<8>(qk);
+            NATSL_FUSED_PROF(c, 4);
             unsigned char* st = smem + L::PR + sp * L::P_STAGE;
             const float gi0 = sG2[m0 + g], gi1 = sG2[m0 + g + 8];
             // P (every tile: the consumers read all of it; zero above the diagonal).
@@ -318,12 +390,15 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                             const float d0 = j <= i ? fast_exp2(gi - gj.x) : 0.f;
                             const float d1 = j + 1 <= i ? fast_exp2(gi - gj.y) : 0.f;
                             wv[hf] = pack2<T>(qk[nt][hf * 2] * (r * ck.x) * d0, qk[nt][hf * 2 + 1] * (r * ck.y) * d1);
+                            // (sA is free: this warp's rows, last read by its own Tb of chunk c - 1.)
+                            if constexpr (kFusedV2) *reinterpret_cast<float2*>(sA + i * LDA + j) = make_float2(j < i ? d0 : 0.f, j + 1 < i ? d1 : 0.f);
                         }
                     }
 #pragma unroll
                     for (int hf = 0; hf < 2; ++hf) *reinterpret_cast<u32*>(sP + 2 * sw128<64>(m0 + g + hf * 8, j)) = wv[hf];
                 }
             }
+            NATSL_FUSED_PROF(c, 5);
             // K K^T, then A = strictly_lower(beta_i e^{G_i - G_j} k_i.k_j / (|k_i| |k_j|)) into sA.
             {
                 float kk[8][4];
@@ -341,6 +416,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 wg_commit();
                 wg_wait<0>();
                 wg_hold<8>(kk);
+                NATSL_FUSED_PROF(c, 6);
                 const float ri0 = sB[m0 + g] * sInvK[m0 + g], ri1 = sB[m0 + g + 8] * sInvK[m0 + g + 8];
 #pragma unroll
                 for (int nt = 0; nt < 8; ++nt) {
@@ -352,13 +428,21 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                     for (int hf = 0; hf < 2; ++hf) {
                         const int i = m0 + g + hf * 8;
                         const float gi = hf ? gi1 : gi0, ri = hf ? ri1 : ri0;
-                        const float a0 = j < i ? ri * fast_exp2(gi - gj.x) * (ck.x * kk[nt][hf * 2]) : 0.f;
-                        const float a1 = j + 1 < i ? ri * fast_exp2(gi - gj.y) * (ck.y * kk[nt][hf * 2 + 1]) : 0.f;
+                        float a0, a1;
+                        if constexpr (kFusedV2) {
+                            const float2 d = *reinterpret_cast<const float2*>(sA + i * LDA + j);  // 0 where j >= i
+                            a0 = ri * d.x * (ck.x * kk[nt][hf * 2]);
+                            a1 = ri * d.y * (ck.y * kk[nt][hf * 2 + 1]);
+                        } else {
+                            a0 = j < i ? ri * fast_exp2(gi - gj.x) * (ck.x * kk[nt][hf * 2]) : 0.f;
+                            a1 = j + 1 < i ? ri * fast_exp2(gi - gj.y) * (ck.y * kk[nt][hf * 2 + 1]) : 0.f;
+                        }
                         *reinterpret_cast<float2*>(sA + i * LDA + j) = make_float2(a0, a1);
                     }
                 }
             }
             named_bar_sync(kFusedPrepBar, 128);
+            NATSL_FUSED_PROF(c, 7);
             // Level 0: thread pt < 64 solves column m of the inverse of diagonal block pt / 16.
             {
                 const int m = pt % 16, o = (pt / 16) * 16;
@@ -385,6 +469,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 }
             }
             named_bar_sync(kFusedPrepBar, 128);  // diagonal inverses D0..D3 in sA
+            NATSL_FUSED_PROF(c, 8);
             if (pw < 2) {
                 // Level 1: T[o+16.., o..] = -(D_hi A[o+16.., o..]) D_lo, o = 32 pw.
                 const int o = pw * 32;
@@ -400,6 +485,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                     }
             }
             named_bar_sync(kFusedPrepBar, 128);  // T[0:32, 0:32] and T[32:64, 32:64] complete
+            NATSL_FUSED_PROF(c, 9);
             {
                 // Level 2: T[32:64, 0:32] = -(T[32:64, 32:64] A[32:64, 0:32]) T[0:32, 0:32].
                 const int s = pw & 1, hc = pw >> 1;
@@ -415,13 +501,14 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                     }
             }
             named_bar_sync(kFusedPrepBar, 128);  // T complete (f32, lower block triangle)
+            NATSL_FUSED_PROF(c, 10);
 
             // This warp's 16 rows of T: tw = T diag(beta e^G / |k|) as bf16 A fragments (for W),
             // Tb = T diag(beta) to the stage (zero for identity tiles: U = 0).
             u32 tw[4][4];
             {
                 unsigned char* sTB = st + L::P_TB;
-                const bool zu = (geo(5) != 0);
+                const bool zu = !kFusedWS && (geo(5) != 0);
 #pragma unroll
                 for (int kb = 0; kb < 4; ++kb) {
                     u32 tb[4] = {0u, 0u, 0u, 0u};
@@ -456,8 +543,9 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                     *reinterpret_cast<u32*>(sTB + 2 * sw128<64>(m0 + g + 8, c0 + 8)) = tb[3];
                 }
             }
+            NATSL_FUSED_PROF(c, 11);
             // W = tw K (K MN-major from the stage), one 64-column panel of dk at a time.
-            {
+            if constexpr (!kFusedWS) {
                 unsigned char* sW = st + L::P_W;
 #pragma unroll
                 for (int ph = 0; ph < DK / 64; ++ph) {
@@ -480,6 +568,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
 #pragma unroll
                         for (int hf = 0; hf < 2; ++hf)
                             *reinterpret_cast<u32*>(sW + ph * PANEL + 2 * sw128<64>(m0 + g + hf * 8, nt * 8 + tq * 2)) = pack2<T>(wa[nt][hf * 2], wa[nt][hf * 2 + 1]);
+                    NATSL_FUSED_PROF(c, 12 + ph);
                 }
             }
             // Row factors (warp 0: tokens 2 lane, 2 lane + 1), G_L and the label.
@@ -489,6 +578,8 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 const float2 ik = *reinterpret_cast<const float2*>(sInvK + 2 * lane);
                 *reinterpret_cast<float2*>(F + 2 * lane) = make_float2(p.scale * __expf(gx[0]) * iq.x, p.scale * __expf(gx[1]) * iq.y);
                 *reinterpret_cast<float2*>(F + C + 2 * lane) = make_float2(__expf(gl - gx[0]) * ik.x, __expf(gl - gx[1]) * ik.y);
+                // fe = e^G / |k| (variant 1: the consumers' S^T K^T column factors).
+                if constexpr (kFusedWS) *reinterpret_cast<float2*>(F + 3 * C + 2 * lane) = make_float2(__expf(gx[0]) * ik.x, __expf(gx[1]) * ik.y);
                 if (lane == 0) {
                     F[2 * C] = gl;
                     F[2 * C + 1] = __int_as_float(label);
@@ -497,6 +588,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             (void)ln;
             fence_proxy_async();  // generic writes of P, Tb, W before the consumers' wgmma reads
             mbar_arrive(pfull(sp));
+            NATSL_FUSED_PROF(c, 14);
         }
         return;
     }
@@ -544,6 +636,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
     const bool want_o = w.want_o;
 #pragma unroll 1
     for (int c = 0; c < geo(2); ++c) {
+        NATSL_FUSED_PROF(c, 16 + 8 * cw);
         const int lane = prep_fresh_tid() & 31, g = lane >> 2, tq = lane & 3;  // afresh, as in the prep
         const int ln = min(C, geo(1) - c * C);
         const bool complete = ln == C, last = c == geo(2) - 1;
@@ -553,8 +646,10 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         const u32 pa = sbase + L::PR + sp * L::P_STAGE;
         const float* F = reinterpret_cast<const float*>(smem + L::PR + sp * L::P_STAGE + L::P_F);
         mbar_wait(pfull(sp), (c / L::PS) & 1);
+        NATSL_FUSED_PROF(c, 17 + 8 * cw);
         mbar_wait(qkfull(sq), (c / L::QKS) & 1);
         mbar_wait(vfull(sv), (c / L::VS) & 1);
+        NATSL_FUSED_PROF(c, 18 + 8 * cw);
         const float GL = F[2 * C];
         const bool attn = __float_as_int(F[2 * C + 1]) == NATSL_LABEL_ATTN;
 
@@ -576,11 +671,17 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         wg_hold<8>(oq);
         fused_hold_a<8>(sa);
         wg_fence();
-        // Group 1: -v_new^T = -V^T Tb^T + S^T W^T.
+        if constexpr (kFusedWS) {
+            // Group 1 (variant 1): Y = S^T K^T (into vn; the same K-major form as W).
 #pragma unroll
-        for (int kb = 0; kb < 4; ++kb) wgmma_ss_ta<T, 64, 0, -1>(vn, wg_desc(vta + kb * 16 * 128), wg_desc(pa + L::P_TB + kb * 32), kb > 0);
+            for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(vn, sa[kk], wg_desc(ka + (kk >> 2) * PANEL + (kk & 3) * 32), kk > 0);
+        } else {
+            // Group 1: -v_new^T = -V^T Tb^T + S^T W^T.
 #pragma unroll
-        for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(vn, sa[kk], wg_desc(pa + L::P_W + (kk >> 2) * PANEL + (kk & 3) * 32), 1);
+            for (int kb = 0; kb < 4; ++kb) wgmma_ss_ta<T, 64, 0, -1>(vn, wg_desc(vta + kb * 16 * 128), wg_desc(pa + L::P_TB + kb * 32), kb > 0);
+#pragma unroll
+            for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(vn, sa[kk], wg_desc(pa + L::P_W + (kk >> 2) * PANEL + (kk & 3) * 32), 1);
+        }
         wg_commit();
         // Group 2: (Q S)^T. Both groups are waited for here, so the old state's packing
         // dies before v_new is formed (headroom: below ~200 registers ptxas serialises
@@ -592,6 +693,33 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         wg_hold<8>(vn);
         wg_hold<8>(oq);
         fused_hold_a<8>(sa);
+        if constexpr (kFusedWS) {
+            // X = Y diag(e^G / |k|) as A fragments; -v_new^T = -V^T Tb^T + X Tb^T.
+            u32 xa[4][4];
+#pragma unroll
+            for (int kb = 0; kb < 4; ++kb)
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int nt = 2 * kb + hh;
+                    const float2 fe = *reinterpret_cast<const float2*>(F + 3 * C + 8 * nt + 2 * tq);
+                    xa[kb][2 * hh] = pack2<T>(vn[nt][0] * fe.x, vn[nt][1] * fe.y);
+                    xa[kb][2 * hh + 1] = pack2<T>(vn[nt][2] * fe.x, vn[nt][3] * fe.y);
+                }
+            wg_hold<8>(vn);
+            wg_hold<8>(oq);
+            fused_hold_a<4>(xa);
+            wg_fence();
+#pragma unroll
+            for (int kb = 0; kb < 4; ++kb) wgmma_ss_ta<T, 64, 0, -1>(vn, wg_desc(vta + kb * 16 * 128), wg_desc(pa + L::P_TB + kb * 32), kb > 0);
+#pragma unroll
+            for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 64, 0>(vn, xa[kb], wg_desc(pa + L::P_TB + kb * 32), 1);
+            wg_commit();
+            wg_wait<0>();
+            wg_hold<8>(vn);
+            wg_hold<8>(oq);
+            fused_hold_a<4>(xa);
+        }
+        NATSL_FUSED_PROF(c, 19 + 8 * cw);
 
         // v_new^T as A fragments (for P v_new), and v_new^T diag(fk) (zero for an ATTN chunk).
         u32 va[4][4], vka[4][4];
@@ -630,6 +758,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         wg_hold<8>(oq);
         fused_hold_a<4>(vka);
         fused_hold_a<4>(va);
+        NATSL_FUSED_PROF(c, 20 + 8 * cw);
         wg_fence();
 #pragma unroll
         for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 128, 1>(S, vka[kb], wg_desc(ka + kb * 16 * 128, PANEL), 1);
@@ -642,6 +771,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         fused_hold_a<4>(va);
         fused_hold_a<4>(vka);
         mbar_arrive(pempty(sp));  // Q/K, V and the prep stage of chunk c are read
+        NATSL_FUSED_PROF(c, 21 + 8 * cw);
 
         if (want_o) {
             // o rows = tokens: movmatrix.trans turns each 8 x 8 block (value columns x tokens)
@@ -658,7 +788,9 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 }
             }
         }
+        NATSL_FUSED_PROF(c, 22 + 8 * cw);
     }
+    if (cw == 0 && ct == 0) NATSL_FUSED_PROF_EDGE(1);
 
     // The end of the (segment of the) sequence: whether its last chunk is complete, and
     // its G_L (still in the last prep stage: the prep writes no stage after it).

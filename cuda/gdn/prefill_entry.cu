@@ -1,16 +1,22 @@
 // GDN prefill entry points (see gdn/prefill.cuh, gdn/fused.cuh). Spec macros come from natsl-codegen.
+// Tile stages >= 4 marks a fused unit (ScanTile::Fused, FusedWith): there only the fused
+// entries and cp_combine have bodies; in every other unit the fused entries are empty stubs
+// (as on sm_80), so the entry list is the same everywhere and the host never launches a stub.
+// stages = 4 + 2 variant + profile (src/ops/gdn.rs fused_tile): the shipped candidate is 4.
+#if NATSL_STAGES >= 4
+#define NATSL_GDN_FUSED_UNIT 1
+#define NATSL_GDN_FUSED_VARIANT ((NATSL_STAGES - 4) / 2)
+#define NATSL_GDN_FUSED_PROFILE ((NATSL_STAGES - 4) % 2)
+#else
+#define NATSL_GDN_FUSED_UNIT 0
+#define NATSL_GDN_FUSED_VARIANT 0
+#define NATSL_GDN_FUSED_PROFILE 0
+#endif
+
 #include "include/natsl_params.h"
 #include "gdn/prefill.cuh"
 #include "gdn/fused.cuh"
 
-// Tile stages = 4 marks the fused unit (ScanTile::Fused): there only the fused entries and
-// cp_combine have bodies; in every other unit the fused entries are empty stubs (as on
-// sm_80), so the entry list is the same everywhere and the host never launches a stub.
-#if NATSL_STAGES == 4
-#define NATSL_GDN_FUSED_UNIT 1
-#else
-#define NATSL_GDN_FUSED_UNIT 0
-#endif
 
 // W, U, P, F of one (chunk slot, value head): blocked inverse in two smem regions, T in
 // registers (PrepKernel::Compact).

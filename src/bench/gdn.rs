@@ -78,6 +78,15 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         scale: None,
         l2norm: true,
     };
+    // NATSL_BENCH_FUSED_PROFILE=0,1: the phase-timer builds of those fused variants only.
+    if let Ok(list) = std::env::var("NATSL_BENCH_FUSED_PROFILE") {
+        if fused_supported(dk, dv, rt.arch()) {
+            for v in list.split(',').filter_map(|x| x.trim().parse::<u32>().ok()) {
+                fused_profile(rt, &s.name, &batch, &inp, &mut out, &opts, &mut ws, v, dv);
+            }
+        }
+        return Vec::new();
+    }
     let timing = time_it(rt, 3, 10, |_| {
         gdn_prefill(rt, &batch, &inp, &mut out, &opts, &mut ws)
     })
@@ -144,6 +153,15 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
     if fused {
         cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Auto, "fused"));
         cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Off, "fused cp off"));
+    }
+    let mut cands: Vec<(PrepKernel, ScanTile, ScanParallel, String)> = cands.into_iter().map(|(p, t, c, n)| (p, t, c, n.to_string())).collect();
+    if fused {
+        // Experimental fused variants (FUSED_VARIANTS), Auto and cp off.
+        for &(v, name) in FUSED_VARIANTS {
+            let tile = ScanTile::FusedWith { variant: v, profile: false };
+            cands.push((PrepKernel::Grouped, tile, ScanParallel::Auto, format!("fused {name}")));
+            cands.push((PrepKernel::Grouped, tile, ScanParallel::Off, format!("fused {name} cp off")));
+        }
     }
     for (prep, tile, cp, tag) in cands {
         let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, cp, ..Default::default() })).unwrap();
@@ -267,6 +285,140 @@ fn bench_decode(rt: &Runtime, b: usize, hqk: usize, hv: usize, d: usize, commit:
         flops,
         bytes,
     )
+}
+
+/// Phase names of the fused kernel's timer slots (cuda/gdn/fused.cuh NATSL_FUSED_PROF): prep
+/// slot k ends phase k (from slot k - 1), consumer slots 16 + 8 cw + e likewise.
+const PREP_PHASES: [&str; 15] = [
+    "(loop top)",
+    "gates, label, pempty wait",
+    "TMA issue, qkfull wait",
+    "QK^T issue, norms, bar",
+    "QK^T wait",
+    "P (exp2, bf16, stores)",
+    "KK^T issue + wait",
+    "A (exp2, f32 stores), bar",
+    "level 0 subst., 2 bars",
+    "level 1 merge, bar",
+    "level 2 merge, 2 bars",
+    "Tb / tw fragments",
+    "W panel 0 (wgmma, wait, st)",
+    "W panel 1 (wgmma, wait, st)",
+    "F, fence, pfull arrive",
+];
+const CONS_PHASES: [&str; 7] = [
+    "(loop top)",
+    "pfull wait",
+    "qkfull / vfull wait",
+    "pack S, group 1 (+2), wait",
+    "v_new frags, O scale, S decay",
+    "S update + P v_new, wait",
+    "pempty, O stores",
+];
+
+/// One launch of the phase-timer build of fused variant `v` (ScanTile::FusedWith, profile,
+/// cp off) and its table: median / mean cycles of each phase over chunks 2..64 of the
+/// sampled CTAs (blockIdx (0, h < 4, 0)), the loop period, the prep -> consumer hand-over.
+#[allow(clippy::too_many_arguments)]
+fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs, out: &mut GdnPrefillOutputs, opts: &GdnOptions, ws: &mut GdnWorkspace, v: u32, dv: usize) {
+    const CTAS: usize = 4;
+    const CH: usize = 64;
+    const EV: usize = 32;
+    let pv = PrefillVariant { tile: ScanTile::FusedWith { variant: v, profile: true }, cp: ScanParallel::Off, ..Default::default() };
+    // Twice: the first compiles and warms the caches; the third launch is recorded.
+    for _ in 0..2 {
+        gdn_prefill_variant(rt, batch, inp, out, opts, ws, pv).unwrap();
+    }
+    rt.synchronize().unwrap();
+    let spec = natsl_codegen::spec::KernelSpec { tile: fused_tile(v, true), ..fused_spec(natsl_codegen::DType::Bf16, 128, dv as u32, rt.arch()).unwrap() };
+    let m = rt.module(&spec).unwrap();
+    let n = CTAS * CH * EV + CTAS * 4;
+    {
+        let mut g = m.get_global("natsl_gdn_fused_prof", rt.stream()).unwrap();
+        rt.stream().memset_zeros(&mut g).unwrap();
+    }
+    let t0 = std::time::Instant::now();
+    gdn_prefill_variant(rt, batch, inp, out, opts, ws, pv).unwrap();
+    rt.synchronize().unwrap();
+    let wall = t0.elapsed().as_secs_f64() * 1e3;
+    let g = m.get_global("natsl_gdn_fused_prof", rt.stream()).unwrap();
+    let bytes: Vec<u8> = rt.stream().clone_dtoh(&g).unwrap();
+    assert!(bytes.len() >= n * 8, "profile buffer {} bytes", bytes.len());
+    let x: Vec<u64> = bytes.chunks_exact(8).take(n).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect();
+    let ev = |cta: usize, c: usize, s: usize| x[(cta * CH + c) * EV + s];
+    let hdr = |cta: usize, i: usize| x[CTAS * CH * EV + cta * 4 + i];
+    println!("== fused profile v{v}: {name} (one launch, cp off, host wall {wall:.3} ms)");
+    let mut ghz = Vec::new();
+    for cta in 0..CTAS {
+        let (c0, g0, c1, g1) = (hdr(cta, 0), hdr(cta, 1), hdr(cta, 2), hdr(cta, 3));
+        if c1 > c0 && g1 > g0 {
+            ghz.push((c1 - c0) as f64 / (g1 - g0) as f64);
+            println!("   cta h{cta}: {:.3} ms, {} cycles, {:.3} GHz", (g1 - g0) as f64 * 1e-6, c1 - c0, (c1 - c0) as f64 / (g1 - g0) as f64);
+        }
+    }
+    let stat = |mut d: Vec<f64>| -> (f64, f64, usize) {
+        if d.is_empty() {
+            return (0.0, 0.0, 0);
+        }
+        d.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (d[d.len() / 2], d.iter().sum::<f64>() / d.len() as f64, d.len())
+    };
+    // Slot k of a chunk, or the latest earlier stamped slot (a variant may skip phases).
+    let at = |cta: usize, c: usize, base: usize, k: usize| -> Option<u64> { (0..=k).rev().map(|j| ev(cta, c, base + j)).find(|&t| t != 0) };
+    let table = |title: &str, base: usize, names: &[&str]| {
+        println!("   {title:<34} {:>8} {:>8}", "median", "mean");
+        let mut tot = 0.0;
+        for k in 1..names.len() {
+            let mut d = Vec::new();
+            for cta in 0..CTAS {
+                for c in 2..CH {
+                    if let (Some(a), Some(b)) = (at(cta, c, base, k - 1), at(cta, c, base, k)) {
+                        if ev(cta, c, base) != 0 && b >= a {
+                            d.push((b - a) as f64);
+                        }
+                    }
+                }
+            }
+            let (md, mean, _) = stat(d);
+            tot += mean;
+            println!("   {:<34} {md:>8.0} {mean:>8.0}", names[k]);
+        }
+        let mut per = Vec::new();
+        for cta in 0..CTAS {
+            for c in 2..CH - 1 {
+                let (a, b) = (ev(cta, c, base), ev(cta, c + 1, base));
+                if a != 0 && b > a {
+                    per.push((b - a) as f64);
+                }
+            }
+        }
+        let (md, mean, cnt) = stat(per);
+        println!("   {:<34} {md:>8.0} {mean:>8.0}   (sum of phases {tot:.0}; {cnt} samples)", "loop period");
+    };
+    table("prep [cycles]", 0, &PREP_PHASES);
+    table("consumer wg1 [cycles]", 16, &CONS_PHASES);
+    table("consumer wg2 [cycles]", 24, &CONS_PHASES);
+    // Hand-over: prep's pfull arrive (slot 14) -> consumer wg1 past its pfull wait (slot 17);
+    // and how long before wg1 reached chunk c the prep had it ready (< 0: wg1 waited).
+    let (mut d, mut lead) = (Vec::new(), Vec::new());
+    for cta in 0..CTAS {
+        for c in 2..CH {
+            let (a, b, top) = (ev(cta, c, 14), ev(cta, c, 17), ev(cta, c, 16));
+            if a != 0 && b != 0 {
+                d.push(b as f64 - a as f64);
+            }
+            if a != 0 && top != 0 {
+                lead.push(top as f64 - a as f64);
+            }
+        }
+    }
+    let (md, mean, _) = stat(d);
+    println!("   {:<34} {md:>8.0} {mean:>8.0}", "pfull arrive -> wg1 past wait");
+    let (md, mean, _) = stat(lead);
+    println!("   {:<34} {md:>8.0} {mean:>8.0}   (< 0: the consumers wait for the prep)", "wg1 loop top - pfull arrive");
+    if let Some(f) = ghz.first() {
+        println!("   (clock {f:.3} GHz: 1 us = {:.0} cycles)", f * 1e3);
+    }
 }
 
 /// Every shape whose name contains one of `filters` (all if empty).

@@ -442,7 +442,7 @@ pub fn reg_scan_smem_bytes(dk: usize, bv: usize, warps: usize) -> usize {
 /// Dynamic shared memory of a scan tile (stages 1 / 2: `scan_smem_bytes`; 3: the
 /// register-state scan).
 fn tile_smem_bytes(dk: usize, t: natsl_codegen::spec::Tile) -> usize {
-    if t.stages == 4 {
+    if is_fused_tile(t) {
         fused_smem_bytes()
     } else if t.stages == 3 {
         reg_scan_smem_bytes(dk, t.block_n as usize, t.warps as usize)
@@ -582,6 +582,12 @@ pub enum ScanTile {
     /// is ignored, `PrefillPart::Prep` queues nothing and `PrefillPart::Scan` the whole
     /// fused launch.
     Fused,
+    /// `Fused` built as experimental variant `variant` of cuda/gdn/fused.cuh (0: `Fused`
+    /// itself; see [`FUSED_VARIANTS`]), with `profile` the phase-timer build
+    /// (NATSL_GDN_FUSED_PROFILE: clock64 at phase boundaries into a module global, read by
+    /// `bench::gdn::fused_profile`). Tile stages 4 + 2 variant + profile; never shipped.
+    #[doc(hidden)]
+    FusedWith { variant: u32, profile: bool },
 }
 
 /// Register-state tiles whose warps hold 128 dk rows (n64w4 / n128w8 at dk = 128: the
@@ -620,6 +626,22 @@ pub fn reg_scan_spec(wide: natsl_codegen::spec::KernelSpec, dk: usize, few: bool
 /// Tile of the fused prefill (`ScanTile::Fused`): 64-token chunks, 128 state columns per
 /// CTA, 12 warps (prep with the TMA issue, two consumer warpgroups); stages = 4 marks the unit.
 pub const FUSED_TILE: natsl_codegen::spec::Tile = natsl_codegen::spec::Tile::new(64, 128, 12, 4);
+
+/// Experimental variants of the fused kernel (`ScanTile::FusedWith`), for one device call;
+/// the losers are removed after it (see bench/NOTES.md, session 4).
+#[doc(hidden)]
+pub const FUSED_VARIANTS: &[(u32, &str)] = &[(1, "v1 consumers form W S"), (2, "v2 v1 + prep diet")];
+
+/// The tile of fused variant `variant` (0 = [`FUSED_TILE`]), `profile`: its phase-timer build.
+#[doc(hidden)]
+pub const fn fused_tile(variant: u32, profile: bool) -> natsl_codegen::spec::Tile {
+    natsl_codegen::spec::Tile::new(64, 128, 12, 4 + 2 * variant + profile as u32)
+}
+
+/// Whether `t` is a fused tile (any variant; stages >= 4 marks the unit in prefill_entry.cu).
+fn is_fused_tile(t: natsl_codegen::spec::Tile) -> bool {
+    t.stages >= 4
+}
 
 /// Whether the fused prefill has a kernel for (dk, dv) on `arch` (sm_90a; dk = 128 and
 /// dv = 128 or 256: the P shapes and natsl-340M).
@@ -818,14 +840,22 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
     let nchs: Vec<usize> = cu_seqlens.windows(2).map(|w| ((w[1] - w[0]) as usize).div_ceil(CHUNK)).collect();
     let cp_of = |t: natsl_codegen::spec::Tile| cp_segments(cp, &nchs, d.hv, d.dk, d.dv, t.block_n as usize, tile_smem_bytes(d.dk, t), sm);
     let cp_wide = cp_of(wide.tile);
-    if tile == ScanTile::Fused && !fused_supported(d.dk, d.dv, arch) {
+    let fused_tile_v = match tile {
+        ScanTile::Fused => Some(FUSED_TILE),
+        ScanTile::FusedWith { variant, profile } => Some(fused_tile(variant, profile)),
+        _ => None,
+    };
+    if fused_tile_v.is_some() && !fused_supported(d.dk, d.dv, arch) {
         return Err(Error::invalid(
             "variant",
             format!("the fused prefill (ScanTile::Fused) runs dk 128 with dv 128 or 256 on sm_90a, not dk {} / dv {} on {arch:?}", d.dk, d.dv),
         ));
     }
     let spec = match (tile, narrow) {
-        (ScanTile::Fused, _) => fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("checked above"),
+        (ScanTile::Fused | ScanTile::FusedWith { .. }, _) => natsl_codegen::spec::KernelSpec {
+            tile: fused_tile_v.expect("fused"),
+            ..fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("checked above")
+        },
         (ScanTile::Narrow, Some(s)) => s,
         (ScanTile::Reg, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, None),
         (ScanTile::RegWith { block_n, warps }, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, Some((block_n, warps))),
@@ -853,7 +883,7 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
     };
     let ns = crate::batch::num_slots(d.tokens, d.seqs);
     // The fused prefill keeps W, U, P, F on chip: no workspace for them.
-    let idx_off = if spec.tile == FUSED_TILE { 0 } else { workspace_bytes(ns, d.hv, d.dk, d.dv) };
+    let idx_off = if is_fused_tile(spec.tile) { 0 } else { workspace_bytes(ns, d.hv, d.dk, d.dv) };
     let cp_off = idx_off + if has_host_index(inp, out) { align(3 * d.seqs * 4) } else { 0 };
     let ws_bytes = cp_off + if segments > 1 { cp_workspace_bytes(d.seqs, segments, d.hv, d.dk, d.dv) } else { 0 };
     Ok(Plan { d, scale, spec, segments, prep_smem: prep_kernel_smem_bytes(d.dk, d.dv, prep) as u32, scan_smem: tile_smem_bytes(d.dk, spec.tile) as u32, idx_off, cp_off, ws_bytes })
@@ -894,7 +924,7 @@ fn prefill_launch(
     let Plan { d, scale, spec, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes } = plan(Some(ctx), rt.arch(), rt.sm_count(), batch.cu_seqlens(), inp, out, opts, v)?;
     let tile = spec.tile;
     // The fused prefill (ScanTile::Fused): one kernel does the prep's work on chip.
-    let fused = tile == FUSED_TILE;
+    let fused = is_fused_tile(tile);
     let run_prep = run_prep && !fused;
     let f_prep = if fused { None } else { Some(rt.function(&spec, v.prep.entry(), prep_smem)?) };
     let (e_scan, e_cp_a, e_cp_c) = if fused { ("fused", "fused_cp_a", "fused_cp_c") } else { ("scan", "scan_cp_a", "scan_cp_c") };
