@@ -1,10 +1,8 @@
 // prefill_ws.cuh: the sm_90a block-sparse flash prefill (PrefillKernel::WarpSpecialized,
 // entry prefill_ws): FlashAttention-3's structure over NAtS-L's routed 64-token chunks.
 //
-// Tile = 128 query rows = the chunk pair c0 = 2i, c1 = 2i + 1 of one (sequence, query
-// head). A CTA runs several tiles in turn (see "Schedule"), so that one tile's prologue
-// (list search, Q and first K/V loads) and epilogue run under its neighbours' loops.
-// 384 threads = 3 warpgroups:
+// CTA = 128 query rows = the chunk pair c0 = 2i, c1 = 2i + 1 of one (sequence, query
+// head); 384 threads = 3 warpgroups:
 //   WG0       producer. Warp 0 walks the router list (32 entries per step, loaded in
 //             parallel), packs the loaded blocks into stages and, from one thread, writes
 //             each stage's descriptor (WsDesc) to shared memory and issues its TMA loads
@@ -44,19 +42,9 @@
 // (or zero-filled past the tensor): keys there are masked (causal), query rows there are
 // not stored.
 //
-// Tile order: GQA q heads of one kv head fastest, then chunk pairs (heaviest, i.e.
+// Grid order: GQA q heads of one kv head fastest, then chunk pairs (heaviest, i.e.
 // latest, first), then kv heads, then sequences: CTAs running together share one
 // (sequence, kv head) and its K/V stays in L2.
-// Schedule: with `tile_counter` set, persistent CTAs (one per SM) take the next tile of
-// that order from a global counter; else CTA b takes `pairs_per_cta` tiles of one (q
-// head, kv head, sequence), ranks in snake order (b, 2C-1-b, 2C+b, ...; C CTAs per
-// head) so that heavy and light pairs share a CTA.
-// Per tile, the producer writes the tile's geometry into the descriptor of its first
-// stage (flag kWsFirst); a consumer closes a tile (last PV, epilogue) when it reads the
-// next tile's first descriptor or the end. Q has one buffer (barriers qfull / qempty):
-// with Q in registers (dk <= 128) the consumers free it as soon as their fragments are
-// loaded and O is staged in its own tile; otherwise Q is read by every QK^T, O is
-// staged in the Q tile and the buffer is freed after the epilogue.
 #pragma once
 #include "common/sm90.cuh"
 #include "common/wgmma.cuh"
@@ -77,26 +65,21 @@ struct WsTile {
     // Ring depth within 227 KB of shared memory.
     static constexpr int ST = (DK + DV) >= 256 ? 2 : 3;
     static constexpr bool Q_REGS = DK <= 128;                   // Q K^T with Q from registers
-    // Q tiles; with Q in registers O gets its own staging tiles (the next tile's Q
-    // loads while this one's O is stored), else O is staged in the Q tiles.
-    static constexpr int DQ = Q_REGS ? DK : (DK > DV ? DK : DV);
+    static constexpr int DQ = DK > DV ? DK : DV;                // a Q tile doubles as the O staging tile
     static constexpr int PANEL64 = 64 * 128;                    // bytes of a 64-row x 64-column panel
     static constexpr int KPANEL = BN * 128;                     // bytes of a BN-row panel of a stage
     static constexpr int QBYTES = 64 * DQ * 2;
-    static constexpr int OBYTES = 64 * DV * 2;
     static constexpr int KBYTES = BN * DK * 2;
     static constexpr int VBYTES = BN * DV * 2;
     static constexpr int Q = 0;                                 // 2 x [64][DQ] sw128
-    static constexpr int O = Q_REGS ? Q + 2 * QBYTES : Q;       // 2 x [64][DV] sw128
-    static constexpr int K = Q + 2 * QBYTES + (Q_REGS ? 2 * OBYTES : 0); // ST x [BN][DK] sw128
+    static constexpr int K = Q + 2 * QBYTES;                    // ST x [BN][DK] sw128
     static constexpr int V = K + ST * KBYTES;                   // ST x [BN][DV] sw128
     static constexpr int KSCALE = V + ST * VBYTES;              // ST x [BN] f32 1 / rms(k)
-    static constexpr int BAR = KSCALE + ST * BN * 4;            // 6 ST + 2 mbarriers
-    static constexpr int NBAR = 6 * ST + 2;
+    static constexpr int BAR = KSCALE + ST * BN * 4;            // 6 ST + 1 mbarriers
+    static constexpr int NBAR = 6 * ST + 1;
     static constexpr int DESC = BAR + (NBAR * 8 + 15) / 16 * 16; // ST x WsDesc: the stage in each slot
     static constexpr int ITEMS = DESC + ST * 16;                // 32 x int2: the list walk's window
-    static constexpr int INFO = ITEMS + 32 * 8;                 // 2 x int4: tile t's geometry at t % 2
-    static constexpr int BYTES = INFO + 2 * 16 + 1024;          // + alignment slack
+    static constexpr int BYTES = ITEMS + 32 * 8 + 1024;         // + alignment slack
 };
 
 // Registers after setmaxnreg: 128 * 40 + 256 * 232 = 64512, the CTA's allocation at launch
@@ -108,7 +91,7 @@ constexpr int kWsConsumerRegs = 232;
 // bar.arrive by the other).
 constexpr int kWsTurnBar = 4;
 
-// A tile: the pair of chunks and the visit sequence (see the file comment).
+// The CTA's pair of chunks and the visit sequence (see the file comment).
 struct WsWork {
     int j, n, c0, seq0, len, kvh;
     bool has1;           // chunk c1 = c0 + 1 exists
@@ -117,15 +100,11 @@ struct WsWork {
     int len0, len1, startC, nC, npos;
     bool c0_listed;      // WG1 sees block c0 (list[len0] == c0)
 
-    // Tiles in all: G q heads x P pairs x Hkv x N.
-    __device__ __forceinline__ static int count(const NatslSparsePrefillParams& p) {
-        return p.num_q_heads * ((p.batch.max_chunks + 1) >> 1) * p.batch.num_seqs;
-    }
-    // Tile `lin` of the tile order; false: no rows (past its sequence's chunks).
-    __device__ __forceinline__ bool init(const NatslSparsePrefillParams& p, int lin) {
+    __device__ __forceinline__ bool init(const NatslSparsePrefillParams& p) {
         const int Hq = p.num_q_heads, Hkv = p.num_kv_heads;
         const int G = Hq / Hkv;
         const int P = (p.batch.max_chunks + 1) >> 1;
+        int lin = blockIdx.x;
         const int g = lin % G;
         lin /= G;
         const int pair = P - 1 - lin % P;
@@ -141,11 +120,7 @@ struct WsWork {
         has1 = (c0 + 1) * 64 < len;
         q_rows0 = min(64, len - c0 * 64);
         q_rows1 = has1 ? min(64, len - (c0 + 1) * 64) : 0;
-        return true;
-    }
-    // The list positions (the producer's warp 0 only: the consumers read descriptors).
-    __device__ __forceinline__ void walk(const NatslSparsePrefillParams& p) {
-        const int mh = j / (p.num_q_heads / p.num_mask_heads);
+        const int mh = j / (Hq / p.num_mask_heads);
         list = p.attn_list + (i64)mh * p.batch.num_slots + slot_base(p.batch.cu_seqlens, n);
         const int cnt = max(p.attn_count[n * p.num_mask_heads + mh], 0);
         len0 = lower_bound_i32(list, min(cnt, c0), c0);
@@ -154,6 +129,7 @@ struct WsWork {
         startC = len0 + (c0_listed ? 1 : 0);
         nC = has1 ? max(len1 - startC, 0) : 0;
         npos = len0 + 1 + nC + (has1 ? 1 : 0);
+        return true;
     }
     // Block at visit position `pos` and which consumers use it (bit w: consumer w; 0: skip).
     __device__ __forceinline__ int item(int pos, int* b) const {
@@ -180,32 +156,14 @@ struct WsWork {
     }
 };
 
-// Tile i of CTA blockIdx.x under the static schedule (-1: none), `pairs_per_cta` K.
-__device__ __forceinline__ int ws_static_tile(const NatslSparsePrefillParams& p, int i) {
-    const int G = p.num_q_heads / p.num_kv_heads;
-    const int P = (p.batch.max_chunks + 1) >> 1;
-    const int K = max(p.pairs_per_cta, 1);
-    const int C = (P + K - 1) / K;  // CTAs per (q head, sequence)
-    if (i >= K) return -1;
-    int b = blockIdx.x;
-    const int g = b % G;
-    b /= G;
-    const int q = b % C;
-    const int head_seq = b / C;     // kv head + Hkv * sequence
-    const int rank = (i & 1) ? (i + 1) * C - 1 - q : i * C + q;
-    if (rank >= P) return -1;
-    return g + G * (rank + P * head_seq);
-}
-
 // What a stage slot holds, written by the producer before it arms the slot's kfull
 // barrier: block b[h] in half h, used by consumer w iff bit 2h + w of m; m < 0 marks the
 // end of the CTA's stages. (A half no consumer uses holds a copy of the stage's first
-// block: every half holds finite data.) `tile` = c0 << 2 | has1 << 1 | first: the tile's
-// chunk c0, whether chunk c0 + 1 exists, and whether this is the tile's first stage.
+// block: every half holds finite data.)
 struct WsDesc {
     int b[2];
     int m;
-    int tile;
+    int pad;
 };
 
 // Keep the P fragments unmodified until the PV wgmma reading them was waited on.
@@ -216,10 +174,9 @@ __device__ __forceinline__ void ws_hold_p(u32 (*a)[4]) {
 }
 
 // Epilogue of one consumer warpgroup (128 threads, `wtid` its thread index, named
-// barrier `bar`): O / l through the staging tile `so`, lse, for chunk `c` of the
-// sequence starting at token `seq0`, query head `j`.
+// barrier `bar`): O / l through the staging tile `so`, lse, for the warpgroup's chunk `c`.
 template <typename T, int DV>
-__device__ __forceinline__ void ws_store_output(const NatslSparsePrefillParams& p, int seq0, int j, int c, int q_rows, float (&o)[DV / 8][4],
+__device__ __forceinline__ void ws_store_output(const NatslSparsePrefillParams& p, const WsWork& w, int c, int q_rows, float (&o)[DV / 8][4],
                                                 float (&l)[2], const float (&m)[2], T* so, int row_a, int wtid, int bar) {
     const int lane = wtid & 31;
 #pragma unroll
@@ -235,14 +192,14 @@ __device__ __forceinline__ void ws_store_output(const NatslSparsePrefillParams& 
         *reinterpret_cast<u32*>(so + swz<DV>(row_a, col)) = pack2<T>(o[ot][0] * inv0, o[ot][1] * inv0);
         *reinterpret_cast<u32*>(so + swz<DV>(row_a + 8, col)) = pack2<T>(o[ot][2] * inv1, o[ot][3] * inv1);
     }
-    const i64 t0 = seq0 + (i64)c * 64;
+    const i64 t0 = w.seq0 + (i64)c * 64;
     // m is in raw-score units: lse = ln(sum exp(scale * s)) = (m * scale_log2 + log2 l) * ln 2.
     if (p.lse && (lane & 3) == 0) {
-        if (row_a < q_rows) p.lse[(t0 + row_a) * p.lse_stride_t + j] = l[0] > 0.f ? (m[0] * p.scale_log2 + __log2f(l[0])) * kLn2 : neg_inf();
-        if (row_a + 8 < q_rows) p.lse[(t0 + row_a + 8) * p.lse_stride_t + j] = l[1] > 0.f ? (m[1] * p.scale_log2 + __log2f(l[1])) * kLn2 : neg_inf();
+        if (row_a < q_rows) p.lse[(t0 + row_a) * p.lse_stride_t + w.j] = l[0] > 0.f ? (m[0] * p.scale_log2 + __log2f(l[0])) * kLn2 : neg_inf();
+        if (row_a + 8 < q_rows) p.lse[(t0 + row_a + 8) * p.lse_stride_t + w.j] = l[1] > 0.f ? (m[1] * p.scale_log2 + __log2f(l[1])) * kLn2 : neg_inf();
     }
     named_bar_sync(bar, 128);
-    T* og = reinterpret_cast<T*>(p.o) + t0 * p.o_stride_t + (i64)j * p.o_stride_h;
+    T* og = reinterpret_cast<T*>(p.o) + t0 * p.o_stride_t + (i64)w.j * p.o_stride_h;
     constexpr int CPR = DV / 8;
 #pragma unroll
     for (int i = wtid; i < 64 * CPR; i += 128) {
@@ -257,7 +214,6 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     using S = WsTile<DK, DV>;
     constexpr int ST = S::ST, BN = S::BN, HALVES = S::HALVES;
     constexpr int NKK = BN / 16;  // k-steps of O += P V per stage
-    constexpr bool Q_REGS = S::Q_REGS;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw_addr = smem_u32(smem_raw);
     unsigned char* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
@@ -269,9 +225,12 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     auto vempty = [&](int s) { return bar0 + 8 * (3 * ST + s); };
     auto ksfull = [&](int s) { return bar0 + 8 * (4 * ST + s); };
     auto ksempty = [&](int s) { return bar0 + 8 * (5 * ST + s); };
-    const u32 qfull = bar0 + 8 * (6 * ST), qempty = bar0 + 8 * (6 * ST + 1);
+    const u32 q_bar = bar0 + 8 * (6 * ST);
     float* kscale_all = reinterpret_cast<float*>(smem + S::KSCALE);
     const bool knorm = p.k_norm_w != nullptr;
+
+    WsWork w;
+    if (!w.init(p)) return;  // uniform over the CTA: before any barrier
 
     const int tid = threadIdx.x;
     if (tid == 0) {
@@ -284,105 +243,70 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
             mbar_init(ksfull(s), 96);
             mbar_init(ksempty(s), 256);
         }
-        mbar_init(qfull, 1);
-        mbar_init(qempty, 256);
+        mbar_init(q_bar, 1);
         mbar_init_fence();
     }
     __syncthreads();
 
     const int wg = tid >> 7;  // 0 producer, 1 / 2 consumers
     WsDesc* desc = reinterpret_cast<WsDesc*>(smem + S::DESC);
-    int4* info = reinterpret_cast<int4*>(smem + S::INFO);
     if (wg == 0) {
         // ------------------------------------------------------------ producer
         reg_dealloc<kWsProducerRegs>();
         const int pwarp = tid >> 5, plane = tid & 31;
         if (pwarp == 0) {
-            // Warp 0 takes the CTA's tiles in turn; per tile it walks the list, 32
-            // positions per step (one load each, in parallel), packs the loaded blocks
-            // HALVES per stage, and lane 0 publishes each stage's descriptor and issues its
-            // TMA loads. The consumers never read the list.
+            // Warp 0 walks the list, 32 positions per step (one load each, in parallel),
+            // packs the loaded blocks HALVES per stage, and lane 0 publishes each stage's
+            // descriptor and issues its TMA loads. The consumers never read the list.
             if (plane == 0) {
                 tma_prefetch_desc(&p.tma_q);
                 tma_prefetch_desc(&p.tma_k);
                 tma_prefetch_desc(&p.tma_v);
-            }
-            const bool dynamic = p.tile_counter != nullptr;
-            int2* items = reinterpret_cast<int2*>(smem + S::ITEMS);
-            int k = 0;   // stages so far (the ring runs on across tiles)
-            int nt = 0;  // tiles so far (the phase of qfull / qempty)
-            // Q of both chunks into the Q buffer, once the consumers freed it.
-            // The tile's geometry for the consumers' epilogue, before its first stage's
-            // kfull (which orders it for them). Entry nt % 2 was last read when tile nt - 2
-            // closed: before the consumers opened tile nt - 1 (Q_REGS: wait for that, the
-            // qempty phase of load_q) / freed its Q buffer (else: load_q(nt - 1) waited).
-            auto put_info = [&](const WsWork& w) { info[nt & 1] = make_int4(w.c0, w.seq0, w.j, w.q_rows0 | (w.q_rows1 << 8)); };
-            auto load_q = [&](const WsWork& w) {
-                if (nt > 0) mbar_wait(qempty, (nt - 1) & 1);
-                if (Q_REGS) put_info(w);
-                mbar_arrive_expect_tx(qfull, (w.has1 ? 2 : 1) * 64 * DK * 2);
+                mbar_arrive_expect_tx(q_bar, (w.has1 ? 2 : 1) * 64 * DK * 2);
 #pragma unroll
                 for (int pn = 0; pn < DK / 64; ++pn) {
-                    tma_load_3d(sbase + S::Q + pn * S::PANEL64, &p.tma_q, qfull, pn * 64, w.j, w.seq0 + w.c0 * 64);
-                    if (w.has1) tma_load_3d(sbase + S::Q + S::QBYTES + pn * S::PANEL64, &p.tma_q, qfull, pn * 64, w.j, w.seq0 + w.c0 * 64 + 64);
+                    tma_load_3d(sbase + S::Q + pn * S::PANEL64, &p.tma_q, q_bar, pn * 64, w.j, w.seq0 + w.c0 * 64);
+                    if (w.has1) tma_load_3d(sbase + S::Q + S::QBYTES + pn * S::PANEL64, &p.tma_q, q_bar, pn * 64, w.j, w.seq0 + w.c0 * 64 + 64);
                 }
-            };
+            }
+            int2* items = reinterpret_cast<int2*>(smem + S::ITEMS);
+            int base = 0, idx = 0, avail = 0;
 #pragma unroll 1
-            for (int i = 0;; ++i) {
-                int lin;
-                if (dynamic) {
-                    int t = 0;
-                    if (plane == 0) t = atomicAdd(p.tile_counter, 1);
-                    lin = __shfl_sync(0xffffffffu, t, 0);
-                    if (lin >= WsWork::count(p)) break;
-                } else {
-                    if (i >= max(p.pairs_per_cta, 1)) break;
-                    lin = ws_static_tile(p, i);
-                    if (lin < 0) continue;
-                }
-                WsWork w;
-                if (!w.init(p, lin)) continue;
-                // Q in registers: the buffer was freed when the previous tile began, so
-                // Q goes first; else it waits for the previous tile's end, which the
-                // consumers reach on this tile's first descriptor: after the first stage.
-                if (Q_REGS && plane == 0) load_q(w);
-                if (!Q_REGS && plane == 0) put_info(w);
-                w.walk(p);
-                int base = 0, idx = 0, avail = 0;
-                bool first = true;
-#pragma unroll 1
-                for (;; ++k) {
-                    int b[2] = {0, 0}, m = 0, h = 0;
-                    while (h < HALVES) {
-                        if (idx == avail) {
-                            if (base >= w.npos) break;
-                            __syncwarp();  // the window's previous entries are read
-                            int x = 0, mk = 0;
-                            if (base + plane < w.npos) mk = w.item(base + plane, &x);
-                            items[plane] = make_int2(x, mk);
-                            __syncwarp();
-                            avail = min(32, w.npos - base);
-                            base += 32;
-                            idx = 0;
-                        }
-                        const int2 it = items[idx++];
-                        if (it.y) {
-                            if (h == 0) b[0] = it.x;
-                            else b[1] = it.x;
-                            m |= it.y << (2 * h);
-                            ++h;
-                        }
+            for (int k = 0;; ++k) {
+                int b[2] = {0, 0}, m = 0, h = 0;
+                while (h < HALVES) {
+                    if (idx == avail) {
+                        if (base >= w.npos) break;
+                        __syncwarp();  // the window's previous entries are read
+                        int x = 0, mk = 0;
+                        if (base + plane < w.npos) mk = w.item(base + plane, &x);
+                        items[plane] = make_int2(x, mk);
+                        __syncwarp();
+                        avail = min(32, w.npos - base);
+                        base += 32;
+                        idx = 0;
                     }
-                    if (h == 0) break;  // the tile's last stage is out
-                    const int slot = k % ST;
-                    const u32 ph = (k / ST) & 1;
-                    if (plane == 0) {
-                        if (k >= ST) {
-                            mbar_wait(kempty(slot), ph ^ 1);
-                            if (knorm) mbar_wait(ksfull(slot), ph ^ 1);  // the scale warps are done reading K
-                        }
+                    const int2 it = items[idx++];
+                    if (it.y) {
+                        if (h == 0) b[0] = it.x;
+                        else b[1] = it.x;
+                        m |= it.y << (2 * h);
+                        ++h;
+                    }
+                }
+                const int slot = k % ST;
+                const u32 ph = (k / ST) & 1;
+                if (plane == 0) {
+                    if (k >= ST) {
+                        mbar_wait(kempty(slot), ph ^ 1);
+                        if (knorm) mbar_wait(ksfull(slot), ph ^ 1);  // the scale warps are done reading K
+                    }
+                    if (h == 0) {
+                        desc[slot].m = -1;
+                        mbar_arrive(kfull(slot));  // the end: no bytes, the phase completes
+                    } else {
                         if (h < HALVES) b[1] = b[0];
-                        desc[slot] = WsDesc{{b[0], b[1]}, m, (w.c0 << 2) | (w.has1 ? 2 : 0) | (first ? 1 : 0)};
+                        desc[slot] = WsDesc{{b[0], b[1]}, m, 0};
                         mbar_arrive_expect_tx(kfull(slot), HALVES * 64 * DK * 2);
 #pragma unroll
                         for (int hh = 0; hh < HALVES; ++hh) {
@@ -398,32 +322,10 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
                             for (int pn = 0; pn < DV / 64; ++pn)
                                 tma_load_3d(sbase + S::V + slot * S::VBYTES + pn * S::KPANEL + hh * S::PANEL64, &p.tma_v, vfull(slot), pn * 64, w.kvh, w.seq0 + b[hh] * 64);
                         }
-                        if (!Q_REGS && first) load_q(w);
-                    }
-                    __syncwarp();
-                    first = false;
-                }
-                ++nt;
-            }
-            if (plane == 0) {
-                // The end: a descriptor with m < 0, kfull armed without bytes.
-                const int slot = k % ST;
-                const u32 ph = (k / ST) & 1;
-                if (k >= ST) {
-                    mbar_wait(kempty(slot), ph ^ 1);
-                    if (knorm) mbar_wait(ksfull(slot), ph ^ 1);
-                }
-                desc[slot].m = -1;
-                mbar_arrive(kfull(slot));
-                if (dynamic) {
-                    // Every CTA fetched past the end once; the last one to count its
-                    // fetch rewinds the counter for the next launch (graph replays too).
-                    __threadfence();
-                    if (atomicAdd(p.tile_counter + 1, 1) == (int)gridDim.x - 1) {
-                        p.tile_counter[0] = 0;
-                        p.tile_counter[1] = 0;
                     }
                 }
+                __syncwarp();
+                if (h == 0) break;
             }
             return;
         }
@@ -460,12 +362,39 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     const int cw = wg - 1;              // consumer index = chunk c0 + cw
     const int wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
     const int bar = 1 + cw;             // named barrier of this warpgroup
+    const int c = w.c0 + cw;
+    const bool active = cw == 0 || w.has1;
+    const int q_rows = cw == 0 ? w.q_rows0 : w.q_rows1;
     const u32 q_addr = sbase + S::Q + cw * S::QBYTES;
     T* sq = reinterpret_cast<T*>(smem + S::Q + cw * S::QBYTES);
-    T* so = reinterpret_cast<T*>(smem + S::O + cw * (Q_REGS ? S::OBYTES : S::QBYTES));
     const T* wq = reinterpret_cast<const T*>(p.q_norm_w);
     const T* wk = reinterpret_cast<const T*>(p.k_norm_w);
     const float sl2 = p.scale_log2;  // > 0 (validated): max of raw scores = max of scaled
+
+    if (active) {
+        mbar_wait(q_bar, 0);
+        if (wq || wk) {
+            fold_q_norm_sw128<T, DK, 64, 128>(sq, wq, wk, p.norm_eps, wtid);
+            fence_proxy_async();  // generic writes of Q before the wgmma reads
+            named_bar_sync(bar, 128);
+        }
+    }
+
+    // Q fragments (dk <= 128), defined on every path: zeros for an inactive consumer.
+    // (Left undefined there, ptxas reused their registers for P: see bench/NOTES.md, 64/64.)
+    constexpr bool Q_REGS = S::Q_REGS;
+    u32 qa[Q_REGS ? DK / 16 : 1][4];
+#pragma unroll
+    for (int ks = 0; ks < (Q_REGS ? DK / 16 : 1); ++ks) qa[ks][0] = qa[ks][1] = qa[ks][2] = qa[ks][3] = 0u;
+    if (Q_REGS && active) {
+#pragma unroll
+        for (int ks = 0; ks < DK / 16; ++ks) ldmatrix_x4(qa[ks], sq + sw128<64>(warp * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8));
+    }
+
+    float o[DV / 8][4];
+#pragma unroll
+    for (int i = 0; i < DV / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};  // m in raw-score units
     const int row_a = warp * 16 + (lane >> 2);
 
     // Every consumer thread arrives itself, after its own reads of the slot (the
@@ -474,37 +403,18 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     // follows (a lane-0 arrival after __syncwarp it reports as a race).
     auto release = [&](u32 b) { mbar_arrive(b); };
 
-    // Tiles opened so far. (The tile's geometry is read from the descriptors and, for the
-    // epilogue, from `info`: kept in registers, it made dk 256 spill.)
-    int ntile = 0;
-    // Q fragments (dk <= 128), defined on every path: zeros until a tile loads them.
-    // (Left undefined on an inactive consumer, ptxas reused their registers for P: see
-    // bench/NOTES.md, 64/64.)
-    u32 qa[Q_REGS ? DK / 16 : 1][4];
-#pragma unroll
-    for (int ks = 0; ks < (Q_REGS ? DK / 16 : 1); ++ks) qa[ks][0] = qa[ks][1] = qa[ks][2] = qa[ks][3] = 0u;
-    float o[DV / 8][4];
-#pragma unroll
-    for (int i = 0; i < DV / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m[2], l[2];  // m in raw-score units
-
     u32 pa[NKK][4];  // P of the held stage (the A operand of its PV)
 #pragma unroll
     for (int kk = 0; kk < NKK; ++kk) pa[kk][0] = pa[kk][1] = pa[kk][2] = pa[kk][3] = 0u;
     int held = -1, held_slot = 0;  // stage whose PV is pending, and its slot
     u32 held_ph = 0;
-    // 0 until the tile's first PV, which overwrites O: O is never zeroed inside the loop
-    // (zeroing it there, ptxas serialised every wgmma: C7515), and nothing of the
-    // previous tile's O (not even a NaN from a NaN input) reaches the next.
-    int pv_acc = 1;
     auto issue_pv = [&]() {
         const u32 v_addr = sbase + S::V + held_slot * S::VBYTES;
         // Every k-step, unused halves too (P = 0 there): a wgmma under a condition makes
         // ptxas serialise every wgmma of the kernel (C7520).
 #pragma unroll
-        for (int kk = 0; kk < NKK; ++kk) wgmma_rs<T, DV, 1>(o, pa[kk], wg_desc(v_addr + kk * 16 * 128, S::KPANEL), kk > 0 || pv_acc);
+        for (int kk = 0; kk < NKK; ++kk) wgmma_rs<T, DV, 1>(o, pa[kk], wg_desc(v_addr + kk * 16 * 128, S::KPANEL), 1);
         wg_commit();
-        pv_acc = 1;
     };
     auto rescale = [&](const float (&a)[2]) {
         // Only when a row maximum moved (after the first blocks, rarely).
@@ -530,196 +440,146 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         release(vempty(held_slot));
         held = -1;
     };
-    // The open tile's end: its last PV, then O out; the Q buffer is free after that
-    // where Q was read from it (and O staged in it).
-    auto close_tile = [&]() {
-        if (held >= 0) flush();
-        // P is dead until the next tile's first stage defines it (live, dk 256 spilled).
-#pragma unroll
-        for (int kk = 0; kk < NKK; ++kk) asm volatile("" : "=r"(pa[kk][0]), "=r"(pa[kk][1]), "=r"(pa[kk][2]), "=r"(pa[kk][3]));
-        const int4 t = info[(ntile - 1) & 1];
-        const int q_rows = cw == 0 ? (t.w & 0xff) : (t.w >> 8);
-        if (q_rows > 0) {
-            // Every warp of this warpgroup is done with its reads of the staging tile
-            // (the previous tile's O; with !Q_REGS this tile's Q by wgmma).
-            fence_proxy_async();
-            named_bar_sync(bar, 128);
-            ws_store_output<T, DV>(p, t.y, t.z, t.x + cw, q_rows, o, l, m, so, row_a, wtid, bar);
-        }
-        // O is dead until the next tile's first PV overwrites it (acc 0): tell the compiler,
-        // or it keeps O live through the epilogue (dk 256 spilled).
-#pragma unroll
-        for (int i = 0; i < DV / 8; ++i) asm volatile("" : "=f"(o[i][0]), "=f"(o[i][1]), "=f"(o[i][2]), "=f"(o[i][3]));
-        if (!Q_REGS) release(qempty);
-    };
-    auto open_tile = [&](const WsDesc& d) {
-        const bool active = cw == 0 || (d.tile & 2);
-        pv_acc = 0;
-        m[0] = m[1] = neg_inf();
-        l[0] = l[1] = 0.f;
-        if (active) {
-            mbar_wait(qfull, ntile & 1);
-            if (wq || wk) {
-                fold_q_norm_sw128<T, DK, 64, 128>(sq, wq, wk, p.norm_eps, wtid);
-                fence_proxy_async();  // generic writes of Q before the wgmma / TMA
-                named_bar_sync(bar, 128);
-            }
-            if constexpr (Q_REGS) {
-#pragma unroll
-                for (int ks = 0; ks < DK / 16; ++ks) ldmatrix_x4(qa[ks], sq + sw128<64>(warp * 16 + (lane & 15), ks * 16 + (lane >> 4) * 8));
-            }
-        }
-        if (Q_REGS) release(qempty);  // the fragments are in registers
-        ++ntile;
-    };
 
     const int my_turn = kWsTurnBar + cw, other_turn = kWsTurnBar + (cw ^ 1);
     if (cw == 1) named_bar_arrive(kWsTurnBar, 256);  // consumer 0 goes first
 
-    // Tiles, then their stages: the tile's open / close code stays out of the stage loop
-    // (with both in one loop, 64/128 ran 7% slower than the single-tile kernel: 5.128 vs
-    // 4.769 ms, run h).
-    int k = 0;
 #pragma unroll 1
-    for (;;) {
-        {
-            const int slot = k % ST;
-            mbar_wait(kfull(slot), (k / ST) & 1);  // the tile's first stage, or the end
-            const WsDesc d = desc[slot];
-            if (d.m < 0) break;
-            open_tile(d);
-        }
-#pragma unroll 1
-        for (bool first = true;; ++k, first = false) {
-            const int slot = k % ST;
-            const u32 ph = (k / ST) & 1;
-            if (held >= 0 && k - held >= ST) flush();  // the producer needs the held stage's V slot
-            mbar_wait(kfull(slot), ph);
-            const WsDesc d = desc[slot];
-            if (!first && (d.m < 0 || (d.tile & 1))) break;  // the next tile's first stage, or the end
-            int use = 0;  // halves this consumer uses
+    for (int k = 0;; ++k) {
+        const int slot = k % ST;
+        const u32 ph = (k / ST) & 1;
+        if (held >= 0 && k - held >= ST) flush();  // the producer needs the held stage's V slot
+        mbar_wait(kfull(slot), ph);
+        const WsDesc d = desc[slot];
+        if (d.m < 0) break;
+        int use = 0;  // halves this consumer uses
 #pragma unroll
-            for (int h = 0; h < HALVES; ++h) use |= ((d.m >> (2 * h + cw)) & 1) << h;
-            if (!use) {
-                named_bar_sync(my_turn, 256);
-                named_bar_arrive(other_turn, 256);
-                release(kempty(slot));
-                mbar_wait(vfull(slot), ph);
-                release(vempty(slot));
-                if (knorm) {
-                    mbar_wait(ksfull(slot), ph);
-                    release(ksempty(slot));
-                }
-                continue;
-            }
+        for (int h = 0; h < HALVES; ++h) use |= ((d.m >> (2 * h + cw)) & 1) << h;
+        if (!use) {
             named_bar_sync(my_turn, 256);
-            const u32 k_addr = sbase + S::K + slot * S::KBYTES;
-
-            // S = Q K^T, then the held stage's PV as a second group
-            float s[BN / 8][4];
-#pragma unroll
-            for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-            wg_hold<BN / 8>(s);
-            wg_hold<DV / 8>(o);
-            ws_hold_p<NKK>(pa);
-            wg_fence();
-#pragma unroll
-            for (int ks = 0; ks < DK / 16; ++ks) {
-                const u32 off = (ks >> 2) * S::KPANEL + (ks & 3) * 32;
-                if constexpr (Q_REGS) wgmma_rs<T, BN, 0>(s, qa[ks], wg_desc(k_addr + off), ks > 0);
-                else wgmma_ss<T, BN, 0>(s, wg_desc(q_addr + (ks >> 2) * S::PANEL64 + (ks & 3) * 32), wg_desc(k_addr + off), ks > 0);
-            }
-            wg_commit();
-            const bool pv_pending = held >= 0;
-            if (pv_pending) {
-                mbar_wait(vfull(held_slot), held_ph);
-                wg_fence();  // in this basic block (ptxas would inject it); waits for no wgmma
-                issue_pv();
-                named_bar_arrive(other_turn, 256);
-                wg_wait<1>();
-            } else {
-                named_bar_arrive(other_turn, 256);
-                wg_wait<0>();
-            }
-            wg_hold<BN / 8>(s);
-            release(kempty(slot));  // S is in registers: the K slot goes back to the producer
-
-            // Per-key 1 / rms(k) (k-RMSNorm): scores to normalised-key units.
+            named_bar_arrive(other_turn, 256);
+            release(kempty(slot));
+            mbar_wait(vfull(slot), ph);
+            release(vempty(slot));
             if (knorm) {
                 mbar_wait(ksfull(slot), ph);
-                const float* ksc = kscale_all + slot * BN;
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) {
-                    const float2 f = *reinterpret_cast<const float2*>(ksc + nt * 8 + 2 * (lane & 3));
-                    s[nt][0] *= f.x;
-                    s[nt][1] *= f.y;
-                    s[nt][2] *= f.x;
-                    s[nt][3] *= f.y;
-                }
                 release(ksempty(slot));
             }
-            // Masks: an unused half (the other consumer's block) and the causal diagonal.
-            const int c = (d.tile >> 2) + cw;
-            bool full = use == (1 << HALVES) - 1;
-#pragma unroll
-            for (int h = 0; h < HALVES; ++h) full = full && d.b[h] != c;
-            if (!full) {
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) {
-                    const int h = nt / 8;
-                    const bool used_h = (use >> h) & 1;
-                    const bool diag_h = d.b[h] == c;
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = (nt % 8) * 8 + 2 * (lane & 3) + (e & 1);
-                        const int row = row_a + (e >> 1) * 8;
-                        if (!used_h || (diag_h && key > row)) s[nt][e] = neg_inf();
-                    }
-                }
-            }
-            // Online softmax on raw scores; exp2(s * scale_log2 - m * scale_log2) as one FFMA.
-            float alpha[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = neg_inf();
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m[r], mx);
-                const float m_use = m_new == neg_inf() ? 0.f : m_new;
-                const float mc = m_use * sl2;
-                alpha[r] = fast_exp2(m[r] * sl2 - mc);
-                float sum = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) {
-                    s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], sl2, -mc));
-                    s[nt][2 * r + 1] = fast_exp2(fmaf(s[nt][2 * r + 1], sl2, -mc));
-                    sum += s[nt][2 * r] + s[nt][2 * r + 1];
-                }
-                l[r] = l[r] * alpha[r] + sum;
-                m[r] = m_new;
-            }
-            // The held stage's PV is done (nothing pending otherwise): its V goes back.
-            wg_wait<0>();
-            wg_hold<DV / 8>(o);
-            ws_hold_p<NKK>(pa);
-            if (pv_pending) release(vempty(held_slot));
-            rescale(alpha);
-#pragma unroll
-            for (int kk = 0; kk < NKK; ++kk) {
-                pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-                pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-                pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            }
-            held = k;
-            held_slot = slot;
-            held_ph = ph;
+            continue;
         }
-        close_tile();
+        named_bar_sync(my_turn, 256);
+        const u32 k_addr = sbase + S::K + slot * S::KBYTES;
+
+        // S = Q K^T, then the held stage's PV as a second group
+        float s[BN / 8][4];
+#pragma unroll
+        for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        wg_hold<BN / 8>(s);
+        wg_hold<DV / 8>(o);
+        ws_hold_p<NKK>(pa);
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < DK / 16; ++ks) {
+            const u32 off = (ks >> 2) * S::KPANEL + (ks & 3) * 32;
+            if constexpr (Q_REGS) wgmma_rs<T, BN, 0>(s, qa[ks], wg_desc(k_addr + off), ks > 0);
+            else wgmma_ss<T, BN, 0>(s, wg_desc(q_addr + (ks >> 2) * S::PANEL64 + (ks & 3) * 32), wg_desc(k_addr + off), ks > 0);
+        }
+        wg_commit();
+        const bool pv_pending = held >= 0;
+        if (pv_pending) {
+            mbar_wait(vfull(held_slot), held_ph);
+            wg_fence();  // in this basic block (ptxas would inject it); waits for no wgmma
+            issue_pv();
+            named_bar_arrive(other_turn, 256);
+            wg_wait<1>();
+        } else {
+            named_bar_arrive(other_turn, 256);
+            wg_wait<0>();
+        }
+        wg_hold<BN / 8>(s);
+        release(kempty(slot));  // S is in registers: the K slot goes back to the producer
+
+        // Per-key 1 / rms(k) (k-RMSNorm): scores to normalised-key units.
+        if (knorm) {
+            mbar_wait(ksfull(slot), ph);
+            const float* ksc = kscale_all + slot * BN;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                const float2 f = *reinterpret_cast<const float2*>(ksc + nt * 8 + 2 * (lane & 3));
+                s[nt][0] *= f.x;
+                s[nt][1] *= f.y;
+                s[nt][2] *= f.x;
+                s[nt][3] *= f.y;
+            }
+            release(ksempty(slot));
+        }
+        // Masks: an unused half (the other consumer's block) and the causal diagonal.
+        bool full = use == (1 << HALVES) - 1;
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h) full = full && d.b[h] != c;
+        if (!full) {
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                const int h = nt / 8;
+                const bool used_h = (use >> h) & 1;
+                const bool diag_h = d.b[h] == c;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = (nt % 8) * 8 + 2 * (lane & 3) + (e & 1);
+                    const int row = row_a + (e >> 1) * 8;
+                    if (!used_h || (diag_h && key > row)) s[nt][e] = neg_inf();
+                }
+            }
+        }
+        // Online softmax on raw scores; exp2(s * scale_log2 - m * scale_log2) as one FFMA.
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = neg_inf();
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m[r], mx);
+            const float m_use = m_new == neg_inf() ? 0.f : m_new;
+            const float mc = m_use * sl2;
+            alpha[r] = fast_exp2(m[r] * sl2 - mc);
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                s[nt][2 * r] = fast_exp2(fmaf(s[nt][2 * r], sl2, -mc));
+                s[nt][2 * r + 1] = fast_exp2(fmaf(s[nt][2 * r + 1], sl2, -mc));
+                sum += s[nt][2 * r] + s[nt][2 * r + 1];
+            }
+            l[r] = l[r] * alpha[r] + sum;
+            m[r] = m_new;
+        }
+        // The held stage's PV is done (nothing pending otherwise): its V goes back.
+        wg_wait<0>();
+        wg_hold<DV / 8>(o);
+        ws_hold_p<NKK>(pa);
+        if (pv_pending) release(vempty(held_slot));
+        rescale(alpha);
+#pragma unroll
+        for (int kk = 0; kk < NKK; ++kk) {
+            pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+            pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+            pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+        held = k;
+        held_slot = slot;
+        held_ph = ph;
     }
+    if (held >= 0) flush();
     if (cw == 0) named_bar_sync(kWsTurnBar, 256);  // consumer 1's last hand-over
+
+    if (!active) return;
+    // The Q tile becomes the O staging tile: every warp of this warpgroup is done
+    // with its wgmma reads of Q (each waited on its last group; the barrier makes it all).
+    fence_proxy_async();
+    named_bar_sync(bar, 128);
+    ws_store_output<T, DV>(p, w, c, q_rows, o, l, m, sq, row_a, wtid, bar);
 }
 
 #endif  // NATSL_SM90A

@@ -396,7 +396,7 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
         // EXPERIMENT (removed after the device run): NATSL_WS_SCHED = "dyn" | "kN".
         let sched = std::env::var("NATSL_WS_SCHED").unwrap_or_default();
         let grid = if sched == "dyn" {
-            p.tile_counter = ws_counter(rt)?;
+            p.tile_counter = rt.tile_counter()?;
             tiles.min(rt.sm_count() as u64)
         } else {
             let k: u64 = sched.strip_prefix('k').and_then(|x| x.parse().ok()).unwrap_or(1).max(1);
@@ -412,24 +412,6 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
     // element, 16-byte alignment of rows); list contents are bounds-checked in the kernel.
     unsafe { rt.stream().launch_builder(&f).arg(&p).launch(cfg)? };
     Ok(())
-}
-
-// EXPERIMENT: one leaked zeroed [2] i32 counter per context (removed after the device run).
-fn ws_counter(rt: &Runtime) -> Result<*mut i32> {
-    use cudarc::driver::DevicePtrMut;
-    use std::sync::{Mutex, OnceLock};
-    static COUNTERS: OnceLock<Mutex<Vec<(usize, u64)>>> = OnceLock::new();
-    let key = rt.context().cu_ctx() as usize;
-    let mut g = COUNTERS.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(&(_, ptr)) = g.iter().find(|(k, _)| *k == key) {
-        return Ok(ptr as *mut i32);
-    }
-    let mut buf = rt.stream().alloc_zeros::<i32>(2)?;
-    let ptr = { let (p, _s) = buf.device_ptr_mut(rt.stream()); p };
-    rt.stream().synchronize()?;
-    std::mem::forget(buf);
-    g.push((key, ptr));
-    Ok(ptr as *mut i32)
 }
 
 // ---------------------------------------------------------------- decode
