@@ -44,19 +44,6 @@ pub fn embedded_images() -> &'static [(&'static str, &'static str, &'static [u8]
 
 type ModuleSlot = Arc<Mutex<Option<Arc<CudaModule>>>>;
 
-/// Slots of the tile-counter ring: a slot is handed out again only after this many
-/// other launches of the device's persistent kernels.
-pub const TILE_COUNTER_SLOTS: usize = 4096;
-
-/// A ring of zeroed `[2] i32` counters; each launch of a persistent kernel takes the
-/// next one and leaves it zero (the last CTA rewinds it).
-struct TileCounters {
-    /// Owns the memory `base` points into (freed with the device).
-    _buf: cudarc::driver::CudaSlice<i32>,
-    base: u64,
-    next: usize,
-}
-
 /// What every runtime of one context shares: properties and the module cache.
 struct Device {
     ctx: Arc<CudaContext>,
@@ -70,8 +57,6 @@ struct Device {
     /// lock while that unit loads or compiles.
     modules: Mutex<HashMap<KernelSpec, ModuleSlot>>,
     functions: Mutex<HashMap<(KernelSpec, String), (CudaFunction, u32)>>,
-    /// Tile counters of the persistent kernels, made on first use (see [`Runtime::tile_counter`]).
-    counters: Mutex<Option<TileCounters>>,
     /// A context natsl did not create and must never destroy (a caller's
     /// non-primary context): this reference is never dropped, so cudarc's
     /// `cuCtxDestroy` never runs.
@@ -212,7 +197,6 @@ impl Runtime {
             max_smem_optin,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
-            counters: Mutex::new(None),
             _borrowed: borrowed.map(ManuallyDrop::new),
         };
         Ok(Runtime { dev: Arc::new(dev), stream })
@@ -235,32 +219,6 @@ impl Runtime {
     pub unsafe fn on_raw_stream(&self, stream: sys::CUstream) -> Result<Runtime> {
         check_stream_context(&self.dev.ctx, stream)?;
         Ok(Runtime { dev: self.dev.clone(), stream: self.dev.ctx.wrap_borrowed_stream(stream) })
-    }
-
-    /// A zeroed `[2] i32` tile counter for one launch of a persistent kernel (the sparse
-    /// warp-specialized prefill), from a ring of [`TILE_COUNTER_SLOTS`] per device that
-    /// is allocated (32 KB) on first use. The kernel leaves its counter zero. Two
-    /// launches share a counter only [`TILE_COUNTER_SLOTS`] launches apart, so direct
-    /// calls on any number of streams never collide; CUDA graphs keep the counter they
-    /// were captured with: graphs that replay at the same time must hold fewer than
-    /// that many captured launches between them.
-    pub fn tile_counter(&self) -> Result<*mut i32> {
-        use cudarc::driver::DevicePtrMut;
-        let mut g = self.dev.counters.lock().unwrap_or_else(|e| e.into_inner());
-        if g.is_none() {
-            let mut buf = self.stream.alloc_zeros::<i32>(2 * TILE_COUNTER_SLOTS)?;
-            let base = {
-                let (p, _sync) = buf.device_ptr_mut(&self.stream);
-                p
-            };
-            // The zeros are in place before any kernel on another stream reads them.
-            self.stream.synchronize()?;
-            *g = Some(TileCounters { _buf: buf, base, next: 0 });
-        }
-        let c = g.as_mut().expect("set above");
-        let slot = c.next;
-        c.next = (c.next + 1) % TILE_COUNTER_SLOTS;
-        Ok((c.base + (slot * 8) as u64) as *mut i32)
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

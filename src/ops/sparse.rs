@@ -186,16 +186,13 @@ pub fn prefill_ws_stages(dims: HeadDims) -> u32 {
     }
 }
 
-/// Smem bytes of the TMA warp-specialized prefill (`WsTile::BYTES`): two Q tiles and two
-/// O staging tiles (one pair of [64][max(dk, dv)] tiles for both at dk > 128), the ring of
-/// [BN][dk] K and [BN][dv] V stages, per-key RMS scales per stage, 6 mbarriers per stage
-/// + 2 (Q full / empty), a 16-byte descriptor per stage, the producer's 32-entry list
-/// window, two tiles' geometry (16 bytes each), plus 1 KB to align the tiles.
+/// Smem bytes of the TMA warp-specialized prefill (`WsTile::BYTES`): two [64][max(dk, dv)]
+/// Q / O staging tiles, the ring of [BN][dk] K and [BN][dv] V stages, per-key RMS
+/// scales per stage, 6 mbarriers per stage + 1 (Q), a 16-byte descriptor per stage, the
+/// producer's 32-entry list window, plus 1 KB to align the tiles.
 pub fn prefill_ws_smem(dims: HeadDims) -> u32 {
     let (st, bn) = (prefill_ws_stages(dims), prefill_ws_keys(dims));
-    // Q in registers (dk <= 128): [64][dk] Q tiles and separate [64][dv] O staging tiles.
-    let q_o = if dims.dk <= 128 { 2 * 64 * (dims.dk + dims.dv) * 2 } else { 2 * 64 * dims.dk.max(dims.dv) * 2 };
-    q_o + st * bn * (dims.dk + dims.dv) * 2 + st * bn * 4 + ((6 * st + 2) * 8).next_multiple_of(16) + st * 16 + 32 * 8 + 2 * 16 + 1024
+    2 * 64 * dims.dk.max(dims.dv) * 2 + st * bn * (dims.dk + dims.dv) * 2 + st * bn * 4 + ((6 * st + 1) * 8).next_multiple_of(16) + st * 16 + 32 * 8 + 1024
 }
 
 /// CTAs of the warp-specialized prefill: one per (chunk pair, sequence, query head).
@@ -386,24 +383,10 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
         tma_q: tma_maps[0],
         tma_k: tma_maps[1],
         tma_v: tma_maps[2],
-        tile_counter: std::ptr::null_mut(),
-        pairs_per_cta: 1,
     };
-    let mut p = p;
     let cfg = if entry.starts_with("prefill_ws") {
         // validate_prefill bounded max_chunks * N * Hq by i32::MAX; the pair grid is at most that.
-        let tiles = prefill_ws_grid(plan.max_chunks, batch.num_seqs(), plan.hq);
-        // EXPERIMENT (removed after the device run): NATSL_WS_SCHED = "dyn" | "kN".
-        let sched = std::env::var("NATSL_WS_SCHED").unwrap_or_default();
-        let grid = if sched == "dyn" {
-            p.tile_counter = rt.tile_counter()?;
-            tiles.min(rt.sm_count() as u64)
-        } else {
-            let k: u64 = sched.strip_prefix('k').and_then(|x| x.parse().ok()).unwrap_or(1).max(1);
-            p.pairs_per_cta = k as i32;
-            let pairs = plan.max_chunks.div_ceil(2) as u64;
-            tiles / pairs * pairs.div_ceil(k)
-        } as u32;
+        let grid = prefill_ws_grid(plan.max_chunks, batch.num_seqs(), plan.hq) as u32;
         LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (WS_THREADS, 1, 1), shared_mem_bytes: smem_bytes }
     } else {
         LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem_bytes }

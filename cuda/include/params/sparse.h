@@ -62,11 +62,6 @@ typedef struct NatslSparsePrefillParams {
     const int* kv_indices;   /* BLOCKS: [N, Hm, max_q_blocks, max_kv_blocks] ascending block indices */
     int max_q_blocks;        /* BLOCKS: >= batch.max_chunks */
     int max_kv_blocks;       /* BLOCKS: capacity of each list */
-    /* prefill_ws schedule. tile_counter: nullable [2] i32, zero before the first launch and
-     * left zero by each (persistent CTAs take tiles from it; launches using one counter
-     * must not overlap in time). Null: CTA b runs pairs_per_cta (>= 1) tiles. */
-    int* tile_counter;
-    int pairs_per_cta;
 } NatslSparsePrefillParams;
 
 /*
