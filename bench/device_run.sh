@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: tests, compute-sanitizer, natsl benches and the peers, logs under $OUT.
 # Run from the repository root on the GPU host after `../shared/gpu/pack --peers`:
-#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse|fused|fusedbench|fusedprof|fusedvar]...   (default: the first four)
+#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse|fused|fusedbench|fusedprof]...   (default: the first four)
 # `sparse` is the softmax-prefill loop of issue 8: its GPU tests, its benches and its
 # peers (cuDNN, FA2, FlexAttention) in one call. `fused` and `fusedbench` are the GDN loop
 # of issue 9 (one device call each, < 10 minutes): the fused sm_90a prefill's GPU tests
@@ -81,23 +81,10 @@ for step in $steps; do
       timeout 100 $NCU -k regex:_fused_cp_ -c 2 .gpu/tests/gdn "P5 " > "$OUT/ncu_fused_p5.txt" 2>&1
       grep -hE "^  [a-z_]+.*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall" "$OUT"/ncu_fused_*.txt | head -60 ;;
     fusedprof)
-      # Session 4 follow-up (< 5 minutes): the fused kernel's phase timer (variants 0, 1, 2,
-      # P1 and P4), then the short bench with the variant rows.
-      NATSL_BENCH_FUSED_PROFILE=0,1,2 timeout 150 .gpu/tests/gdn "P1 " "P4 " > "$OUT/fused-profile.log" 2>&1; echo "== profile rc $?"
-      grep -vE "^\s*$|^running|^test result" "$OUT/fused-profile.log" | cut -c1-120 | head -110
-      NATSL_BENCH_FUSED_ONLY=1 timeout 240 .gpu/tests/gdn P1 P2 P4 P5 P8 natsl-340M > "$OUT/fused-variants-bench.log" 2>&1; echo "== bench rc $?"
-      cp bench/results/gdn-"$(date +%F)".jsonl "$OUT/" 2>/dev/null
-      grep -hE "fused|bf16 " "$OUT/fused-variants-bench.log" | grep -v "scan only" | cut -c1-120 ;;
-    fusedvar)
-      # The experimental variants' GPU tests (prefill_fused_tile's cases) and sanitizer (< 9 minutes).
-      timeout 240 .gpu/tests/gpu_gdn prefill_fused_variants --nocapture > "$OUT/fused-variants-tests.log" 2>&1; echo "== gpu_gdn prefill_fused_variants rc $?"
-      grep -E "^fused variant|test result|panicked|FAIL" "$OUT/fused-variants-tests.log" | cut -c1-200 | tail -12
-      for tool in memcheck racecheck; do
-        timeout 150 compute-sanitizer --tool $tool .gpu/tests/gpu_gdn prefill_fused_small > "$OUT/san.tmp" 2>&1
-        echo "-- $tool: $(grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$OUT/san.tmp" | tr '\n' ' ')"
-        cat "$OUT/san.tmp" >> "$OUT/fused-sanitizer.log"; rm -f "$OUT/san.tmp"
-      done
-      ;;
+      # The fused kernel's phase timer at P1 and P4 (< 2 minutes): cycles per prep and
+      # consumer phase, the loop periods and the prep -> consumer hand-over.
+      NATSL_BENCH_FUSED_PROFILE=1 timeout 150 .gpu/tests/gdn "P1 " "P4 " > "$OUT/fused-profile.log" 2>&1; echo "== profile rc $?"
+      grep -vE "^\s*$|^running|^test result" "$OUT/fused-profile.log" | cut -c1-120 | head -80 ;;
     profile)
       # One launch of each kernel the notes name as the next bottleneck.
       timeout 120 $NCU -k regex:natsl_router -c 2 .gpu/bin/natsl bench router "T=131072" > "$OUT/ncu_router.txt" 2>&1

@@ -8,7 +8,7 @@
 //! sm_90a only; NATSL_DUMP_DIR: keep each unit's .cu / .cubin (for cuobjdump -sass).
 
 use natsl::jit;
-use natsl::ops::gdn::{fused_spec, fused_tile, FUSED_TILE, FUSED_VARIANTS};
+use natsl::ops::gdn::{fused_spec, FUSED_PROFILE_TILE, FUSED_TILE};
 use natsl_codegen::{catalog, emit, Arch, DType, KernelSpec};
 
 #[test]
@@ -24,24 +24,18 @@ fn fused_prefill_compiles_without_spills_or_serialised_wgmma() {
     // Profile builds (phase timer): compiled and reported, their spills tolerated (they never
     // ship; the timer's stores may cost the prep a few registers).
     let mut profile: Vec<KernelSpec> = Vec::new();
-    // NATSL_FUSED_VARIANT=k: variant k only (0: the candidate itself).
-    let only: Option<u32> = std::env::var("NATSL_FUSED_VARIANT").ok().and_then(|v| v.parse().ok());
-    let variants: Vec<u32> = std::iter::once(0).chain(FUSED_VARIANTS.iter().map(|v| v.0)).filter(|v| only.is_none_or(|o| o == *v)).collect();
     for dtype in [DType::Bf16, DType::F16] {
         for (dk, dv) in [(128u32, 128u32), (128, 256)] {
             if quick && (dtype != DType::Bf16 || dv != 128) {
                 continue;
             }
             let base = fused_spec(dtype, dk, dv, Arch::Sm90a).expect("fused spec");
-            for &v in &variants {
-                specs.push(KernelSpec { tile: fused_tile(v, false), ..base });
-                if dtype == DType::Bf16 {
-                    profile.push(KernelSpec { tile: fused_tile(v, true), ..base });
-                }
+            specs.push(base);
+            if dtype == DType::Bf16 {
+                profile.push(KernelSpec { tile: FUSED_PROFILE_TILE, ..base });
             }
         }
     }
-    assert_eq!(fused_tile(0, false), FUSED_TILE);
     // The sm_80 unit of the same tile: stubs only (the host refuses the variant there).
     if !quick {
         specs.push(KernelSpec { tile: FUSED_TILE, ..catalog::gdn_prefill_spec(DType::Bf16, 128, 128, Arch::Sm80) });

@@ -311,7 +311,7 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
     // Every check runs once per prep kernel (outputs re-poisoned for each); the fused
     // kernel has no separate prep (once).
     let mut failures = Vec::new();
-    let preps: &[PrepKernel] = if matches!(c.tile, ScanTile::Fused | ScanTile::FusedWith { .. }) { &[PrepKernel::Grouped] } else { &[PrepKernel::Compact, PrepKernel::Grouped] };
+    let preps: &[PrepKernel] = if matches!(c.tile, ScanTile::Fused | ScanTile::FusedProfile) { &[PrepKernel::Grouped] } else { &[PrepKernel::Compact, PrepKernel::Grouped] };
     for &prep in preps {
         println!("  prep kernel {prep:?}");
         let mut od = testing::poisoned::<T>(rt, t * c.hv * c.dv).unwrap();
@@ -631,23 +631,32 @@ fn prefill_fused_tile() {
     }
 }
 
-/// `prefill_fused_tile`'s cases on each experimental fused variant (`FUSED_VARIANTS`,
-/// `ScanTile::FusedWith`) and on the phase-timer build of the candidate.
+/// `ScanTile::Auto` where the fused prefill's CTAs fill the GPU (8 sequences x 16 value
+/// heads x 1 column tile = 128 CTAs, >= 90% of an H200's 132 SMs): Auto runs it.
 #[test]
-fn prefill_fused_variants() {
-    let Some(rt) = testing::gpu_or_skip("prefill_fused_variants") else {
+fn prefill_auto_fused_when_ctas_fill_the_gpu() {
+    let Some(rt) = testing::gpu_or_skip("prefill_auto_fused_when_ctas_fill_the_gpu") else {
+        return;
+    };
+    let hv = (rt.sm_count() as usize).div_ceil(8);
+    let mut c = Case::new("auto-fused", &[100, 64, 130, 1, 77, 200, 63, 65], hv, hv, 128, 128);
+    c.labels = Labels::Random;
+    c.l2norm = true;
+    run_prefill::<bf16>(&rt, &c);
+}
+
+/// `prefill_fused_tile`'s cases on the fused prefill's phase-timer build (it must time
+/// the kernel that computes the right thing).
+#[test]
+fn prefill_fused_profile_build() {
+    let Some(rt) = testing::gpu_or_skip("prefill_fused_profile_build") else {
         return;
     };
     if rt.arch() != Arch::Sm90a {
         println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
         return;
     }
-    for &(v, name) in natsl::ops::gdn::FUSED_VARIANTS {
-        println!("fused variant {v} ({name})");
-        fused_cases(&rt, ScanTile::FusedWith { variant: v, profile: false });
-    }
-    println!("fused variant 0, profile build");
-    fused_cases(&rt, ScanTile::FusedWith { variant: 0, profile: true });
+    fused_cases(&rt, ScanTile::FusedProfile);
 }
 
 fn fused_cases(rt: &Runtime, tile: ScanTile) {
@@ -760,9 +769,7 @@ fn prefill_fused_small() {
         println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
         return;
     }
-    // The candidate, then each experimental variant (FUSED_VARIANTS).
-    let tiles = std::iter::once(ScanTile::Fused).chain(natsl::ops::gdn::FUSED_VARIANTS.iter().map(|&(v, _)| ScanTile::FusedWith { variant: v, profile: false }));
-    for tile in tiles {
+    for tile in [ScanTile::Fused] {
         for (dk, dv) in [(128, 128), (128, 256)] {
             let mut c = Case::new("fused-small", &[1, 63, 64, 65, 200], 1, 2, dk, dv);
             c.tile = tile;

@@ -35,10 +35,21 @@ fn gdn_specs() -> Vec<KernelSpec> {
                 v.push(gdn_prefill_spec(dtype, dk, dv, arch));
                 v.extend(gdn_prefill_narrow_spec(dtype, dk, dv, arch));
                 v.push(gdn_decode_spec(dtype, dk, dv, arch));
+                v.extend(gdn_fused_spec(dtype, dk, dv, arch));
             }
         }
     }
     v
+}
+
+/// Tile of the fused warp-specialised GDN prefill (sm_90a, dk = 128, dv = 128 or 256):
+/// 64-token chunks, 128 state columns per CTA, 12 warps; stages = 4 marks the unit.
+pub const GDN_FUSED_TILE: Tile = Tile::new(64, 128, 12, 4);
+
+/// The fused GDN prefill spec (entries `fused`, `fused_cp_a`, `fused_cp_c`, `cp_combine`)
+/// where it has a kernel.
+pub fn gdn_fused_spec(dtype: DType, dk: u32, dv: u32, arch: Arch) -> Option<KernelSpec> {
+    (arch == Arch::Sm90a && dk == 128 && (dv == 128 || dv == 256)).then(|| KernelSpec { tile: GDN_FUSED_TILE, ..gdn_prefill_spec(dtype, dk, dv, arch) })
 }
 
 /// GDN (dk, dv) pairs shipped: the square production heads and the NAtS-L pairs.

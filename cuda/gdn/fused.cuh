@@ -60,7 +60,8 @@ struct FusedLayout {
     static constexpr int QKS = 3, VS = 2, PS = 2;   // ring depths
     static constexpr int QK_STAGE = 4 * PANEL;      // Q (2 panels) | K (2 panels), dk = 128
     static constexpr int V_STAGE = 2 * PANEL;       // the CTA's 128 value columns
-    // Prep stage: W [64][128] | Tb [64][64] | P [64][64] | F (fq[64], fk[64], G_L, label).
+    // Prep stage: (2 panels, unused since the consumers form W S: to be given to a
+    // deeper ring) | Tb [64][64] | P [64][64] | F (fq[64], fk[64], G_L, label, fe[64]).
     static constexpr int P_W = 0, P_TB = 2 * PANEL, P_P = 3 * PANEL, P_F = 4 * PANEL;
     static constexpr int P_STAGE = 4 * PANEL + 1024;
     static constexpr int QK = 0;
@@ -116,19 +117,6 @@ __device__ __forceinline__ void fused_prof_edge(int end) {
 #define NATSL_FUSED_PROF_EDGE(end) ((void)0)
 #endif
 
-// Variant 1 (ScanTile::FusedWith, measured against 0; the loser goes): the consumers form
-// S^T W^T themselves as (S^T K^T diag(e^G / |k|)) Tb^T (W = Tb diag(e^G / |k|) K), so the
-// prep computes no W (two wgmma round trips and ~400 instructions off its chain, which the
-// phase timer says binds) at 4 more m64n64k16 per consumer warpgroup (tensor work equal:
-// the prep's 8 W wgmma go). Identity tiles (context parallelism) keep Tb and read V as zeros.
-#ifndef NATSL_GDN_FUSED_VARIANT
-#define NATSL_GDN_FUSED_VARIANT 0
-#endif
-constexpr bool kFusedWS = NATSL_GDN_FUSED_VARIANT == 1 || NATSL_GDN_FUSED_VARIANT == 2;
-// Variant 2 = 1 + a shorter prep ALU chain: P's decays e^{G_i - G_j} (j < i) go to sA, where
-// A reads them back (same thread, same element: 32 exp2 a thread fewer; bitwise the same
-// A), and the norms read their rows with LDS.128 (the vec8 copy was split into 4 LDS.32).
-constexpr bool kFusedV2 = NATSL_GDN_FUSED_VARIANT == 2;
 
 // Keep A fragments unmodified until the wgmma reading them was waited on.
 template <int NK>
@@ -273,13 +261,11 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         float* sA = reinterpret_cast<float*>(smem + L::SA);
         const int hr = p.labels ? h / (Hv / p.num_r_heads) : 0;
         float gn[2], bn[2];  // raw gates of the next chunk (lane: tokens 2 lane, 2 lane + 1)
-        if constexpr (kFusedWS) {
-            // Identity tiles: V never loaded, both slots zero (vfull: a plain arrive).
-            if (geo(5) != 0) {
-                for (int i = threadIdx.x; i < L::VS * L::V_STAGE / 16; i += 128) *reinterpret_cast<uint4*>(smem + L::V + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
-                fence_proxy_async();
-                named_bar_sync(kFusedPrepBar, 128);
-            }
+        // Identity tiles: V never loaded, both slots zero (vfull: a plain arrive).
+        if (geo(5) != 0) {
+            for (int i = threadIdx.x; i < L::VS * L::V_STAGE / 16; i += 128) *reinterpret_cast<uint4*>(smem + L::V + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
+            fence_proxy_async();
+            named_bar_sync(kFusedPrepBar, 128);
         }
         if (geo(2) > 0) prep_load_gates<T>(p, geo(0), min(C, geo(1)), h, gn, bn);
 #pragma unroll 1
@@ -317,7 +303,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             NATSL_FUSED_PROF(c, 1);
             if (pt == 0) {
                 if (c + 1 < geo(2)) issue_qk(c + 1);
-                if (kFusedWS && geo(5) != 0) mbar_arrive(vfull(c % L::VS));
+                if (geo(5) != 0) mbar_arrive(vfull(c % L::VS));
                 else issue_v(c);
             }
             mbar_wait(qkfull(sq), (c / L::QKS) & 1);
@@ -350,14 +336,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
 #pragma unroll
                     for (int ch = 0; ch < 8; ++ch) {
                         float x[8];
-                        vec8 v;
-                        if constexpr (kFusedV2) {
-                            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                                         : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3])
-                                         : "r"(smem_u32(rb + pn * PANEL + ((ch ^ (row & 7)) << 4))));
-                        } else {
-                            v = *reinterpret_cast<const vec8*>(rb + pn * PANEL + ((ch ^ (row & 7)) << 4));
-                        }
+                        const vec8 v = *reinterpret_cast<const vec8*>(rb + pn * PANEL + ((ch ^ (row & 7)) << 4));
                         unpack8<T>(v, x);
 #pragma unroll
                         for (int e = 0; e < 8; ++e) ss[e % 4] = fmaf(x[e], x[e], ss[e % 4]);
@@ -390,8 +369,6 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                             const float d0 = j <= i ? fast_exp2(gi - gj.x) : 0.f;
                             const float d1 = j + 1 <= i ? fast_exp2(gi - gj.y) : 0.f;
                             wv[hf] = pack2<T>(qk[nt][hf * 2] * (r * ck.x) * d0, qk[nt][hf * 2 + 1] * (r * ck.y) * d1);
-                            // (sA is free: this warp's rows, last read by its own Tb of chunk c - 1.)
-                            if constexpr (kFusedV2) *reinterpret_cast<float2*>(sA + i * LDA + j) = make_float2(j < i ? d0 : 0.f, j + 1 < i ? d1 : 0.f);
                         }
                     }
 #pragma unroll
@@ -428,15 +405,8 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                     for (int hf = 0; hf < 2; ++hf) {
                         const int i = m0 + g + hf * 8;
                         const float gi = hf ? gi1 : gi0, ri = hf ? ri1 : ri0;
-                        float a0, a1;
-                        if constexpr (kFusedV2) {
-                            const float2 d = *reinterpret_cast<const float2*>(sA + i * LDA + j);  // 0 where j >= i
-                            a0 = ri * d.x * (ck.x * kk[nt][hf * 2]);
-                            a1 = ri * d.y * (ck.y * kk[nt][hf * 2 + 1]);
-                        } else {
-                            a0 = j < i ? ri * fast_exp2(gi - gj.x) * (ck.x * kk[nt][hf * 2]) : 0.f;
-                            a1 = j + 1 < i ? ri * fast_exp2(gi - gj.y) * (ck.y * kk[nt][hf * 2 + 1]) : 0.f;
-                        }
+                        const float a0 = j < i ? ri * fast_exp2(gi - gj.x) * (ck.x * kk[nt][hf * 2]) : 0.f;
+                        const float a1 = j + 1 < i ? ri * fast_exp2(gi - gj.y) * (ck.y * kk[nt][hf * 2 + 1]) : 0.f;
                         *reinterpret_cast<float2*>(sA + i * LDA + j) = make_float2(a0, a1);
                     }
                 }
@@ -503,40 +473,25 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             named_bar_sync(kFusedPrepBar, 128);  // T complete (f32, lower block triangle)
             NATSL_FUSED_PROF(c, 10);
 
-            // This warp's 16 rows of T: tw = T diag(beta e^G / |k|) as bf16 A fragments (for W),
-            // Tb = T diag(beta) to the stage (zero for identity tiles: U = 0).
-            u32 tw[4][4];
+            // This warp's 16 rows of Tb = T diag(beta) to the stage (the consumers form
+            // both U = Tb V and W S = (S K^T diag(e^G / |k|)) Tb: the prep computes no W).
             {
                 unsigned char* sTB = st + L::P_TB;
-                const bool zu = !kFusedWS && (geo(5) != 0);
 #pragma unroll
                 for (int kb = 0; kb < 4; ++kb) {
                     u32 tb[4] = {0u, 0u, 0u, 0u};
+                    const int c0 = 16 * kb + 2 * tq;
                     if (kb <= pw) {
-                        const int c0 = 16 * kb + 2 * tq;
                         const float* p0 = sA + (m0 + g) * LDA + c0;
                         const float* p1 = p0 + 8 * LDA;
                         const float2 x0 = *reinterpret_cast<const float2*>(p0), x1 = *reinterpret_cast<const float2*>(p1);
                         const float2 x2 = *reinterpret_cast<const float2*>(p0 + 8), x3 = *reinterpret_cast<const float2*>(p1 + 8);
                         const float2 bl = *reinterpret_cast<const float2*>(sB + c0), bh = *reinterpret_cast<const float2*>(sB + c0 + 8);
-                        const float2 el = *reinterpret_cast<const float2*>(sE + c0), eh = *reinterpret_cast<const float2*>(sE + c0 + 8);
-                        const float2 kl = *reinterpret_cast<const float2*>(sInvK + c0), kh = *reinterpret_cast<const float2*>(sInvK + c0 + 8);
-                        const float e0 = el.x * kl.x, e1 = el.y * kl.y, e8 = eh.x * kh.x, e9 = eh.y * kh.y;
-                        tw[kb][0] = pack2<T>(x0.x * e0, x0.y * e1);
-                        tw[kb][1] = pack2<T>(x1.x * e0, x1.y * e1);
-                        tw[kb][2] = pack2<T>(x2.x * e8, x2.y * e9);
-                        tw[kb][3] = pack2<T>(x3.x * e8, x3.y * e9);
-                        if (!zu) {
-                            tb[0] = pack2<T>(x0.x * bl.x, x0.y * bl.y);
-                            tb[1] = pack2<T>(x1.x * bl.x, x1.y * bl.y);
-                            tb[2] = pack2<T>(x2.x * bh.x, x2.y * bh.y);
-                            tb[3] = pack2<T>(x3.x * bh.x, x3.y * bh.y);
-                        }
-                    } else {
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) tw[kb][e] = 0u;
+                        tb[0] = pack2<T>(x0.x * bl.x, x0.y * bl.y);
+                        tb[1] = pack2<T>(x1.x * bl.x, x1.y * bl.y);
+                        tb[2] = pack2<T>(x2.x * bh.x, x2.y * bh.y);
+                        tb[3] = pack2<T>(x3.x * bh.x, x3.y * bh.y);
                     }
-                    const int c0 = 16 * kb + 2 * tq;
                     *reinterpret_cast<u32*>(sTB + 2 * sw128<64>(m0 + g, c0)) = tb[0];
                     *reinterpret_cast<u32*>(sTB + 2 * sw128<64>(m0 + g + 8, c0)) = tb[1];
                     *reinterpret_cast<u32*>(sTB + 2 * sw128<64>(m0 + g, c0 + 8)) = tb[2];
@@ -544,33 +499,6 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 }
             }
             NATSL_FUSED_PROF(c, 11);
-            // W = tw K (K MN-major from the stage), one 64-column panel of dk at a time.
-            if constexpr (!kFusedWS) {
-                unsigned char* sW = st + L::P_W;
-#pragma unroll
-                for (int ph = 0; ph < DK / 64; ++ph) {
-                    float wa[8][4];
-#pragma unroll
-                    for (int i = 0; i < 8; ++i)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) wa[i][e] = 0.f;
-                    wg_hold<8>(wa);
-                    fused_hold_a<4>(tw);
-                    wg_fence();
-#pragma unroll
-                    for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 64, 1>(wa, tw[kb], wg_desc(kaddr + ph * PANEL + kb * 16 * 128), kb > 0);
-                    wg_commit();
-                    wg_wait<0>();
-                    wg_hold<8>(wa);
-                    fused_hold_a<4>(tw);
-#pragma unroll
-                    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-                        for (int hf = 0; hf < 2; ++hf)
-                            *reinterpret_cast<u32*>(sW + ph * PANEL + 2 * sw128<64>(m0 + g + hf * 8, nt * 8 + tq * 2)) = pack2<T>(wa[nt][hf * 2], wa[nt][hf * 2 + 1]);
-                    NATSL_FUSED_PROF(c, 12 + ph);
-                }
-            }
             // Row factors (warp 0: tokens 2 lane, 2 lane + 1), G_L and the label.
             if (pw == 0) {
                 float* F = reinterpret_cast<float*>(st + L::P_F);
@@ -578,15 +506,15 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 const float2 ik = *reinterpret_cast<const float2*>(sInvK + 2 * lane);
                 *reinterpret_cast<float2*>(F + 2 * lane) = make_float2(p.scale * __expf(gx[0]) * iq.x, p.scale * __expf(gx[1]) * iq.y);
                 *reinterpret_cast<float2*>(F + C + 2 * lane) = make_float2(__expf(gl - gx[0]) * ik.x, __expf(gl - gx[1]) * ik.y);
-                // fe = e^G / |k| (variant 1: the consumers' S^T K^T column factors).
-                if constexpr (kFusedWS) *reinterpret_cast<float2*>(F + 3 * C + 2 * lane) = make_float2(__expf(gx[0]) * ik.x, __expf(gx[1]) * ik.y);
+                // fe = e^G / |k|: the column factors of the consumers' S^T K^T.
+                *reinterpret_cast<float2*>(F + 3 * C + 2 * lane) = make_float2(__expf(gx[0]) * ik.x, __expf(gx[1]) * ik.y);
                 if (lane == 0) {
                     F[2 * C] = gl;
                     F[2 * C + 1] = __int_as_float(label);
                 }
             }
             (void)ln;
-            fence_proxy_async();  // generic writes of P, Tb, W before the consumers' wgmma reads
+            fence_proxy_async();  // generic writes of P, Tb before the consumers' wgmma reads
             mbar_arrive(pfull(sp));
             NATSL_FUSED_PROF(c, 14);
         }
@@ -671,17 +599,9 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         wg_hold<8>(oq);
         fused_hold_a<8>(sa);
         wg_fence();
-        if constexpr (kFusedWS) {
-            // Group 1 (variant 1): Y = S^T K^T (into vn; the same K-major form as W).
+        // Group 1: Y = S^T K^T (into vn; K-major from the Q/K stage).
 #pragma unroll
-            for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(vn, sa[kk], wg_desc(ka + (kk >> 2) * PANEL + (kk & 3) * 32), kk > 0);
-        } else {
-            // Group 1: -v_new^T = -V^T Tb^T + S^T W^T.
-#pragma unroll
-            for (int kb = 0; kb < 4; ++kb) wgmma_ss_ta<T, 64, 0, -1>(vn, wg_desc(vta + kb * 16 * 128), wg_desc(pa + L::P_TB + kb * 32), kb > 0);
-#pragma unroll
-            for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(vn, sa[kk], wg_desc(pa + L::P_W + (kk >> 2) * PANEL + (kk & 3) * 32), 1);
-        }
+        for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(vn, sa[kk], wg_desc(ka + (kk >> 2) * PANEL + (kk & 3) * 32), kk > 0);
         wg_commit();
         // Group 2: (Q S)^T. Both groups are waited for here, so the old state's packing
         // dies before v_new is formed (headroom: below ~200 registers ptxas serialises
@@ -693,32 +613,30 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         wg_hold<8>(vn);
         wg_hold<8>(oq);
         fused_hold_a<8>(sa);
-        if constexpr (kFusedWS) {
-            // X = Y diag(e^G / |k|) as A fragments; -v_new^T = -V^T Tb^T + X Tb^T.
-            u32 xa[4][4];
+        // X = Y diag(e^G / |k|) as A fragments; -v_new^T = -V^T Tb^T + X Tb^T.
+        u32 xa[4][4];
 #pragma unroll
-            for (int kb = 0; kb < 4; ++kb)
+        for (int kb = 0; kb < 4; ++kb)
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    const int nt = 2 * kb + hh;
-                    const float2 fe = *reinterpret_cast<const float2*>(F + 3 * C + 8 * nt + 2 * tq);
-                    xa[kb][2 * hh] = pack2<T>(vn[nt][0] * fe.x, vn[nt][1] * fe.y);
-                    xa[kb][2 * hh + 1] = pack2<T>(vn[nt][2] * fe.x, vn[nt][3] * fe.y);
-                }
-            wg_hold<8>(vn);
-            wg_hold<8>(oq);
-            fused_hold_a<4>(xa);
-            wg_fence();
+            for (int hh = 0; hh < 2; ++hh) {
+                const int nt = 2 * kb + hh;
+                const float2 fe = *reinterpret_cast<const float2*>(F + 3 * C + 8 * nt + 2 * tq);
+                xa[kb][2 * hh] = pack2<T>(vn[nt][0] * fe.x, vn[nt][1] * fe.y);
+                xa[kb][2 * hh + 1] = pack2<T>(vn[nt][2] * fe.x, vn[nt][3] * fe.y);
+            }
+        wg_hold<8>(vn);
+        wg_hold<8>(oq);
+        fused_hold_a<4>(xa);
+        wg_fence();
 #pragma unroll
-            for (int kb = 0; kb < 4; ++kb) wgmma_ss_ta<T, 64, 0, -1>(vn, wg_desc(vta + kb * 16 * 128), wg_desc(pa + L::P_TB + kb * 32), kb > 0);
+        for (int kb = 0; kb < 4; ++kb) wgmma_ss_ta<T, 64, 0, -1>(vn, wg_desc(vta + kb * 16 * 128), wg_desc(pa + L::P_TB + kb * 32), kb > 0);
 #pragma unroll
-            for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 64, 0>(vn, xa[kb], wg_desc(pa + L::P_TB + kb * 32), 1);
-            wg_commit();
-            wg_wait<0>();
-            wg_hold<8>(vn);
-            wg_hold<8>(oq);
-            fused_hold_a<4>(xa);
-        }
+        for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 64, 0>(vn, xa[kb], wg_desc(pa + L::P_TB + kb * 32), 1);
+        wg_commit();
+        wg_wait<0>();
+        wg_hold<8>(vn);
+        wg_hold<8>(oq);
+        fused_hold_a<4>(xa);
         NATSL_FUSED_PROF(c, 19 + 8 * cw);
 
         // v_new^T as A fragments (for P v_new), and v_new^T diag(fk) (zero for an ATTN chunk).

@@ -1,15 +1,13 @@
 // GDN prefill entry points (see gdn/prefill.cuh, gdn/fused.cuh). Spec macros come from natsl-codegen.
-// Tile stages >= 4 marks a fused unit (ScanTile::Fused, FusedWith): there only the fused
+// Tile stages >= 4 marks a fused unit (ScanTile::Fused, FusedProfile): there only the fused
 // entries and cp_combine have bodies; in every other unit the fused entries are empty stubs
 // (as on sm_80), so the entry list is the same everywhere and the host never launches a stub.
-// stages = 4 + 2 variant + profile (src/ops/gdn.rs fused_tile): the shipped candidate is 4.
+// stages = 4 + profile (src/ops/gdn.rs fused_tile): the kernel is 4, its phase-timer build 5.
 #if NATSL_STAGES >= 4
 #define NATSL_GDN_FUSED_UNIT 1
-#define NATSL_GDN_FUSED_VARIANT ((NATSL_STAGES - 4) / 2)
-#define NATSL_GDN_FUSED_PROFILE ((NATSL_STAGES - 4) % 2)
+#define NATSL_GDN_FUSED_PROFILE (NATSL_STAGES - 4)
 #else
 #define NATSL_GDN_FUSED_UNIT 0
-#define NATSL_GDN_FUSED_VARIANT 0
 #define NATSL_GDN_FUSED_PROFILE 0
 #endif
 

@@ -78,12 +78,10 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         scale: None,
         l2norm: true,
     };
-    // NATSL_BENCH_FUSED_PROFILE=0,1: the phase-timer builds of those fused variants only.
-    if let Ok(list) = std::env::var("NATSL_BENCH_FUSED_PROFILE") {
+    // NATSL_BENCH_FUSED_PROFILE=1: the fused prefill's phase-timer build only.
+    if std::env::var_os("NATSL_BENCH_FUSED_PROFILE").is_some() {
         if fused_supported(dk, dv, rt.arch()) {
-            for v in list.split(',').filter_map(|x| x.trim().parse::<u32>().ok()) {
-                fused_profile(rt, &s.name, &batch, &inp, &mut out, &opts, &mut ws, v, dv);
-            }
+            fused_profile(rt, &s.name, &batch, &inp, &mut out, &opts, &mut ws, dv);
         }
         return Vec::new();
     }
@@ -154,15 +152,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Auto, "fused"));
         cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Off, "fused cp off"));
     }
-    let mut cands: Vec<(PrepKernel, ScanTile, ScanParallel, String)> = cands.into_iter().map(|(p, t, c, n)| (p, t, c, n.to_string())).collect();
-    if fused {
-        // Experimental fused variants (FUSED_VARIANTS), Auto and cp off.
-        for &(v, name) in FUSED_VARIANTS {
-            let tile = ScanTile::FusedWith { variant: v, profile: false };
-            cands.push((PrepKernel::Grouped, tile, ScanParallel::Auto, format!("fused {name}")));
-            cands.push((PrepKernel::Grouped, tile, ScanParallel::Off, format!("fused {name} cp off")));
-        }
-    }
+    let cands: Vec<(PrepKernel, ScanTile, ScanParallel, String)> = cands.into_iter().map(|(p, t, c, n)| (p, t, c, n.to_string())).collect();
     for (prep, tile, cp, tag) in cands {
         let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, cp, ..Default::default() })).unwrap();
         recs.push(Record::new(rt, "gdn_prefill", s.name.clone(), format!("{variant} {tag}"), &tm, flops, bytes));
@@ -301,9 +291,9 @@ const PREP_PHASES: [&str; 15] = [
     "level 0 subst., 2 bars",
     "level 1 merge, bar",
     "level 2 merge, 2 bars",
-    "Tb / tw fragments",
-    "W panel 0 (wgmma, wait, st)",
-    "W panel 1 (wgmma, wait, st)",
+    "Tb fragments",
+    "(unused: was W panel 0)",
+    "(unused: was W panel 1)",
     "F, fence, pfull arrive",
 ];
 const CONS_PHASES: [&str; 7] = [
@@ -316,21 +306,20 @@ const CONS_PHASES: [&str; 7] = [
     "pempty, O stores",
 ];
 
-/// One launch of the phase-timer build of fused variant `v` (ScanTile::FusedWith, profile,
-/// cp off) and its table: median / mean cycles of each phase over chunks 2..64 of the
+/// One launch of the fused prefill's phase-timer build (ScanTile::FusedProfile, cp off) and its table: median / mean cycles of each phase over chunks 2..64 of the
 /// sampled CTAs (blockIdx (0, h < 4, 0)), the loop period, the prep -> consumer hand-over.
 #[allow(clippy::too_many_arguments)]
-fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs, out: &mut GdnPrefillOutputs, opts: &GdnOptions, ws: &mut GdnWorkspace, v: u32, dv: usize) {
+fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs, out: &mut GdnPrefillOutputs, opts: &GdnOptions, ws: &mut GdnWorkspace, dv: usize) {
     const CTAS: usize = 4;
     const CH: usize = 64;
     const EV: usize = 32;
-    let pv = PrefillVariant { tile: ScanTile::FusedWith { variant: v, profile: true }, cp: ScanParallel::Off, ..Default::default() };
+    let pv = PrefillVariant { tile: ScanTile::FusedProfile, cp: ScanParallel::Off, ..Default::default() };
     // Twice: the first compiles and warms the caches; the third launch is recorded.
     for _ in 0..2 {
         gdn_prefill_variant(rt, batch, inp, out, opts, ws, pv).unwrap();
     }
     rt.synchronize().unwrap();
-    let spec = natsl_codegen::spec::KernelSpec { tile: fused_tile(v, true), ..fused_spec(natsl_codegen::DType::Bf16, 128, dv as u32, rt.arch()).unwrap() };
+    let spec = natsl_codegen::spec::KernelSpec { tile: FUSED_PROFILE_TILE, ..fused_spec(natsl_codegen::DType::Bf16, 128, dv as u32, rt.arch()).unwrap() };
     let m = rt.module(&spec).unwrap();
     let n = CTAS * CH * EV + CTAS * 4;
     {
@@ -347,7 +336,7 @@ fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs
     let x: Vec<u64> = bytes.chunks_exact(8).take(n).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect();
     let ev = |cta: usize, c: usize, s: usize| x[(cta * CH + c) * EV + s];
     let hdr = |cta: usize, i: usize| x[CTAS * CH * EV + cta * 4 + i];
-    println!("== fused profile v{v}: {name} (one launch, cp off, host wall {wall:.3} ms)");
+    println!("== fused profile: {name} (one launch, cp off, host wall {wall:.3} ms)");
     let mut ghz = Vec::new();
     for cta in 0..CTAS {
         let (c0, g0, c1, g1) = (hdr(cta, 0), hdr(cta, 1), hdr(cta, 2), hdr(cta, 3));

@@ -570,24 +570,24 @@ pub enum ScanTile {
     /// two run the plain scan only, no context parallelism).
     /// An invalid tile for the launch's dims falls back to `Reg`'s choice.
     RegWith { block_n: u32, warps: u32 },
-    /// Candidate (not a default until measured; JIT on first use, tile stages = 4 marks
-    /// it): the fused, warp-specialised sm_90a prefill in cuda/gdn/fused.cuh. One launch
+    /// The fused, warp-specialised sm_90a prefill in cuda/gdn/fused.cuh (tile stages = 4
+    /// marks it; `Auto` picks it where its CTAs fill the GPU, see `fused_auto`). One launch
     /// (no prep kernel, no W / U / P workspace): per CTA (128 state columns, value head,
-    /// sequence) a prep warpgroup computes chunk c + 1's WY quantities on chip from TMA
-    /// loads of q, k (and issues those loads) while two consumer warpgroups run chunk c's
-    /// state update and outputs with the state in wgmma accumulators. dk = 128 with
+    /// sequence) a prep warpgroup computes chunk c + 1's P, T diag(beta) and row factors on
+    /// chip from TMA loads of q, k (and issues those loads) while two consumer warpgroups
+    /// run chunk c's state update (forming U and W S from T) and outputs with the state in
+    /// wgmma accumulators. dk = 128 with
     /// dv = 128 or 256, sm_90a only: anything else is an error (`InvalidArgument` naming
     /// `variant`), as is a q / k / v view no TMA map describes. Context parallelism as for
     /// the other tiles (`fused_cp_a`, `cp_combine`, `fused_cp_c`); the prep kernel choice
     /// is ignored, `PrefillPart::Prep` queues nothing and `PrefillPart::Scan` the whole
     /// fused launch.
     Fused,
-    /// `Fused` built as experimental variant `variant` of cuda/gdn/fused.cuh (0: `Fused`
-    /// itself; see [`FUSED_VARIANTS`]), with `profile` the phase-timer build
-    /// (NATSL_GDN_FUSED_PROFILE: clock64 at phase boundaries into a module global, read by
-    /// `bench::gdn::fused_profile`). Tile stages 4 + 2 variant + profile; never shipped.
+    /// `Fused` as its phase-timer build (NATSL_GDN_FUSED_PROFILE: clock64 at phase
+    /// boundaries into a module global, read by `bench::gdn::fused_profile`). Tile stages
+    /// 5; never shipped.
     #[doc(hidden)]
-    FusedWith { variant: u32, profile: bool },
+    FusedProfile,
 }
 
 /// Register-state tiles whose warps hold 128 dk rows (n64w4 / n128w8 at dk = 128: the
@@ -623,22 +623,14 @@ pub fn reg_scan_spec(wide: natsl_codegen::spec::KernelSpec, dk: usize, few: bool
     natsl_codegen::spec::KernelSpec { tile, ..wide }
 }
 
-/// Tile of the fused prefill (`ScanTile::Fused`): 64-token chunks, 128 state columns per
-/// CTA, 12 warps (prep with the TMA issue, two consumer warpgroups); stages = 4 marks the unit.
-pub const FUSED_TILE: natsl_codegen::spec::Tile = natsl_codegen::spec::Tile::new(64, 128, 12, 4);
+/// Tile of the fused prefill (`ScanTile::Fused`): see [`catalog::GDN_FUSED_TILE`].
+pub const FUSED_TILE: natsl_codegen::spec::Tile = catalog::GDN_FUSED_TILE;
 
-/// Experimental variants of the fused kernel (`ScanTile::FusedWith`), for one device call;
-/// the losers are removed after it (see bench/NOTES.md, session 4).
+/// The tile of the fused prefill's phase-timer build (`ScanTile::FusedProfile`).
 #[doc(hidden)]
-pub const FUSED_VARIANTS: &[(u32, &str)] = &[(1, "v1 consumers form W S"), (2, "v2 v1 + prep diet")];
+pub const FUSED_PROFILE_TILE: natsl_codegen::spec::Tile = natsl_codegen::spec::Tile::new(64, 128, 12, 5);
 
-/// The tile of fused variant `variant` (0 = [`FUSED_TILE`]), `profile`: its phase-timer build.
-#[doc(hidden)]
-pub const fn fused_tile(variant: u32, profile: bool) -> natsl_codegen::spec::Tile {
-    natsl_codegen::spec::Tile::new(64, 128, 12, 4 + 2 * variant + profile as u32)
-}
-
-/// Whether `t` is a fused tile (any variant; stages >= 4 marks the unit in prefill_entry.cu).
+/// Whether `t` is a fused tile (stages >= 4 marks the unit in prefill_entry.cu).
 fn is_fused_tile(t: natsl_codegen::spec::Tile) -> bool {
     t.stages >= 4
 }
@@ -646,13 +638,26 @@ fn is_fused_tile(t: natsl_codegen::spec::Tile) -> bool {
 /// Whether the fused prefill has a kernel for (dk, dv) on `arch` (sm_90a; dk = 128 and
 /// dv = 128 or 256: the P shapes and natsl-340M).
 pub fn fused_supported(dk: usize, dv: usize, arch: natsl_codegen::Arch) -> bool {
-    arch == natsl_codegen::Arch::Sm90a && dk == 128 && (dv == 128 || dv == 256)
+    catalog::gdn_fused_spec(natsl_codegen::DType::Bf16, dk as u32, dv as u32, arch).is_some()
+}
+
+/// Whether `ScanTile::Auto` runs the fused prefill: it has a kernel for the dims, its
+/// CTAs (sequence, value head, 128 columns) fill at least 90% of the SMs, and TMA maps
+/// describe q, k and v. (Without a driver, for sizing on the host: no; that plan's
+/// workspace is the larger one, so a workspace sized there serves both.)
+fn fused_auto(arch: natsl_codegen::Arch, sm: usize, d: &GdnDims, inp: &GdnPrefillInputs) -> bool {
+    fused_supported(d.dk, d.dv, arch)
+        && 10 * d.seqs * d.hv * (d.dv / 128) >= 9 * sm
+        && crate::runtime::driver_present()
+        && tma::encode_thd("q", &inp.q, CHUNK as u32).is_ok()
+        && tma::encode_thd("k", &inp.k, CHUNK as u32).is_ok()
+        && tma::encode_thd("v", &inp.v, CHUNK as u32).is_ok()
 }
 
 /// The spec of the fused prefill (`ScanTile::Fused`, entries `fused`, `fused_cp_a`,
 /// `fused_cp_c`, `cp_combine`); `None` where [`fused_supported`] says no.
 pub fn fused_spec(dtype: natsl_codegen::DType, dk: u32, dv: u32, arch: natsl_codegen::Arch) -> Option<natsl_codegen::spec::KernelSpec> {
-    fused_supported(dk as usize, dv as usize, arch).then(|| natsl_codegen::spec::KernelSpec { tile: FUSED_TILE, ..catalog::gdn_prefill_spec(dtype, dk, dv, arch) })
+    catalog::gdn_fused_spec(dtype, dk, dv, arch)
 }
 
 /// Dynamic shared memory of the fused prefill (mirror of `FusedLayout::BYTES` in
@@ -842,7 +847,7 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
     let cp_wide = cp_of(wide.tile);
     let fused_tile_v = match tile {
         ScanTile::Fused => Some(FUSED_TILE),
-        ScanTile::FusedWith { variant, profile } => Some(fused_tile(variant, profile)),
+        ScanTile::FusedProfile => Some(FUSED_PROFILE_TILE),
         _ => None,
     };
     if fused_tile_v.is_some() && !fused_supported(d.dk, d.dv, arch) {
@@ -852,7 +857,7 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
         ));
     }
     let spec = match (tile, narrow) {
-        (ScanTile::Fused | ScanTile::FusedWith { .. }, _) => natsl_codegen::spec::KernelSpec {
+        (ScanTile::Fused | ScanTile::FusedProfile, _) => natsl_codegen::spec::KernelSpec {
             tile: fused_tile_v.expect("fused"),
             ..fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("checked above")
         },
@@ -863,6 +868,11 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
         // (n32w4), else the narrow tile. H200 run i, scan only: P4 1.13 vs 1.21 ms,
         // P7 0.288 vs 0.389, P8 0.075 vs 0.081, P9 2.25 vs 2.38. (With many CTAs the
         // wide tile stays ahead: P1 0.649 vs reg n128w8 0.691, P3 2.55 vs 2.72.)
+        // Enough (sequence, value head, 128 columns) CTAs to fill the SMs: the fused
+        // prefill. H200 run j (graph replays, ms): P1 0.739 vs 1.261, P2 1.450 vs 2.405.
+        // Fewer CTAs: its per-chunk chain (prep-bound, ~11k cycles; phase timer) loses even
+        // with context parallelism: P4 cp4 2.26 vs 1.71, P8 0.216 vs 0.126.
+        (ScanTile::Auto, _) if fused_auto(arch, sm, &d, inp) => fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("fused_auto checked it"),
         (ScanTile::Auto, Some(s)) if wide_ctas <= sm && cp_wide <= 1 => {
             if d.dk == 128 {
                 reg_scan_spec(wide, d.dk, true, None)
