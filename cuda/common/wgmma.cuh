@@ -33,6 +33,19 @@ __device__ __forceinline__ unsigned long long wg_desc(u32 saddr, u32 lbo = 16) {
     return d;
 }
 
+// The descriptor of the operand `bytes` past descriptor d's (bytes < 256 KB past a shared
+// address below 228 KB: the 14-bit start field never carries). One 32-bit add: building
+// each k-step's descriptor with wg_desc cost 7 SASS instructions per wgmma (mask, shift,
+// or, the constant high half re-materialised, two R2UR), here 2.
+__device__ __forceinline__ unsigned long long wg_desc_add(unsigned long long d, u32 bytes) {
+    u32 lo, hi;
+    asm("mov.b64 {%0, %1}, %2;" : "=r"(lo), "=r"(hi) : "l"(d));
+    lo += bytes >> 4;
+    unsigned long long r;
+    asm("mov.b64 %0, {%1, %2};" : "=l"(r) : "r"(lo), "r"(hi));
+    return r;
+}
+
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }

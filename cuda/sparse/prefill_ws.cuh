@@ -365,7 +365,7 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     const int c = w.c0 + cw;
     const bool active = cw == 0 || w.has1;
     const int q_rows = cw == 0 ? w.q_rows0 : w.q_rows1;
-    const u32 q_addr = sbase + S::Q + cw * S::QBYTES;
+    const unsigned long long qd = wg_desc(sbase + S::Q + cw * S::QBYTES);  // Q from smem (dk > 128)
     T* sq = reinterpret_cast<T*>(smem + S::Q + cw * S::QBYTES);
     const T* wq = reinterpret_cast<const T*>(p.q_norm_w);
     const T* wk = reinterpret_cast<const T*>(p.k_norm_w);
@@ -409,11 +409,11 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     int held = -1, held_slot = 0;  // stage whose PV is pending, and its slot
     u32 held_ph = 0;
     auto issue_pv = [&]() {
-        const u32 v_addr = sbase + S::V + held_slot * S::VBYTES;
+        const unsigned long long vd = wg_desc(sbase + S::V + held_slot * S::VBYTES, S::KPANEL);
         // Every k-step, unused halves too (P = 0 there): a wgmma under a condition makes
         // ptxas serialise every wgmma of the kernel (C7520).
 #pragma unroll
-        for (int kk = 0; kk < NKK; ++kk) wgmma_rs<T, DV, 1>(o, pa[kk], wg_desc(v_addr + kk * 16 * 128, S::KPANEL), 1);
+        for (int kk = 0; kk < NKK; ++kk) wgmma_rs<T, DV, 1>(o, pa[kk], wg_desc_add(vd, kk * 16 * 128), 1);
         wg_commit();
     };
     auto rescale = [&](const float (&a)[2]) {
@@ -478,11 +478,12 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         wg_hold<DV / 8>(o);
         ws_hold_p<NKK>(pa);
         wg_fence();
+        const unsigned long long kd = wg_desc(k_addr);
 #pragma unroll
         for (int ks = 0; ks < DK / 16; ++ks) {
             const u32 off = (ks >> 2) * S::KPANEL + (ks & 3) * 32;
-            if constexpr (Q_REGS) wgmma_rs<T, BN, 0>(s, qa[ks], wg_desc(k_addr + off), ks > 0);
-            else wgmma_ss<T, BN, 0>(s, wg_desc(q_addr + (ks >> 2) * S::PANEL64 + (ks & 3) * 32), wg_desc(k_addr + off), ks > 0);
+            if constexpr (Q_REGS) wgmma_rs<T, BN, 0>(s, qa[ks], wg_desc_add(kd, off), ks > 0);
+            else wgmma_ss<T, BN, 0>(s, wg_desc_add(qd, (ks >> 2) * S::PANEL64 + (ks & 3) * 32), wg_desc_add(kd, off), ks > 0);
         }
         wg_commit();
         const bool pv_pending = held >= 0;
