@@ -310,7 +310,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             NATSL_FUSED_PROF(c, 2);
             const unsigned char* sQ = smem + L::QK + sq * L::QK_STAGE;
             const unsigned char* sK = sQ + (DK / 64) * PANEL;
-            const u32 qaddr = smem_u32(sQ), kaddr = smem_u32(sK);
+            const unsigned long long qd = wg_desc(smem_u32(sQ)), kd = wg_desc(smem_u32(sK));
             // Q K^T, issued before the norms so that it runs under them (then K K^T: one
             // 64 x 64 accumulator at a time keeps the prep within its registers).
             float qk[8][4];
@@ -323,7 +323,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
 #pragma unroll
             for (int ks = 0; ks < DK / 16; ++ks) {
                 const u32 off = (ks >> 2) * PANEL + (ks & 3) * 32;
-                wgmma_ss<T, 64, 0>(qk, wg_desc(qaddr + off), wg_desc(kaddr + off), ks > 0);
+                wgmma_ss<T, 64, 0>(qk, wg_desc_add(qd, off), wg_desc_add(kd, off), ks > 0);
             }
             wg_commit();
             // 1 / |q| (threads 0..63: row pt) and 1 / |k| (64..127: row pt - 64).
@@ -387,7 +387,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
                 wg_fence();
 #pragma unroll
                 for (int ks = 0; ks < DK / 16; ++ks) {
-                    const unsigned long long dkk = wg_desc(kaddr + (ks >> 2) * PANEL + (ks & 3) * 32);
+                    const unsigned long long dkk = wg_desc_add(kd, (ks >> 2) * PANEL + (ks & 3) * 32);
                     wgmma_ss<T, 64, 0>(kk, dkk, dkk, ks > 0);
                 }
                 wg_commit();
@@ -572,6 +572,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         const u32 qa = sbase + L::QK + sq * L::QK_STAGE, ka = qa + (DK / 64) * PANEL;
         const u32 vta = sbase + L::V + sv * L::V_STAGE + cw * PANEL;
         const u32 pa = sbase + L::PR + sp * L::P_STAGE;
+        const unsigned long long qad = wg_desc(qa), kad = wg_desc(ka), vtad = wg_desc(vta), tbd = wg_desc(pa + L::P_TB);
         const float* F = reinterpret_cast<const float*>(smem + L::PR + sp * L::P_STAGE + L::P_F);
         mbar_wait(pfull(sp), (c / L::PS) & 1);
         NATSL_FUSED_PROF(c, 17 + 8 * cw);
@@ -601,13 +602,13 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         wg_fence();
         // Group 1: Y = S^T K^T (into vn; K-major from the Q/K stage).
 #pragma unroll
-        for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(vn, sa[kk], wg_desc(ka + (kk >> 2) * PANEL + (kk & 3) * 32), kk > 0);
+        for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(vn, sa[kk], wg_desc_add(kad, (kk >> 2) * PANEL + (kk & 3) * 32), kk > 0);
         wg_commit();
         // Group 2: (Q S)^T. Both groups are waited for here, so the old state's packing
         // dies before v_new is formed (headroom: below ~200 registers ptxas serialises
         // every wgmma, C7512).
 #pragma unroll
-        for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(oq, sa[kk], wg_desc(qa + (kk >> 2) * PANEL + (kk & 3) * 32), kk > 0);
+        for (int kk = 0; kk < DK / 16; ++kk) wgmma_rs<T, 64, 0>(oq, sa[kk], wg_desc_add(qad, (kk >> 2) * PANEL + (kk & 3) * 32), kk > 0);
         wg_commit();
         wg_wait<0>();
         wg_hold<8>(vn);
@@ -629,9 +630,9 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         fused_hold_a<4>(xa);
         wg_fence();
 #pragma unroll
-        for (int kb = 0; kb < 4; ++kb) wgmma_ss_ta<T, 64, 0, -1>(vn, wg_desc(vta + kb * 16 * 128), wg_desc(pa + L::P_TB + kb * 32), kb > 0);
+        for (int kb = 0; kb < 4; ++kb) wgmma_ss_ta<T, 64, 0, -1>(vn, wg_desc_add(vtad, kb * 16 * 128), wg_desc_add(tbd, kb * 32), kb > 0);
 #pragma unroll
-        for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 64, 0>(vn, xa[kb], wg_desc(pa + L::P_TB + kb * 32), 1);
+        for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 64, 0>(vn, xa[kb], wg_desc_add(tbd, kb * 32), 1);
         wg_commit();
         wg_wait<0>();
         wg_hold<8>(vn);
@@ -679,9 +680,9 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         NATSL_FUSED_PROF(c, 20 + 8 * cw);
         wg_fence();
 #pragma unroll
-        for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 128, 1>(S, vka[kb], wg_desc(ka + kb * 16 * 128, PANEL), 1);
+        for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 128, 1>(S, vka[kb], wg_desc_add(wg_desc(ka, PANEL), kb * 16 * 128), 1);
 #pragma unroll
-        for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 64, 0>(oq, va[kb], wg_desc(pa + L::P_P + kb * 32), 1);
+        for (int kb = 0; kb < 4; ++kb) wgmma_rs<T, 64, 0>(oq, va[kb], wg_desc_add(wg_desc(pa + L::P_P), kb * 32), 1);
         wg_commit();
         wg_wait<0>();
         wg_hold<16>(S);

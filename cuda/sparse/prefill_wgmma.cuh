@@ -182,10 +182,11 @@ __device__ void sparse_prefill_wgmma(const NatslSparsePrefillParams& p) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
         wg_fence();
+        const unsigned long long qd = wg_desc(sbase + S::Q), kd = wg_desc(k_addr);
 #pragma unroll
         for (int ks = 0; ks < DK / 16; ++ks) {
             const u32 off = (ks >> 2) * PANEL + (ks & 3) * 32;
-            wgmma_ss<T, 64, 0>(s, wg_desc(sbase + S::Q + off), wg_desc(k_addr + off), ks > 0);
+            wgmma_ss<T, 64, 0>(s, wg_desc_add(qd, off), wg_desc_add(kd, off), ks > 0);
         }
         wg_commit();
         wg_wait<0>();
@@ -217,12 +218,13 @@ __device__ void sparse_prefill_wgmma(const NatslSparsePrefillParams& p) {
 #pragma unroll
         for (int pn = 0; pn < DV / 64; ++pn) wg_hold(o + pn * 8);
         wg_fence();
+        const unsigned long long vd = wg_desc(v_addr);
 #pragma unroll
         for (int pn = 0; pn < DV / 64; ++pn) {
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) {
                 // 16 keys = two 8-row groups (SBO 1024) of panel pn.
-                wgmma_rs<T, 64, 1>(o + pn * 8, pa[kk], wg_desc(v_addr + pn * PANEL + kk * 16 * 128), 1);
+                wgmma_rs<T, 64, 1>(o + pn * 8, pa[kk], wg_desc_add(vd, pn * PANEL + kk * 16 * 128), 1);
             }
         }
         wg_commit();
