@@ -85,6 +85,32 @@ for step in $steps; do
       # consumer phase, the loop periods and the prep -> consumer hand-over.
       NATSL_BENCH_FUSED_PROFILE=1 timeout 150 .gpu/tests/gdn "P1 " "P4 " > "$OUT/fused-profile.log" 2>&1; echo "== profile rc $?"
       grep -vE "^\s*$|^running|^test result" "$OUT/fused-profile.log" | cut -c1-120 | head -80 ;;
+    verify)
+      # The kernels changed since their last device run: sparse prefill (every kernel,
+      # block lists too) and the fused GDN prefill, with memcheck on both.
+      timeout 200 .gpu/tests/gpu_sparse prefill --test-threads=4 > "$OUT/verify.log" 2>&1; echo "== gpu_sparse prefill rc $?"
+      timeout 200 .gpu/tests/gpu_gdn prefill_fused prefill_auto_fused --test-threads=2 >> "$OUT/verify.log" 2>&1; echo "== gpu_gdn prefill_fused rc $?"
+      NATSL_TEST_KERNELS=WarpSpecialized timeout 150 compute-sanitizer --tool memcheck .gpu/tests/gpu_sparse prefill_routed_ragged_every_dims >> "$OUT/verify.log" 2>&1; echo "== memcheck sparse ws rc $?"
+      timeout 150 compute-sanitizer --tool memcheck .gpu/tests/gpu_gdn prefill_fused_small >> "$OUT/verify.log" 2>&1; echo "== memcheck fused rc $?"
+      grep -E "test result|panicked|ERROR SUMMARY" "$OUT/verify.log" | cut -c1-200 ;;
+    wsab)
+      # A/B of sparse WS experiment builds (NATSL_NVRTC_DEFINES), interleaved: WSAB_VARIANTS
+      # is a list of name:DEFINES with DEFINES comma-separated.
+      for rep in 1 2; do
+        for v in ${WSAB_VARIANTS:-base:}; do
+          n=${v%%:*}; d=${v#*:}
+          NATSL_NVRTC_DEFINES="${d//,/ }" NATSL_BENCH_KERNELS=WarpSpecialized timeout 100 .gpu/tests/sparse prefill > "$OUT/ab.tmp" 2>&1
+          grep -E "^prefill" "$OUT/ab.tmp" | head -5 | sed "s/^/$n $rep /" | cut -c1-120 | tee -a "$OUT/wsab.log"
+        done
+      done; rm -f "$OUT/ab.tmp" ;;
+    wsncu)
+      # One dense-causal launch of the sparse WS kernel: pipes, stalls, per-SASS-instruction samples.
+      NATSL_BENCH_KERNELS=WarpSpecialized timeout 200 ncu --clock-control none --set full --import-source no \
+        --metrics sm__cycles_elapsed.avg.per_second,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active \
+        -k regex:prefill_ws -c 1 -o "$OUT/ws" .gpu/tests/sparse "dense causal" > "$OUT/wsncu.log" 2>&1; echo "== ncu rc $?"
+      ncu -i "$OUT/ws.ncu-rep" --page details > "$OUT/ws-details.txt" 2>&1
+      ncu -i "$OUT/ws.ncu-rep" --page source --csv --print-source sass > "$OUT/ws-source.csv" 2>&1; echo "== source rc $? $(wc -l < "$OUT/ws-source.csv")"
+      grep -E "Duration|SM Frequency|Compute \(SM\) Throughput|gmma|Issue Slots|Executed Ipc|No Eligible|Warp Cycles Per Issued" "$OUT/ws-details.txt" | head -30 ;;
     profile)
       # One launch of each kernel the notes name as the next bottleneck.
       timeout 120 $NCU -k regex:natsl_router -c 2 .gpu/bin/natsl bench router "T=131072" > "$OUT/ncu_router.txt" 2>&1

@@ -163,14 +163,22 @@ pub fn options(arch: Arch) -> Vec<String> {
 /// The options for a real target such as `sm_90a` or `sm_90`. A cubin runs only
 /// on its own major architecture, so the `sm_80` code path is compiled for the
 /// device at hand (e.g. `sm_90` on an H200).
+///
+/// `NATSL_NVRTC_DEFINES` (whitespace-separated `NAME=VALUE`) adds `-D` options: a
+/// developer's hook for A/B builds of one kernel in one device call (part of the cache
+/// key, as every option is). Shipped code has no such macros outside an experiment.
 pub fn options_for_target(target: &str) -> Vec<String> {
-    vec![
+    let mut v = vec![
         format!("--gpu-architecture={target}"),
         "--std=c++17".into(),
         "--device-as-default-execution-space".into(),
         "--ptxas-options=-v".into(),
         "-DNATSL_NVRTC=1".into(),
-    ]
+    ];
+    if let Ok(d) = std::env::var("NATSL_NVRTC_DEFINES") {
+        v.extend(d.split_whitespace().filter(|x| !x.contains('\0')).map(|x| format!("-D{x}")));
+    }
+    v
 }
 
 /// Compile a unit to a cubin for `target` (e.g. `sm_90a`), through the on-disk cache.

@@ -91,6 +91,22 @@ constexpr int kWsConsumerRegs = 232;
 // bar.arrive by the other).
 constexpr int kWsTurnBar = 4;
 
+// Entries of the sorted list[0, n) below x, by a whole warp: each round probes 32 evenly
+// spaced entries at once and keeps the 1/32 of the range that holds the bound.
+__device__ __forceinline__ int warp_lower_bound(const int* list, int n, int x, int lane) {
+    int lo = 0, hi = n;  // the bound lies in [lo, hi]
+    while (hi - lo > 32) {
+        const int step = (hi - lo + 31) >> 5;
+        const int pos = min(lo + (lane + 1) * step - 1, hi - 1);
+        const int c = __popc(__ballot_sync(0xffffffffu, list[pos] < x));
+        const int nhi = min(hi, lo + (c + 1) * step - 1);
+        lo = min(lo + c * step, hi);
+        hi = max(nhi, lo);
+    }
+    const bool below = lane < hi - lo && list[lo + lane] < x;
+    return lo + __popc(__ballot_sync(0xffffffffu, below));
+}
+
 // The CTA's pair of chunks and the visit sequence (see the file comment).
 struct WsWork {
     int j, n, c0, seq0, len, kvh;
@@ -100,6 +116,8 @@ struct WsWork {
     int len0, len1, startC, nC, npos;
     bool c0_listed;      // WG1 sees block c0 (list[len0] == c0)
 
+    // Tile geometry (every thread; uniform over the CTA). The list bounds are left to the
+    // producer's list warp (find_bounds): no consumer reads the list.
     __device__ __forceinline__ bool init(const NatslSparsePrefillParams& p) {
         const int Hq = p.num_q_heads, Hkv = p.num_kv_heads;
         const int G = Hq / Hkv;
@@ -120,16 +138,21 @@ struct WsWork {
         has1 = (c0 + 1) * 64 < len;
         q_rows0 = min(64, len - c0 * 64);
         q_rows1 = has1 ? min(64, len - (c0 + 1) * 64) : 0;
-        const int mh = j / (Hq / p.num_mask_heads);
-        list = p.attn_list + (i64)mh * p.batch.num_slots + slot_base(p.batch.cu_seqlens, n);
+        return true;
+    }
+    // The visit sequence's bounds, by one warp (32-way searches: 2-3 rounds of parallel
+    // loads where a binary search took 7-11 dependent ones; the CTA's first K stage waits
+    // on this). Same result as a binary lower bound on a sorted list; in range on any list.
+    __device__ __forceinline__ void find_bounds(const NatslSparsePrefillParams& p, int lane) {
+        const int mh = j / (p.num_q_heads / p.num_mask_heads);
+        list = p.attn_list + (i64)mh * p.batch.num_slots + (seq0 / NATSL_CHUNK + n);  // slot_base(cu_seqlens, n)
         const int cnt = max(p.attn_count[n * p.num_mask_heads + mh], 0);
-        len0 = lower_bound_i32(list, min(cnt, c0), c0);
-        len1 = has1 ? lower_bound_i32(list, min(cnt, c0 + 1), c0 + 1) : 0;
+        len0 = warp_lower_bound(list, min(cnt, c0), c0, lane);
+        len1 = has1 ? warp_lower_bound(list, min(cnt, c0 + 1), c0 + 1, lane) : 0;
         c0_listed = has1 && len1 > len0 && list[len0] == c0;
         startC = len0 + (c0_listed ? 1 : 0);
         nC = has1 ? max(len1 - startC, 0) : 0;
         npos = len0 + 1 + nC + (has1 ? 1 : 0);
-        return true;
     }
     // Block at visit position `pos` and which consumers use it (bit w: consumer w; 0: skip).
     __device__ __forceinline__ int item(int pos, int* b) const {
@@ -269,6 +292,7 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
                     if (w.has1) tma_load_3d(sbase + S::Q + S::QBYTES + pn * S::PANEL64, &p.tma_q, q_bar, pn * 64, w.j, w.seq0 + w.c0 * 64 + 64);
                 }
             }
+            w.find_bounds(p, plane);  // Q is on its way meanwhile
             int2* items = reinterpret_cast<int2*>(smem + S::ITEMS);
             int base = 0, idx = 0, avail = 0;
 #pragma unroll 1
