@@ -96,7 +96,7 @@ for step in $steps; do
     wsab)
       # A/B of sparse WS experiment builds (NATSL_NVRTC_DEFINES), interleaved: WSAB_VARIANTS
       # is a list of name:DEFINES with DEFINES comma-separated.
-      for rep in 1 2; do
+      for rep in ${WSAB_REPS:-1 2}; do
         for v in ${WSAB_VARIANTS:-base:}; do
           n=${v%%:*}; d=${v#*:}
           NATSL_NVRTC_DEFINES="${d//,/ }" NATSL_BENCH_KERNELS=WarpSpecialized timeout 100 .gpu/tests/sparse prefill > "$OUT/ab.tmp" 2>&1

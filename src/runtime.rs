@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::jit;
 use crate::tensor::ContextId;
 use cudarc::driver::sys::CUdevice_attribute as Attr;
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 use natsl_codegen::{Arch, KernelSpec};
 use std::collections::HashMap;
@@ -42,6 +42,9 @@ pub fn embedded_images() -> &'static [(&'static str, &'static str, &'static [u8]
     aot::IMAGES
 }
 
+/// Streams per device that can run persistent kernels (one counter pair each).
+const TILE_COUNTER_SLOTS: usize = 256;
+
 type ModuleSlot = Arc<Mutex<Option<Arc<CudaModule>>>>;
 
 /// What every runtime of one context shares: properties and the module cache.
@@ -57,6 +60,11 @@ struct Device {
     /// lock while that unit loads or compiles.
     modules: Mutex<HashMap<KernelSpec, ModuleSlot>>,
     functions: Mutex<HashMap<(KernelSpec, String), (CudaFunction, u32)>>,
+    /// Tile-scheduler counters of persistent kernels: `TILE_COUNTER_SLOTS` pairs of i32,
+    /// zeroed once at creation (each launch rewinds its pair), and the slot of each
+    /// stream (keyed by its `CUstream`): launches on one stream are ordered, so one pair
+    /// per stream is never used by two launches at once.
+    tile_counters: (CudaSlice<i32>, Mutex<HashMap<usize, usize>>),
     /// A context natsl did not create and must never destroy (a caller's
     /// non-primary context): this reference is never dropped, so cudarc's
     /// `cuCtxDestroy` never runs.
@@ -189,7 +197,11 @@ impl Runtime {
             Arch::Sm90a => "sm_90a".to_string(),
             Arch::Sm80 => format!("sm_{major}{minor}"),
         };
+        // Allocated (and zeroed) here, never inside a call: calls stay capturable.
+        let counters = stream.alloc_zeros::<i32>(2 * TILE_COUNTER_SLOTS)?;
+        stream.synchronize()?;
         let dev = Device {
+            tile_counters: (counters, Mutex::new(HashMap::new())),
             ctx,
             arch,
             target,
@@ -200,6 +212,22 @@ impl Runtime {
             _borrowed: borrowed.map(ManuallyDrop::new),
         };
         Ok(Runtime { dev: Arc::new(dev), stream })
+    }
+
+    /// The device address of this stream's pair of tile-scheduler counters (see
+    /// `NatslSparsePrefillParams::tile_counter`).
+    pub(crate) fn tile_counter(&self) -> Result<u64> {
+        let (buf, map) = &self.dev.tile_counters;
+        let key = self.stream.cu_stream() as usize;
+        let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.len();
+        let slot = *m.entry(key).or_insert(n);
+        if slot >= TILE_COUNTER_SLOTS {
+            m.remove(&key);
+            return Err(Error::Unsupported(format!("more than {TILE_COUNTER_SLOTS} streams ran persistent kernels on one runtime's device")));
+        }
+        let (base, _guard) = buf.device_ptr(&self.stream);
+        Ok(base + (slot * 2 * std::mem::size_of::<i32>()) as u64)
     }
 
     /// This runtime (same device, module cache and code path) on another cudarc

@@ -352,6 +352,28 @@ fn prefill_long_sequences_wrap_the_kv_ring() {
 }
 
 #[test]
+fn prefill_persistent_ctas_run_many_tiles_on_two_streams() {
+    // Far more chunk-pair tiles than SMs (16 pairs x 4 sequences x 8 heads = 512, half of
+    // them empty: short sequences), so each persistent CTA of the warp-specialized kernel
+    // runs several tiles and skips empty ones; run twice on the runtime's stream (the
+    // launch rewinds its tile counters) and once on a second stream (its own counters),
+    // k-RMSNorm on (its scale warps pass the tile markers too) and off.
+    let Some(rt) = testing::gpu_or_skip("gpu_sparse") else { return };
+    let s2 = rt.context().new_stream().unwrap();
+    let rt2 = rt.on_stream(s2).unwrap();
+    let mut c = base(&[2048, 100, 1000, 64], 64, 64);
+    c.hq = 8;
+    c.hkv = 2;
+    c.hr = 2;
+    c.mask = Mask::Routed(0.5);
+    c.q_amp = 6.0;
+    for (i, r) in [&rt, &rt, &rt2].into_iter().enumerate() {
+        c.norm = i == 1;
+        check_prefill::<bf16>(r, &c, 120 + i as u64);
+    }
+}
+
+#[test]
 fn prefill_block_lists() {
     both_arches(|rt| {
         for (dk, dv) in [(64, 128), (128, 128)] {

@@ -68,8 +68,9 @@ pub enum PrefillKernel {
     MmaSync,
     /// wgmma, one warpgroup per 64-row chunk (sm_90a only; an error on other code paths).
     Wgmma,
-    /// FlashAttention-3 structure (sm_90a only; entry `prefill_ws`): 384-thread CTAs of
-    /// 128 query rows (two chunks), a producer warpgroup loading Q and a K/V ring of
+    /// FlashAttention-3 structure (sm_90a only; entry `prefill_ws`): persistent 384-thread
+    /// CTAs (one per SM) running tiles of 128 query rows (two chunks) from a tile counter
+    /// of the runtime's stream, a producer warpgroup loading Q and a K/V ring of
     /// 128-key stages (64 at dv 256) by TMA, two ping-ponging consumer warpgroups with
     /// the next QK^T issued under each softmax. ROUTED lists only: a BLOCKS mask is an
     /// error, as is a view that no TMA tensor map describes.
@@ -186,16 +187,23 @@ pub fn prefill_ws_stages(dims: HeadDims) -> u32 {
     }
 }
 
-/// Smem bytes of the TMA warp-specialized prefill (`WsTile::BYTES`): two [64][max(dk, dv)]
-/// Q / O staging tiles, the ring of [BN][dk] K and [BN][dv] V stages, per-key RMS
-/// scales per stage, 6 mbarriers per stage + 1 (Q), a 16-byte descriptor per stage, the
-/// producer's 32-entry list window, plus 1 KB to align the tiles.
+/// Smem bytes of the TMA warp-specialized prefill (`WsTile::BYTES`): two [64][dk] Q tiles,
+/// the ring of [BN][dk] K and [BN][dv] V stages, two [64][dv] O staging tiles where they
+/// fit in 227 KB (`WsTile::STAGE_O`), per-key RMS scales per stage, 6 mbarriers per stage
+/// + 2 (Q full, Q empty), a 16-byte descriptor per stage, the producer's 32-entry list
+/// window, plus 1 KB to align the tiles.
 pub fn prefill_ws_smem(dims: HeadDims) -> u32 {
     let (st, bn) = (prefill_ws_stages(dims), prefill_ws_keys(dims));
-    2 * 64 * dims.dk.max(dims.dv) * 2 + st * bn * (dims.dk + dims.dv) * 2 + st * bn * 4 + ((6 * st + 1) * 8).next_multiple_of(16) + st * 16 + 32 * 8 + 1024
+    let base = 2 * 64 * dims.dk * 2 + st * bn * (dims.dk + dims.dv) * 2 + st * bn * 4 + ((6 * st + 2) * 8).next_multiple_of(16) + st * 16 + 32 * 8 + 1024;
+    let o_stage = 2 * 64 * dims.dv * 2;
+    if base + o_stage <= 232_448 {
+        base + o_stage
+    } else {
+        base
+    }
 }
 
-/// CTAs of the warp-specialized prefill: one per (chunk pair, sequence, query head).
+/// Tiles of the warp-specialized prefill: one per (chunk pair, sequence, query head).
 pub fn prefill_ws_grid(max_chunks: usize, num_seqs: usize, hq: usize) -> u64 {
     (max_chunks.div_ceil(2) as u64).saturating_mul(num_seqs as u64).saturating_mul(hq as u64)
 }
@@ -383,10 +391,13 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
         tma_q: tma_maps[0],
         tma_k: tma_maps[1],
         tma_v: tma_maps[2],
+        tile_counter: if entry == "prefill_ws" { rt.tile_counter()? as *mut i32 } else { std::ptr::null_mut() },
     };
     let cfg = if entry.starts_with("prefill_ws") {
         // validate_prefill bounded max_chunks * N * Hq by i32::MAX; the pair grid is at most that.
-        let grid = prefill_ws_grid(plan.max_chunks, batch.num_seqs(), plan.hq) as u32;
+        // Persistent: one CTA per SM (its shared memory allows no second), never more than tiles.
+        let tiles = prefill_ws_grid(plan.max_chunks, batch.num_seqs(), plan.hq) as u32;
+        let grid = tiles.min(rt.sm_count());
         LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (WS_THREADS, 1, 1), shared_mem_bytes: smem_bytes }
     } else {
         LaunchConfig { grid_dim: (plan.grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem_bytes }

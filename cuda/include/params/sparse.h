@@ -62,6 +62,10 @@ typedef struct NatslSparsePrefillParams {
     const int* kv_indices;   /* BLOCKS: [N, Hm, max_q_blocks, max_kv_blocks] ascending block indices */
     int max_q_blocks;        /* BLOCKS: >= batch.max_chunks */
     int max_kv_blocks;       /* BLOCKS: capacity of each list */
+    /* prefill_ws: the persistent tile scheduler's two counters (next dynamic tile, CTAs
+     * done fetching), zero before a launch; the launch's last CTA rewinds them to zero.
+     * One pair per stream (launches on one stream are ordered). Unused by other entries. */
+    int* tile_counter;
 } NatslSparsePrefillParams;
 
 /*
