@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One device call: tests, compute-sanitizer, natsl benches and the peers, logs under $OUT.
 # Run from the repository root on the GPU host after `../shared/gpu/pack --peers`:
-#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse|fused|fusedbench|fusedprof]...   (default: the first four)
+#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse|fused|fusedbench|fusedprof|merge]...   (default: the first four)
 # `sparse` is the softmax-prefill loop of issue 8: its GPU tests, its benches and its
 # peers (cuDNN, FA2, FlexAttention) in one call. `fused` and `fusedbench` are the GDN loop
 # of issue 9 (one device call each, < 10 minutes): the fused sm_90a prefill's GPU tests
 # and compute-sanitizer on it; then the GDN benches of the P shapes and natsl-340M (every
 # variant incl. `fused`, `fused cp off`, `fused cpK`) and ncu on the fused kernel. The
 # FlashQLA / fla peers go in the `fusedbench` call too: bench/peers/qla/run_qla.sh (see
-# bench/NOTES.md, "Fused GDN prefill").
+# bench/NOTES.md, "Fused GDN prefill"). `merge` is the merge epilogue of issue 10 (< 5 minutes):
+# its GPU tests, compute-sanitizer memcheck on them and its bench.
 set -uo pipefail
 OUT=${OUT:-/tmp/natsl-out}
 mkdir -p "$OUT" bench/results
@@ -85,6 +86,14 @@ for step in $steps; do
       # consumer phase, the loop periods and the prep -> consumer hand-over.
       NATSL_BENCH_FUSED_PROFILE=1 timeout 150 .gpu/tests/gdn "P1 " "P4 " > "$OUT/fused-profile.log" 2>&1; echo "== profile rc $?"
       grep -vE "^\s*$|^running|^test result" "$OUT/fused-profile.log" | cut -c1-120 | head -80 ;;
+    merge)
+      timeout 200 .gpu/tests/gpu_merge --nocapture --test-threads=2 > "$OUT/merge-tests.log" 2>&1; echo "== gpu_merge rc $?"
+      grep -E "test result|panicked|skipped" "$OUT/merge-tests.log" | cut -c1-300 | tail -12; grep -c "rel err" "$OUT/merge-tests.log"
+      timeout 200 compute-sanitizer --tool memcheck .gpu/tests/gpu_merge merge_every_dvs merge_strided > "$OUT/merge-memcheck.log" 2>&1; echo "== memcheck rc $?"
+      grep -hE "ERROR SUMMARY|test result" "$OUT/merge-memcheck.log"
+      timeout 150 .gpu/tests/merge > "$OUT/merge-bench.log" 2>&1; echo "== bench rc $?"
+      cp bench/results/merge-"$(date +%F)".jsonl "$OUT/" 2>/dev/null
+      grep -hE "^merge" "$OUT/merge-bench.log" | cut -c1-150 ;;
     verify)
       # The kernels changed since their last device run: sparse prefill (every kernel,
       # block lists too) and the fused GDN prefill, with memcheck on both.

@@ -195,6 +195,20 @@ typedef struct {
   float scale;
 } NatslSparseDecodeArgs;
 
+// The merge epilogue (see `natsl::ops::merge::merge`): o_gdn, o_att, z, out
+// `[T, Ha, dvs]` (activation dtype, any 16-byte-aligned token and head strides),
+// w `[T, Ha, 2]` logits (f32 or the activation dtype; weight 0 = the GDN branch),
+// gamma_gdn, gamma_att `[dvs]`. out may not overlap any input.
+typedef struct {
+  NatslTensor o_gdn;
+  NatslTensor o_att;
+  NatslTensor w;
+  NatslTensor gamma_gdn;
+  NatslTensor gamma_att;
+  NatslTensor z;
+  NatslTensor out;
+} NatslMergeArgs;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -302,6 +316,12 @@ NatslStatus natsl_sparse_decode(const NatslRuntime *rt,
                                 const NatslSparseDecodeArgs *args,
                                 NatslWorkspace *ws,
                                 void *stream);
+
+// Check a merge call on the host only (no device, no runtime needed).
+NatslStatus natsl_merge_validate(const NatslMergeArgs *args);
+
+// The merge epilogue on `stream` (one launch, no workspace).
+NatslStatus natsl_merge(const NatslRuntime *rt, const NatslMergeArgs *args, void *stream);
 
 #ifdef __cplusplus
 }  // extern "C"

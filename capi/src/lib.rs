@@ -15,7 +15,7 @@
 #![allow(clippy::missing_safety_doc)] // every extern fn documents its contract in the header
 
 use cudarc::driver::sys;
-use natsl::ops::{gdn, sparse, ModelKernels};
+use natsl::ops::{gdn, merge, sparse, ModelKernels};
 use natsl::{Batch, DType, Error, Runtime, Scratch, TensorMut, TensorRef};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
@@ -174,6 +174,22 @@ pub struct NatslSparsePrefillArgs {
     pub k_norm_w: NatslTensor,
     /// Softmax scale; 0 = dk^-1/2.
     pub scale: f32,
+}
+
+/// The merge epilogue (see `natsl::ops::merge::merge`): o_gdn, o_att, z, out
+/// `[T, Ha, dvs]` (activation dtype, any 16-byte-aligned token and head strides),
+/// w `[T, Ha, 2]` logits (f32 or the activation dtype; weight 0 = the GDN branch),
+/// gamma_gdn, gamma_att `[dvs]`. out may not overlap any input.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NatslMergeArgs {
+    pub o_gdn: NatslTensor,
+    pub o_att: NatslTensor,
+    pub w: NatslTensor,
+    pub gamma_gdn: NatslTensor,
+    pub gamma_att: NatslTensor,
+    pub z: NatslTensor,
+    pub out: NatslTensor,
 }
 
 /// Paged sparse decode (see `natsl::ops::sparse::decode`).
@@ -357,6 +373,19 @@ unsafe fn opt_mut<'a>(t: &NatslTensor, arg: &'static str) -> Result<Option<Tenso
     } else {
         view_mut(t, arg).map(Some)
     }
+}
+
+/// # Safety
+/// As [`view`].
+unsafe fn merge_views<'a>(a: &NatslMergeArgs) -> Result<merge::MergeInputs<'a>, Error> {
+    Ok(merge::MergeInputs {
+        o_gdn: view(&a.o_gdn, "o_gdn")?,
+        o_att: view(&a.o_att, "o_att")?,
+        w: view(&a.w, "w")?,
+        gamma_gdn: view(&a.gamma_gdn, "gamma_gdn")?,
+        gamma_att: view(&a.gamma_att, "gamma_att")?,
+        z: view(&a.z, "z")?,
+    })
 }
 
 fn scale_of(s: f32) -> Option<f32> {
@@ -763,4 +792,28 @@ mod tests {
         assert_eq!(guard(|| Err(Error::invalid("q", "bad"))), NatslStatus::InvalidArgument);
         assert_eq!(guard(|| Ok(())), NatslStatus::Ok);
     }
+}
+
+/// Check a merge call on the host only (no device, no runtime needed).
+#[no_mangle]
+pub unsafe extern "C" fn natsl_merge_validate(args: *const NatslMergeArgs) -> NatslStatus {
+    guard(|| {
+        let a = nonnull(args, "args")?;
+        let inp = merge_views(a)?;
+        let out = view(&a.out, "out")?;
+        merge::validate(&inp, &out).map(|_| ())
+    })
+}
+
+/// The merge epilogue on `stream` (one launch, no workspace).
+#[no_mangle]
+pub unsafe extern "C" fn natsl_merge(rt: *const NatslRuntime, args: *const NatslMergeArgs, stream: *mut c_void) -> NatslStatus {
+    let _keep = KeepCurrentContext::new();
+    guard(|| {
+        let rt = on(nonnull(rt, "rt")?, stream)?;
+        let a = nonnull(args, "args")?;
+        let inp = merge_views(a)?;
+        let mut out = view_mut(&a.out, "out")?;
+        merge::merge(&rt, &inp, &mut out)
+    })
 }

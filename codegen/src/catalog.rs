@@ -141,11 +141,40 @@ pub fn sparse_decode_spec(dtype: DType, dims: HeadDims, arch: Arch) -> KernelSpe
     KernelSpec { op: Op::SparseDecode, dtype, dims, chunk: 64, tile: sparse_decode_tile(dims), sparsity: Sparsity::Routed, arch }
 }
 
+/// Merge epilogue: 256 threads per CTA; block_m = rows (tokens of one head) per CTA,
+/// from the threads per row of cuda/merge/merge.cuh (dvs / 8 vectors, at most 32 threads).
+pub fn merge_tile(dvs: u32) -> Tile {
+    let nv = dvs / 8;
+    let lanes = [32, 16, 8, 4, 2, 1].into_iter().find(|l| nv % l == 0).unwrap_or(1);
+    Tile::new(256 / lanes, 0, 8, 1)
+}
+
+/// The softmax head dims dvs the merge ships: every dv of [`SPARSE_DIMS`].
+pub const MERGE_DIMS: [u32; 3] = [64, 128, 256];
+
+/// The merge spec (entry `merge`) for softmax head dim `dvs`.
+pub fn merge_spec(dtype: DType, dvs: u32, arch: Arch) -> KernelSpec {
+    KernelSpec { op: Op::Merge, dtype, dims: HeadDims { dk: 0, dv: dvs }, chunk: 64, tile: merge_tile(dvs), sparsity: Sparsity::Dense, arch }
+}
+
+fn merge_specs() -> Vec<KernelSpec> {
+    let mut v = Vec::new();
+    for arch in ARCHES {
+        for dtype in DTYPES {
+            for dvs in MERGE_DIMS {
+                v.push(merge_spec(dtype, dvs, arch));
+            }
+        }
+    }
+    v
+}
+
 /// Every shipped specialisation, sorted and unique.
 pub fn shipped() -> Vec<KernelSpec> {
     let mut v = router_specs();
     v.extend(gdn_specs());
     v.extend(sparse_specs());
+    v.extend(merge_specs());
     v.sort();
     v.dedup();
     v

@@ -61,6 +61,7 @@ fn entry_file(op: Op) -> &'static str {
         Op::GdnDecode => "gdn/decode_entry.cu",
         Op::SparsePrefill => "sparse/prefill_entry.cu",
         Op::SparseDecode => "sparse/decode_entry.cu",
+        Op::Merge => "merge/entry.cu",
     }
 }
 

@@ -15,10 +15,12 @@ pub enum Op {
     SparsePrefill,
     /// Block-sparse flash softmax over paged KV, decode (split-KV).
     SparseDecode,
+    /// The output epilogue: RMSNorm of both branches, 2-way softmax weights, SiLU gate.
+    Merge,
 }
 
 impl Op {
-    pub const ALL: [Op; 5] = [Op::Router, Op::GdnPrefill, Op::GdnDecode, Op::SparsePrefill, Op::SparseDecode];
+    pub const ALL: [Op; 6] = [Op::Router, Op::GdnPrefill, Op::GdnDecode, Op::SparsePrefill, Op::SparseDecode, Op::Merge];
 
     /// Short name used in symbols and on the command line.
     pub fn name(self) -> &'static str {
@@ -28,6 +30,7 @@ impl Op {
             Op::GdnDecode => "gdn_decode",
             Op::SparsePrefill => "sparse_prefill",
             Op::SparseDecode => "sparse_decode",
+            Op::Merge => "merge",
         }
     }
 }
@@ -88,7 +91,8 @@ impl Arch {
     }
 }
 
-/// Head dimensions. For the router, `dk` is unused (0) and `dv` is unused (0).
+/// Head dimensions. For the router, `dk` is unused (0) and `dv` is unused (0);
+/// for the merge, `dk` is 0 and `dv` is the softmax head dim dvs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HeadDims {
     pub dk: u32,
@@ -155,6 +159,8 @@ impl KernelSpec {
         let t = self.tile;
         let dims = if self.dims.dk == 0 && self.dims.dv == 0 {
             String::new()
+        } else if self.dims.dk == 0 {
+            format!("_dv{}", self.dims.dv)
         } else {
             format!("_dk{}_dv{}", self.dims.dk, self.dims.dv)
         };

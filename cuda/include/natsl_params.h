@@ -46,5 +46,6 @@ typedef struct NatslTensorMap {
 #include "params/router.h"
 #include "params/gdn.h"
 #include "params/sparse.h"
+#include "params/merge.h"
 
 #endif /* NATSL_PARAMS_H */

@@ -1,5 +1,5 @@
 /* The C ABI without a GPU: version query, a runtime that fails cleanly where there
- * is no device, and host-side validation of GDN and sparse prefill calls (a good
+ * is no device, and host-side validation of GDN prefill, sparse prefill and merge calls (a good
  * call passes, bad ones return NATSL_STATUS_INVALID_ARGUMENT naming the argument).
  * CI builds it with the system cc against target/release/libnatsl_capi.so:
  *   cc -std=c99 -Wall -Wextra -Werror -Iinclude examples/c/validate.c \
@@ -126,6 +126,28 @@ int main(void) {
     sbad = s;
     sbad.q.ptr += 2; /* not 16-byte aligned */
     expect_invalid(natsl_sparse_prefill_validate(cu, 3, &sbad), "q", "sparse misaligned q");
+
+    /* Merge epilogue: 12 softmax heads of 128, f32 logits. */
+    const int64_t mr[3] = {T, 12, 128}, mw[3] = {T, 12, 2}, mg[1] = {128};
+    NatslMergeArgs m;
+    memset(&m, 0, sizeof m);
+    m.o_gdn = tensor(AT(14), NATSL_DTYPE_BF16, 3, mr);
+    m.o_att = tensor(AT(15), NATSL_DTYPE_BF16, 3, mr);
+    m.w = tensor(AT(16), NATSL_DTYPE_F32, 3, mw);
+    m.gamma_gdn = tensor(AT(17), NATSL_DTYPE_BF16, 1, mg);
+    m.gamma_att = tensor(AT(18), NATSL_DTYPE_BF16, 1, mg);
+    m.z = tensor(AT(19), NATSL_DTYPE_BF16, 3, mr);
+    m.out = tensor(AT(20), NATSL_DTYPE_BF16, 3, mr);
+    st = natsl_merge_validate(&m);
+    EXPECT(st == NATSL_STATUS_OK, "good merge: %d %s", (int)st, natsl_last_error());
+    printf("ok  good merge validates\n");
+    NatslMergeArgs mbad = m;
+    mbad.out.ptr = mbad.o_att.ptr;
+    expect_invalid(natsl_merge_validate(&mbad), "out", "merge out over o_att");
+    mbad = m;
+    mbad.gamma_att.shape[0] = 64;
+    expect_invalid(natsl_merge_validate(&mbad), "gamma_att", "merge short gamma_att");
+    expect_invalid(natsl_merge_validate(NULL), "args", "merge null args");
 
     NatslWorkspace* ws = NULL;
     expect_invalid(natsl_workspace_create_from(addr + 8, 4096, &ws), "ptr", "misaligned caller workspace");

@@ -8,7 +8,7 @@
 //!                        report; with NATSL_DUMP_DIR set, also write each unit's .cu, .cubin and ptxas .log there
 //!   natsl warmup         load or compile (with progress) every unit natsl-340M uses on device 0
 //!   natsl bench [FAMILY] [FILTER...]
-//!                        time the kernels (router, gdn, sparse, all; shapes whose name
+//!                        time the kernels (router, gdn, sparse, merge, all; shapes whose name
 //!                        contains a filter), print a table, append JSON lines to bench/results/
 
 use natsl::bench::{self, Record};
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         "warmup" => warmup(),
         "bench" => bench_cmd(args.get(1).map(String::as_str).unwrap_or("all"), args.get(2..).unwrap_or(&[])),
         "-h" | "--help" | "help" => {
-            println!("usage: natsl [run | kernels | compile [NAME] | warmup | bench [router|gdn|sparse|all] [SHAPE FILTERS...]]");
+            println!("usage: natsl [run | kernels | compile [NAME] | warmup | bench [router|gdn|sparse|merge|all] [SHAPE FILTERS...]]");
             Ok(())
         }
         other => Err(format!("unknown command `{other}` (try `natsl help`)").into()),
@@ -349,8 +349,8 @@ fn run_gpu(rt: &Runtime) -> Res {
 }
 
 fn bench_cmd(family: &str, filters: &[String]) -> Res {
-    if !matches!(family, "router" | "gdn" | "sparse" | "all") {
-        return Err(format!("unknown bench family `{family}` (router, gdn, sparse, all)").into());
+    if !matches!(family, "router" | "gdn" | "sparse" | "merge" | "all") {
+        return Err(format!("unknown bench family `{family}` (router, gdn, sparse, merge, all)").into());
     }
     let rt = match Runtime::new(0) {
         Ok(rt) => rt,
@@ -360,10 +360,11 @@ fn bench_cmd(family: &str, filters: &[String]) -> Res {
         }
     };
     let mut all = Vec::new();
-    let families: [(&str, fn(&Runtime, &[String]) -> Result<Vec<Record>, natsl::Error>); 3] = [
+    let families: [(&str, fn(&Runtime, &[String]) -> Result<Vec<Record>, natsl::Error>); 4] = [
         ("router", |rt, f| bench::router::run(rt, &bench::router::shapes_matching(f))),
         ("gdn", |rt, f| Ok(bench::gdn::run(rt, f))),
         ("sparse", |rt, f| Ok(bench::sparse::run(rt, f))),
+        ("merge", |rt, f| Ok(bench::merge::run(rt, f))),
     ];
     for (name, run) in families {
         if family == name || family == "all" {

@@ -4,6 +4,7 @@
 //! the head dims, and the runtime's context.
 
 pub mod gdn;
+pub mod merge;
 pub mod router;
 pub mod sparse;
 
@@ -99,7 +100,7 @@ pub struct ModelKernels {
     pub dtype: natsl_codegen::DType,
     /// GDN head dims (dk, dv) if the model has the GDN branch (prefill and decode).
     pub gdn: Option<(u32, u32)>,
-    /// Sparse-softmax head dims (dk, dv) (prefill and decode).
+    /// Sparse-softmax head dims (dk, dv) (prefill and decode; also the merge over dvs = dv).
     pub sparse: Option<(u32, u32)>,
     /// The router's policy, if it runs on the device.
     pub router: Option<router::RouterPolicy>,
@@ -130,6 +131,10 @@ impl ModelKernels {
             let dims = natsl_codegen::HeadDims { dk, dv };
             v.push(catalog::sparse_prefill_spec(self.dtype, dims, arch));
             v.push(catalog::sparse_decode_spec(self.dtype, dims, arch));
+            // The merge runs over the softmax heads' slices: dvs = the softmax dv.
+            if catalog::MERGE_DIMS.contains(&dv) {
+                v.push(catalog::merge_spec(self.dtype, dv, arch));
+            }
         }
         v.sort();
         v.dedup();
