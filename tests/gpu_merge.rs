@@ -59,7 +59,7 @@ fn check<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
     // Layouts: (token stride, head stride, offset) per row tensor.
     let row = ha * dvs;
     let (g_l, a_l, z_l, o_l) = if c.strided {
-        ((2 * row + 64, dvs, 64), (row, dvs, 0), (3 * row, dvs, 2 * row), (row + 8, dvs + 8, 8))
+        ((2 * row + 64, dvs, 64), (row, dvs, 0), (3 * row, dvs, 2 * row), (ha * (dvs + 8) + 8, dvs + 8, 8))
     } else {
         ((row, dvs, 0), (row, dvs, 0), (row, dvs, 0), (row, dvs, 0))
     };
