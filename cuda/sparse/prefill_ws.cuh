@@ -71,6 +71,8 @@ struct WsTile {
     static constexpr int BN = DV <= 128 ? 128 : 64;
     static constexpr int HALVES = BN / 64;
     // Ring depth within 227 KB of shared memory.
+    // (3 at 128/128, with O then stored from registers: -1.6% dense; 4 at 64/128 likewise:
+    // +0.4% at rho 1, -2% at rho 0.1. 2026-12-04 run g.)
     static constexpr int ST = (DK + DV) >= 256 ? 2 : 3;
     static constexpr bool Q_REGS = DK <= 128;                   // Q K^T with Q from registers
     static constexpr int PANEL64 = 64 * 128;                    // bytes of a 64-row x 64-column panel
@@ -474,8 +476,8 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
 
     // ---------------------------------------------------------------- consumers
     reg_alloc<kWsConsumerRegs>();
-    const int cw = wg - 1;              // consumer index = chunk c0 + cw
-    const int wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
+    int cw = wg - 1;                    // consumer index = chunk c0 + cw
+    int wtid = tid & 127, warp = wtid >> 5, lane = tid & 31;
     const int bar = 1 + cw;             // named barrier of this warpgroup
     const unsigned long long qd = wg_desc(sbase + S::Q + cw * S::QBYTES);  // Q from smem (dk > 128)
     T* sq = reinterpret_cast<T*>(smem + S::Q + cw * S::QBYTES);
@@ -483,7 +485,7 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     const T* wq = reinterpret_cast<const T*>(p.q_norm_w);
     const T* wk = reinterpret_cast<const T*>(p.k_norm_w);
     const float sl2 = p.scale_log2;  // > 0 (validated): max of raw scores = max of scaled
-    const int row_a = warp * 16 + (lane >> 2);
+    int row_a = warp * 16 + (lane >> 2);
 
     // Every consumer thread arrives itself, after its own reads of the slot (the
     // descriptor, the k scales): each read is then ordered before the refill by one
@@ -562,6 +564,9 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
         for (int i = 0; i < DV / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
         float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};  // m in raw-score units
         int next = -1;
+        // Opaque per tile: ptxas otherwise re-reads %tid inside the stage loop (17 S2R at
+        // d128) and schedules it worse: pinned, dense +0.4%, rho 0.1 +1.5% (run g).
+        asm volatile("" : "+r"(cw), "+r"(lane), "+r"(row_a));
 
 #pragma unroll 1
         for (;; ++k) {
