@@ -74,6 +74,10 @@ struct WsTile {
     // (3 at 128/128, with O then stored from registers: -1.6% dense; 4 at 64/128 likewise:
     // +0.4% at rho 1, -2% at rho 0.1. 2026-12-04 run g.)
     static constexpr int ST = (DK + DV) >= 256 ? 2 : 3;
+    // Rescale O only when a row maximum grows by more than 2^8 in exp2 units (P then stays
+    // <= 256, exact after the final 1 / l): at 64/128, where the softmax outweighs the
+    // halved Q K^T, +1-3% at rho 1-0.1; at 128/128 -0.8% (2026-12-04 runs h, i), so off.
+    static constexpr float RESCALE_LOG2 = DK <= 64 ? 8.f : 0.f;
     static constexpr bool Q_REGS = DK <= 128;                   // Q K^T with Q from registers
     static constexpr int PANEL64 = 64 * 128;                    // bytes of a 64-row x 64-column panel
     static constexpr int KPANEL = BN * 128;                     // bytes of a BN-row panel of a stage
@@ -100,7 +104,8 @@ struct WsTile {
 
 // Registers after setmaxnreg: 128 * 40 + 256 * 232 = 64512, the CTA's allocation at launch
 // (384 threads at the 168 of __launch_bounds__(384, 1)).
-// (24 / 240, FA3's split, spills the producer's list walk: 44 bytes.)
+// (24 / 240, FA3's split, spills 44 bytes in the producer's list walk and lost 1-1.5% on
+// every shape, 2026-12-04 run j: the consumers' extra 8 registers buy nothing.)
 constexpr int kWsProducerRegs = 40;
 constexpr int kWsConsumerRegs = 232;
 // Named barrier ids (0 is __syncthreads): 1, 2 = consumer warpgroup 0, 1 (128 threads);
@@ -485,6 +490,8 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
     const T* wq = reinterpret_cast<const T*>(p.q_norm_w);
     const T* wk = reinterpret_cast<const T*>(p.k_norm_w);
     const float sl2 = p.scale_log2;  // > 0 (validated): max of raw scores = max of scaled
+    // Raw-score step by which a row maximum must grow before O is rescaled (0: any growth).
+    const float rescale_thr = S::RESCALE_LOG2 / sl2;
     int row_a = warp * 16 + (lane >> 2);
 
     // Every consumer thread arrives itself, after its own reads of the slot (the
@@ -676,7 +683,8 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
                 for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m[r], mx);
+                // With a threshold the kept maximum may trail the true one: P <= 2^RESCALE_LOG2.
+                const float m_new = S::RESCALE_LOG2 > 0.f ? (mx > m[r] + rescale_thr ? mx : m[r]) : fmaxf(m[r], mx);
                 const float m_use = m_new == neg_inf() ? 0.f : m_new;
                 const float mc = m_use * sl2;
                 alpha[r] = fast_exp2(m[r] * sl2 - mc);
