@@ -234,6 +234,15 @@ NatslStatus natsl_runtime_destroy(NatslRuntime *rt);
 // Code path (80 or 90 for sm_90a) and SM count of a runtime's device.
 NatslStatus natsl_runtime_info(const NatslRuntime *rt, int32_t *arch, int32_t *sm_count);
 
+// The device fault bits (`NATSL_FAULT_*`) the kernels recorded since the last call:
+// device-resident indices, labels or page data out of range, each treated as its bit
+// documents. Reads and clears the device's word; waits for the runtime's stream (not for
+// use inside graph capture).
+//
+// # Safety
+// `rt` is a live runtime handle and `faults` a writable `uint32_t`.
+NatslStatus natsl_device_faults(const NatslRuntime *rt, uint32_t *faults);
+
 // Load or compile every unit `model` uses, on all cores; `progress` (nullable) is
 // called once per unit from natsl's threads, serialised. Calls of other threads
 // that need units already loaded go on meanwhile.

@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod bench;
 pub mod error;
+pub mod faults;
 pub mod jit;
 pub mod ops;
 pub mod params;
@@ -22,6 +23,7 @@ pub mod workspace;
 
 pub use batch::{Batch, SeqLayout, CHUNK};
 pub use error::{Error, Result};
+pub use faults::DeviceFaults;
 pub use natsl_codegen::{Arch, KernelSpec};
 pub use runtime::{Runtime, WarmupProgress};
 pub use tensor::{DType, TensorMut, TensorRef};

@@ -17,6 +17,7 @@
 //! Compiling a unit locks only that unit: calls that use other units go on.
 
 use crate::error::{Error, Result};
+use crate::faults::DeviceFaults;
 use crate::jit;
 use crate::tensor::ContextId;
 use cudarc::driver::sys::CUdevice_attribute as Attr;
@@ -65,6 +66,8 @@ struct Device {
     /// stream (keyed by its `CUstream`): launches on one stream are ordered, so one pair
     /// per stream is never used by two launches at once.
     tile_counters: (CudaSlice<i32>, Mutex<HashMap<usize, usize>>),
+    /// The device fault word (`NATSL_FAULT_*` bits; see [`Runtime::device_faults`]).
+    faults: CudaSlice<u32>,
     /// A context natsl did not create and must never destroy (a caller's
     /// non-primary context): this reference is never dropped, so cudarc's
     /// `cuCtxDestroy` never runs.
@@ -199,9 +202,11 @@ impl Runtime {
         };
         // Allocated (and zeroed) here, never inside a call: calls stay capturable.
         let counters = stream.alloc_zeros::<i32>(2 * TILE_COUNTER_SLOTS)?;
+        let faults = stream.alloc_zeros::<u32>(1)?;
         stream.synchronize()?;
         let dev = Device {
             tile_counters: (counters, Mutex::new(HashMap::new())),
+            faults,
             ctx,
             arch,
             target,
@@ -228,6 +233,30 @@ impl Runtime {
         }
         let (base, _guard) = buf.device_ptr(&self.stream);
         Ok(base + (slot * 2 * std::mem::size_of::<i32>()) as u64)
+    }
+
+    /// The device address of the fault word that kernels set bits of (the params'
+    /// `faults`): one per device, shared by every stream (bits are only ever or-ed in).
+    pub(crate) fn fault_word(&self) -> u64 {
+        let (ptr, _guard) = self.dev.faults.device_ptr(&self.stream);
+        ptr
+    }
+
+    /// Faults the kernels recorded on this runtime's device since the last call: inputs
+    /// in device memory that no host check can see without a sync (state-pool indices,
+    /// labels, page tables and lengths), each treated as its bit documents
+    /// ([`DeviceFaults`]). Reads and clears the word on this runtime's stream and waits
+    /// for it, so call it outside the hot path and outside graph capture, after the
+    /// calls of interest (on other streams: after they are synchronised).
+    pub fn device_faults(&self) -> Result<DeviceFaults> {
+        let mut host = [0u32; 1];
+        self.stream.memcpy_dtoh(&self.dev.faults, &mut host)?;
+        let (ptr, _guard) = self.dev.faults.device_ptr(&self.stream);
+        // SAFETY: ptr is the live 4-byte fault word of this device; the memset is
+        // ordered on this stream after the read above.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, 4, self.stream.cu_stream()) }?;
+        self.stream.synchronize()?;
+        Ok(DeviceFaults(host[0]))
     }
 
     /// This runtime (same device, module cache and code path) on another cudarc

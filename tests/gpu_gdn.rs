@@ -471,6 +471,11 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
                 .map(|f| format!("[prep {prep:?}] {f}")),
         );
     }
+    // Every index of these cases is in range and every label valid: no fault may be recorded.
+    let faults = rt.device_faults().unwrap();
+    if !faults.is_empty() {
+        failures.push(format!("device faults on a well-formed call: {faults}"));
+    }
     Report { failures }.finish(c.name);
 }
 
@@ -938,6 +943,7 @@ fn prefill_cp_long_sequence() {
 
 // ---------------------------------------------------------------- decode
 
+#[derive(Clone)]
 struct DecodeCase {
     name: &'static str,
     /// Tokens already seen per sequence (positions inside their chunks differ).
@@ -954,6 +960,11 @@ struct DecodeCase {
     seed: u64,
     /// A forced state tile (`gdn_decode_variant`); None = the catalog's.
     tile: Option<natsl_codegen::spec::Tile>,
+    /// (sequence, index value): the sequence's running (and committed) index replaced by
+    /// -1 (a padded slot) or a bad row: skipped whole, recorded as a fault unless -1.
+    skip: Vec<(usize, i32)>,
+    /// Labels of GDN chunks sent as 7 (read as GDN, recorded as a fault at a commit).
+    bad_labels: bool,
 }
 
 fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
@@ -1007,8 +1018,21 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
     let mut comd = testing::upload::<f32>(rt, &scatter(&committed, &cidx)).unwrap();
     let mut gsd = testing::upload::<f32>(rt, &gsum).unwrap();
     let mut posd = rt.stream().clone_htod(&pos).unwrap();
-    let ridxd = rt.stream().clone_htod(&ridx).unwrap();
-    let cidxd = rt.stream().clone_htod(&cidx).unwrap();
+    let skipped = |s: usize| c.skip.iter().any(|&(q, _)| q == s);
+    let with_skips = |idx: &[i32]| -> Vec<i32> {
+        let mut v = idx.to_vec();
+        for &(s, bad) in &c.skip {
+            v[s] = bad;
+        }
+        v
+    };
+    let ridxd = rt.stream().clone_htod(&with_skips(&ridx)).unwrap();
+    let cidxd = rt.stream().clone_htod(&with_skips(&cidx)).unwrap();
+    rt.device_faults().unwrap(); // start from a clear fault word
+    let mut want_faults = 0u32;
+    if c.skip.iter().any(|&(_, bad)| bad != -1) {
+        want_faults |= natsl::params::NATSL_FAULT_POOL_INDEX;
+    }
     let mut ws = GdnDecodeWorkspace::new();
     let tol = testing::tolerance(T::DTYPE);
     let mut rep = Report::default();
@@ -1037,6 +1061,9 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
         // Reference: the GDN part of reference::decode_step (hybrid.rs), token by token.
         let mut o_ref = vec![0.0; rows * hv * dv];
         for s in 0..n {
+            if skipped(s) {
+                continue; // o rows stay zero; state, gsum and pos untouched
+            }
             for jj in 0..j {
                 let r = s * j + jj;
                 for h in 0..hv {
@@ -1059,6 +1086,9 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
                 if c.commit && pos[s] % 64 == 0 {
                     for h in 0..hv {
                         let lab = labels[s * c.hr + h / (hv / c.hr)];
+                        if c.bad_labels && lab == LABEL_GDN {
+                            want_faults |= natsl::params::NATSL_FAULT_LABEL;
+                        }
                         let rg = s * sd + h * hsd..s * sd + (h + 1) * hsd;
                         if lab == LABEL_ATTN {
                             let d = gsum[s * hv + h].exp();
@@ -1082,7 +1112,8 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
         let vd = testing::upload::<T>(rt, &v).unwrap();
         let gd = testing::upload::<f32>(rt, &g).unwrap();
         let bd = testing::upload::<T>(rt, &beta).unwrap();
-        let ld = rt.stream().clone_htod(&labels).unwrap();
+        let sent: Vec<u8> = labels.iter().map(|&l| if c.bad_labels && l == LABEL_GDN { 7 } else { l }).collect();
+        let ld = rt.stream().clone_htod(&sent).unwrap();
         let mut od = testing::poisoned::<T>(rt, rows * hv * dv).unwrap();
         {
             let inp = GdnDecodeInputs {
@@ -1154,6 +1185,11 @@ fn run_decode<T: TestElem + Element>(rt: &Runtime, c: &DecodeCase) {
         rep.failures
             .push(format!("pos: got {pos_d:?}, want {pos:?}"));
     }
+    let faults = rt.device_faults().unwrap();
+    println!("  device faults: {faults} (want {:?})", natsl::DeviceFaults(want_faults));
+    if faults.0 != want_faults {
+        rep.failures.push(format!("device faults: got {faults:?}, want {want_faults:#x}"));
+    }
     rep.finish(c.name);
 }
 
@@ -1174,6 +1210,8 @@ fn decode_single_token_with_commit_across_positions() {
             l2norm: true,
             seed: 3,
             tile: None,
+            skip: vec![],
+            bad_labels: false,
         };
         run_decode::<bf16>(rt, &c);
         run_decode::<f16>(rt, &DecodeCase { l2norm: false, ..c });
@@ -1200,6 +1238,8 @@ fn decode_speculative_tokens_cross_a_chunk_boundary() {
             l2norm: true,
             seed: 11,
             tile: None,
+            skip: vec![],
+            bad_labels: false,
         };
         run_decode::<bf16>(&rt, &c);
     }
@@ -1217,8 +1257,40 @@ fn decode_speculative_tokens_cross_a_chunk_boundary() {
         l2norm: false,
         seed: 12,
         tile: None,
+        skip: vec![],
+        bad_labels: false,
     };
     run_decode::<f16>(&rt, &c);
+}
+
+#[test]
+fn decode_padded_and_bad_slots_are_skipped_and_recorded() {
+    // Engines capture decode graphs at a padded batch size with index -1 in the padded
+    // slots: those are skipped silently; any other out-of-range row is skipped the same
+    // way and recorded; a label outside 0..=2 reads as GDN and is recorded.
+    let Some(rt) = testing::gpu_or_skip("decode_padded_and_bad_slots_are_skipped_and_recorded") else {
+        return;
+    };
+    let base = DecodeCase {
+        name: "padded",
+        pos: vec![63, 10, 127, 64, 191, 5],
+        tokens_per_seq: 2,
+        steps: 2,
+        hqk: 2,
+        hv: 4,
+        hr: 2,
+        dk: 128,
+        dv: 128,
+        commit: true,
+        l2norm: true,
+        seed: 21,
+        tile: None,
+        skip: vec![(1, -1), (4, -1)],
+        bad_labels: false,
+    };
+    run_decode::<bf16>(&rt, &base);
+    run_decode::<bf16>(&rt, &DecodeCase { name: "bad rows", skip: vec![(0, 1 << 20), (3, -7), (5, -1)], ..base.clone() });
+    run_decode::<f16>(&rt, &DecodeCase { name: "bad labels", skip: vec![], bad_labels: true, ..base });
 }
 
 #[test]
@@ -1240,6 +1312,8 @@ fn decode_plain_gdn_without_commit() {
         l2norm: true,
         seed: 5,
         tile: None,
+        skip: vec![],
+        bad_labels: false,
     };
     run_decode::<bf16>(&rt, &c);
 }
@@ -1267,6 +1341,8 @@ fn decode_state_tiles() {
                 l2norm: true,
                 seed: 17,
                 tile: Some(tile),
+                skip: vec![],
+                bad_labels: false,
             };
             run_decode::<bf16>(&rt, &c);
         }

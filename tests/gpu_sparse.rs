@@ -402,6 +402,19 @@ struct DCase {
     p_attn: f64,
     norm: bool,
     splits: Option<usize>,
+    /// Device-side inputs made bad on purpose (see `DFault`).
+    fault: DFault,
+}
+
+/// A padded sequence (cur_page -1, no pages: silent, o = 0, lse = -inf), a page id out of
+/// range appended to one list (skipped, recorded), or a page count past max_pages (clamped,
+/// recorded; the filler entries it then reads are bad page ids, skipped and recorded).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum DFault {
+    None,
+    PaddedSeq(usize),
+    BadPage(usize),
+    BadCount(usize),
 }
 
 fn check_decode<T: TestElem + Element>(rt: &Runtime, c: &DCase, seed: u64) {
@@ -470,6 +483,25 @@ fn check_decode<T: TestElem + Element>(rt: &Runtime, c: &DCase, seed: u64) {
         }
     }
 
+    let mut want_faults = 0u32;
+    match c.fault {
+        DFault::None => {}
+        DFault::PaddedSeq(s) => {
+            cur_page[s] = -1;
+            count[s * hr..(s + 1) * hr].iter_mut().for_each(|x| *x = 0);
+        }
+        DFault::BadPage(s) => {
+            let i = count[s * hr] as usize;
+            table[s * hr * max_pages + i] = 1 << 20;
+            count[s * hr] += 1;
+            want_faults |= natsl::params::NATSL_FAULT_PAGE_ID;
+        }
+        DFault::BadCount(s) => {
+            count[s * hr] = max_pages as i32 + 5;
+            want_faults |= natsl::params::NATSL_FAULT_PAGE_LEN | natsl::params::NATSL_FAULT_PAGE_ID;
+        }
+    }
+    rt.device_faults().unwrap(); // start from a clear fault word
     let up = |x: &[i32]| rt.stream().clone_htod(x).unwrap();
     let (td, cd, cpd, cld) = (up(&table), up(&count), up(&cur_page), up(&cur_len));
     let kpd = testing::upload::<T>(rt, &kp).unwrap();
@@ -502,14 +534,25 @@ fn check_decode<T: TestElem + Element>(rt: &Runtime, c: &DCase, seed: u64) {
     }
     rt.synchronize().unwrap();
     let o = testing::download(rt, &od).unwrap();
-    let l = testing::download(rt, &lsed).unwrap();
+    let mut l = testing::download(rt, &lsed).unwrap();
+    let (mut o_ref, mut l_ref) = (reference.o.clone(), reference.lse.clone());
+    if let DFault::PaddedSeq(s) = c.fault {
+        // Nothing visible: o = 0 and lse = -inf on the padded sequence's rows.
+        let (r0, r1) = (s * nq * hq, (s + 1) * nq * hq);
+        o_ref[r0 * dv..r1 * dv].iter_mut().for_each(|x| *x = 0.0);
+        assert!(l[r0..r1].iter().all(|&x| x == f64::NEG_INFINITY), "{what}: padded lse {:?}", &l[r0..r1]);
+        l[r0..r1].iter_mut().for_each(|x| *x = 0.0);
+        l_ref[r0..r1].iter_mut().for_each(|x| *x = 0.0);
+    }
     let tol = testing::tolerance(T::DTYPE);
-    testing::assert_close(&format!("{what}: o"), &o, &reference.o, tol);
-    testing::assert_close(&format!("{what}: lse"), &l, &reference.lse, 2e-3);
+    testing::assert_close(&format!("{what}: o"), &o, &o_ref, tol);
+    testing::assert_close(&format!("{what}: lse"), &l, &l_ref, 2e-3);
+    let faults = rt.device_faults().unwrap();
+    assert_eq!(faults.0, want_faults, "{what}: device faults {faults}");
 }
 
 fn dcase(lens: &[usize], nq: usize, dk: usize, dv: usize) -> DCase {
-    DCase { lens: lens.to_vec(), nq, hq: 12, hkv: 12, hr: 6, dk, dv, p_attn: 0.4, norm: false, splits: None }
+    DCase { lens: lens.to_vec(), nq, hq: 12, hkv: 12, hr: 6, dk, dv, p_attn: 0.4, norm: false, splits: None, fault: DFault::None }
 }
 
 #[test]
@@ -519,6 +562,18 @@ fn decode_one_query_every_dims() {
             let c = DCase { hq: 4, hkv: 2, hr: 1, ..dcase(&[1000, 65, 130, 64, 1], 1, dk as usize, dv as usize) };
             check_decode::<bf16>(rt, &c, 60 + i as u64);
             check_decode::<f16>(rt, &c, 70 + i as u64);
+        }
+    });
+}
+
+#[test]
+fn decode_padded_sequences_and_bad_pages() {
+    both_arches(|rt| {
+        for (i, fault) in [DFault::PaddedSeq(1), DFault::BadPage(0), DFault::BadCount(2)].into_iter().enumerate() {
+            for splits in [Some(1), Some(3)] {
+                let c = DCase { fault, splits, p_attn: 0.7, ..dcase(&[900, 200, 640, 70], 2, 64, 128) };
+                check_decode::<bf16>(rt, &c, 90 + i as u64);
+            }
         }
     });
 }

@@ -517,6 +517,22 @@ pub unsafe extern "C" fn natsl_runtime_info(rt: *const NatslRuntime, arch: *mut 
     })
 }
 
+/// The device fault bits (`NATSL_FAULT_*`) the kernels recorded since the last call:
+/// device-resident indices, labels or page data out of range, each treated as its bit
+/// documents. Reads and clears the device's word; waits for the runtime's stream (not for
+/// use inside graph capture).
+///
+/// # Safety
+/// `rt` is a live runtime handle and `faults` a writable `uint32_t`.
+#[no_mangle]
+pub unsafe extern "C" fn natsl_device_faults(rt: *const NatslRuntime, faults: *mut u32) -> NatslStatus {
+    guard(|| {
+        let rt = nonnull(rt, "rt")?;
+        *nonnull_mut(faults, "faults")? = rt.rt.device_faults()?.0;
+        Ok(())
+    })
+}
+
 /// Load or compile every unit `model` uses, on all cores; `progress` (nullable) is
 /// called once per unit from natsl's threads, serialised. Calls of other threads
 /// that need units already loaded go on meanwhile.

@@ -2,6 +2,7 @@
 #pragma once
 #include "common/dtype.cuh"
 #include "common/mma_sm80.cuh"
+#include "common/faults.cuh"
 
 namespace natsl {
 namespace gdn {

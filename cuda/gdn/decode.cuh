@@ -38,19 +38,28 @@ __device__ void decode(const NatslGdnDecodeParams& p) {
     const int hq = h / (Hv / p.num_qk_heads);
     const int col = vt * BV + cg * 4;
 
-    const int ridx = p.running_index[n];
-    const int cidx = p.committed_pool ? p.committed_index[n] : 0;
-    const bool valid = ridx >= 0 && ridx < p.running_pool_rows && (!p.committed_pool || (cidx >= 0 && cidx < p.committed_pool_rows));
+    // A padded slot (index -1) or a bad index (a fault): the sequence is skipped whole, its
+    // rows of o written as zeros, and nothing of its pools, pos or gsum touched. Uniform
+    // over the sequence's CTAs, so none of them arrives on its counter either.
+    unsigned int* faults = (vt == 0 && h == 0 && tid == 0) ? p.faults : nullptr;  // report once
+    const int ridx = checked_row(p.running_index[n], p.running_pool_rows, faults);
+    const int cidx = p.committed_pool ? checked_row(p.committed_index[n], p.committed_pool_rows, faults) : 0;
+    if (ridx < 0 || cidx < 0) {
+        for (int j = tid; j < J * (BV / 4); j += NT) {
+            const i64 row = (i64)n * J + j / (BV / 4);
+            T* op = reinterpret_cast<T*>(p.o) + row * p.o_stride_t + (i64)h * p.o_stride_h + vt * BV + (j % (BV / 4)) * 4;
+            *reinterpret_cast<uint2*>(op) = make_uint2(0u, 0u);
+        }
+        return;
+    }
 
     // The state slice first: its loads are in flight while q and k are prepared
     // (at B = 1 the step is a chain of dependent loads; this takes one link off it).
     float4 S[RPT];
     const i64 hoff = (i64)h * DK * DV;
-    float* run = p.running_pool + (i64)(valid ? ridx : 0) * Hv * DK * DV + hoff;
-    if (valid) {
+    float* run = p.running_pool + (i64)ridx * Hv * DK * DV + hoff;
 #pragma unroll
-        for (int i = 0; i < RPT; ++i) S[i] = *reinterpret_cast<const float4*>(run + (i64)(rg + RG * i) * DV + col);
-    }
+    for (int i = 0; i < RPT; ++i) S[i] = *reinterpret_cast<const float4*>(run + (i64)(rg + RG * i) * DV + col);
     if (tid == 0) {
         meta_pos = p.pos ? p.pos[n] : 0;
         meta_gsum = p.gsum ? p.gsum[(i64)n * Hv + h] : 0.f;
@@ -86,7 +95,7 @@ __device__ void decode(const NatslGdnDecodeParams& p) {
     int pos = meta_pos;
     float gs = meta_gsum;
 
-    if (valid) {
+    {
         for (int j = 0; j < J; ++j) {
             const i64 row = (i64)n * J + j;
             const float g = p.g[row * p.g_stride_t + h];
@@ -151,7 +160,7 @@ __device__ void decode(const NatslGdnDecodeParams& p) {
                 if (p.committed_pool) {
                     float* com = p.committed_pool + (i64)cidx * Hv * DK * DV + hoff;
                     int label = NATSL_LABEL_GDN;
-                    if (p.labels) label = p.labels[(i64)n * p.num_r_heads + h / (Hv / p.num_r_heads)];
+                    if (p.labels) label = read_label(p.labels, (i64)n * p.num_r_heads + h / (Hv / p.num_r_heads), p.faults);
                     if (label == NATSL_LABEL_ATTN) {
                         const float d = __expf(gs);
 #pragma unroll

@@ -285,7 +285,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
             float* sE = sm + 4 * C;   // beta e^G
             // The chunk's label (read early: used at the end).
             int label = NATSL_LABEL_GDN;
-            if (pt == 0 && ln == C && p.labels) label = p.labels[(i64)(geo(3) + c) * p.num_r_heads + hr];
+            if (pt == 0 && ln == C && p.labels) label = read_label(p.labels, (i64)(geo(3) + c) * p.num_r_heads + hr, p.faults);
             // Gates of chunk c: every warp scans them itself; the next chunk's are loaded now.
             float gx[2] = {gn[0], gn[1]};
             const float bx[2] = {bn[0], bn[1]};
@@ -533,7 +533,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
     {
         const float* h0 = nullptr;
         if (w.seg == 0) {
-            if (p.h0_pool && pool_row(p.h0_index, w.n, p.h0_pool_rows) >= 0) h0 = p.h0_pool + ((i64)pool_row(p.h0_index, w.n, p.h0_pool_rows) * Hv + w.h) * DK * DV;
+            if (p.h0_pool && pool_row(p.h0_index, w.n, p.h0_pool_rows, p.faults) >= 0) h0 = p.h0_pool + ((i64)pool_row(p.h0_index, w.n, p.h0_pool_rows, p.faults) * Hv + w.h) * DK * DV;
         } else if (MODE == MODE_CP_C) {
             h0 = p.ws_cp_e + (w.cp_row - Hv) * DK * DV;
         }
@@ -557,7 +557,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
     // (n, h from the block index: nothing of the geometry but colw and want_o is kept
     // live across the chunk loop; it is recomputed after it.)
     auto write_pool = [&](float* pool, const int* index, int rows) {
-        const int row = pool_row(index, (int)blockIdx.z, rows);
+        const int row = pool_row(index, (int)blockIdx.z, rows, p.faults);
         if (row < 0) return;  // uniform over the CTA (depends on n only)
         write_state(pool + ((i64)row * Hv + (int)blockIdx.y) * DK * DV, DV);
     };

@@ -56,9 +56,9 @@ constexpr int MODE_SCAN = 0, MODE_CP_A = 1, MODE_CP_C = 2;
 // [0, rows): h0 then reads a zero state and an output pool is not written (the
 // engine's "no initial state" / padding slot), so device indices never address
 // memory outside the pool.
-__device__ __forceinline__ int pool_row(const int* index, int n, int rows) {
-    const int r = index ? index[n] : n;
-    return (r >= 0 && r < rows) ? r : -1;
+// -1 for a padded slot (index -1) and, recorded as a fault, for a row outside the pool.
+__device__ __forceinline__ int pool_row(const int* index, int n, int rows, unsigned int* faults) {
+    return checked_row(index ? index[n] : n, rows, faults);
 }
 
 // Segment length (chunks) and segment count of a sequence of nch chunks.
@@ -133,7 +133,7 @@ __device__ void scan_split(const NatslGdnPrefillParams& p) {
     float S[MTS][NTS][4];
     {
         const float* h0 = nullptr;
-        if (p.h0_pool && pool_row(p.h0_index, n, p.h0_pool_rows) >= 0) h0 = p.h0_pool + ((i64)pool_row(p.h0_index, n, p.h0_pool_rows) * Hv + h) * DK * DV;
+        if (p.h0_pool && pool_row(p.h0_index, n, p.h0_pool_rows, p.faults) >= 0) h0 = p.h0_pool + ((i64)pool_row(p.h0_index, n, p.h0_pool_rows, p.faults) * Hv + h) * DK * DV;
 #pragma unroll
         for (int mi = 0; mi < MTS; ++mi)
 #pragma unroll
@@ -159,7 +159,7 @@ __device__ void scan_split(const NatslGdnPrefillParams& p) {
             }
     };
     auto write_pool = [&](float* pool, const int* index, int rows) {
-        const int row = pool_row(index, n, rows);
+        const int row = pool_row(index, n, rows, p.faults);
         if (row < 0) return;  // uniform over the CTA (depends on n only)
         float* dst = pool + ((i64)row * Hv + h) * DK * DV;
 #pragma unroll
@@ -266,7 +266,7 @@ __device__ void scan_split(const NatslGdnPrefillParams& p) {
 
         // State update with the commit rule: S <- e^{G_L} S (+ K^T diag(fk) v_new for GDN).
         int label = NATSL_LABEL_GDN;
-        if (complete && p.labels) label = p.labels[(i64)(base + c) * p.num_r_heads + hr];
+        if (complete && p.labels) label = read_label(p.labels, (i64)(base + c) * p.num_r_heads + hr, p.faults);
         if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index, p.committed_pool_rows);
         const float eg = __expf(GL);
 #pragma unroll
@@ -494,7 +494,7 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
     {
         const float* h0 = nullptr;
         if (seg == 0) {
-            if (p.h0_pool && pool_row(p.h0_index, n, p.h0_pool_rows) >= 0) h0 = p.h0_pool + ((i64)pool_row(p.h0_index, n, p.h0_pool_rows) * Hv + h) * DK * DV;
+            if (p.h0_pool && pool_row(p.h0_index, n, p.h0_pool_rows, p.faults) >= 0) h0 = p.h0_pool + ((i64)pool_row(p.h0_index, n, p.h0_pool_rows, p.faults) * Hv + h) * DK * DV;
         } else if (MODE == MODE_CP_C) {
             h0 = p.ws_cp_e + (cp_row - Hv) * DK * DV;
         }
@@ -516,7 +516,7 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
             }
     };
     auto write_pool = [&](float* pool, const int* index, int rows) {
-        const int row = pool_row(index, n, rows);
+        const int row = pool_row(index, n, rows, p.faults);
         if (row < 0) return;  // uniform over the CTA (depends on n only)
         write_state(pool + ((i64)row * Hv + h) * DK * DV, DV);
     };
@@ -539,7 +539,7 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
         const int ln = min(C, geo(1) - c * C);
         const bool complete = ln == C, last = c == geo(3) - 1;
         int label = NATSL_LABEL_GDN;
-        if (complete && p.labels) label = p.labels[(i64)(geo(2) + c) * p.num_r_heads + hr];
+        if (complete && p.labels) label = read_label(p.labels, (i64)(geo(2) + c) * p.num_r_heads + hr, p.faults);
         cp_async_wait<0>();
         __syncthreads();  // chunk c landed; every warp is done with chunk c - 1's stage
         issue(c + 1, idl, want_o);
@@ -903,7 +903,7 @@ __device__ void scan_cp_split(const NatslGdnPrefillParams& p) {
         // segments > 0) or the true start state E[seg - 1] (pass C).
         const float* h0 = nullptr;
         if (seg == 0) {
-            if (p.h0_pool && pool_row(p.h0_index, n, p.h0_pool_rows) >= 0) h0 = p.h0_pool + ((i64)pool_row(p.h0_index, n, p.h0_pool_rows) * Hv + h) * DK * DV;
+            if (p.h0_pool && pool_row(p.h0_index, n, p.h0_pool_rows, p.faults) >= 0) h0 = p.h0_pool + ((i64)pool_row(p.h0_index, n, p.h0_pool_rows, p.faults) * Hv + h) * DK * DV;
         } else if (MODE == MODE_CP_C) {
             h0 = p.ws_cp_e + (cp_row - Hv) * DK * DV;
         }
@@ -947,7 +947,7 @@ __device__ void scan_cp_split(const NatslGdnPrefillParams& p) {
             }
     };
     auto write_pool = [&](float* pool, const int* index, int rows) {
-        const int row = pool_row(index, n, rows);
+        const int row = pool_row(index, n, rows, p.faults);
         if (row < 0) return;  // uniform over the CTA (depends on n only)
         write_state(pool + ((i64)row * Hv + h) * DK * DV, DV);
     };
@@ -1050,7 +1050,7 @@ __device__ void scan_cp_split(const NatslGdnPrefillParams& p) {
 
         // State update with the commit rule: S <- e^{G_L} S (+ K^T diag(fk) v_new for GDN).
         int label = NATSL_LABEL_GDN;
-        if (complete && p.labels) label = p.labels[(i64)(geo(2, base) + c) * p.num_r_heads + hr];
+        if (complete && p.labels) label = read_label(p.labels, (i64)(geo(2, base) + c) * p.num_r_heads + hr, p.faults);
         if (last && !complete && p.committed_pool) write_pool(p.committed_pool, p.committed_index, p.committed_pool_rows);
         const float eg = __expf(GL);
 #pragma unroll

@@ -22,6 +22,18 @@
 #define NATSL_LABEL_PARTIAL 2 /* an incomplete last chunk: not labelled yet */
 
 /*
+ * Device faults: inputs that live in device memory (state-pool indices, labels, page
+ * tables) cannot be checked on the host without a sync. Kernels treat a bad one as stated
+ * below and set its bit in the runtime's fault word (`faults` in the params, atomicOr, only
+ * on the faulting path); Runtime::device_faults() reads and clears it. Index -1 is never a
+ * fault: it marks a padded slot (engines pad captured batches with -1) and is skipped.
+ */
+#define NATSL_FAULT_POOL_INDEX 1u /* a state-pool index outside [-1, rows): skipped like -1 */
+#define NATSL_FAULT_LABEL 2u      /* a label other than 0, 1, 2: read as GDN */
+#define NATSL_FAULT_PAGE_ID 4u    /* a page id outside [-1, num_pages): the page is skipped */
+#define NATSL_FAULT_PAGE_LEN 8u   /* a page_count outside [0, max_pages] or cur_len outside [0, 64]: clamped */
+
+/*
  * A packed variable-length batch. Chunk c of sequence n lives at chunk slot
  * cu_seqlens[n] / 64 + n + c, so per-chunk storage needs no prefix sum:
  * num_slots = total_tokens / 64 + num_seqs bounds every slot.

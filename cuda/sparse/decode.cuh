@@ -8,6 +8,7 @@
 // through a STAGES-deep cp.async ring so several pages are always in flight.
 #pragma once
 #include "sparse/flash.cuh"
+#include "common/faults.cuh"
 
 namespace natsl {
 namespace sparse {
@@ -52,9 +53,14 @@ __device__ void sparse_decode(const NatslSparseDecodeParams& p) {
     const int R = G * nq;  // rows: query m, GQA head g at row m * G + g
     const int th = kvh / (p.num_kv_heads / p.num_table_heads);
 
-    const int cnt = min(max(p.page_count[n * p.num_table_heads + th], 0), p.max_pages);
-    const int cur_len = min(max(p.cur_len[n], 0), 64);
+    const int cnt_raw = p.page_count[n * p.num_table_heads + th];
+    const int len_raw = p.cur_len[n];
+    const int cnt = min(max(cnt_raw, 0), p.max_pages);
+    const int cur_len = min(max(len_raw, 0), 64);
     const int cur_page = p.cur_page[n];
+    // Faults are reported by one thread of the first row tile of each (kv head, split).
+    unsigned int* faults = (mt == 0 && tid == 0) ? p.faults : nullptr;
+    if (cnt != cnt_raw || cur_len != len_raw) report_fault(faults, NATSL_FAULT_PAGE_LEN);
     const int* table = p.page_table + ((i64)n * p.num_table_heads + th) * p.max_pages;
     const int e0 = split * p.pages_per_split;
     const int e1 = min(e0 + p.pages_per_split, cnt + 1);  // entry cnt = the current page
@@ -77,6 +83,7 @@ __device__ void sparse_decode(const NatslSparseDecodeParams& p) {
     auto entry = [&](int e, int* rows) -> int {
         const int id = e < cnt ? table[e] : cur_page;
         const bool ok = id >= 0 && id < p.num_pages;
+        if (!ok && id != -1) report_fault(faults, NATSL_FAULT_PAGE_ID);
         *rows = ok ? (e < cnt ? 64 : cur_len) : 0;
         return ok ? id : 0;
     };

@@ -72,7 +72,9 @@ impl From<Vec<i32>> for PoolIndex<'_> {
 }
 
 /// Rows of an f32 state pool `[P, Hv, dk, dv]` (contiguous), read through an
-/// optional index per sequence (`None`: sequence n uses row n).
+/// optional index per sequence (`None`: sequence n uses row n). Index -1 means no row
+/// (zeros read, nothing written); a device index outside the pool is treated the same
+/// and recorded in [`Runtime::device_faults`](crate::Runtime::device_faults).
 #[derive(Clone, Debug)]
 pub struct PoolIn<'a> {
     pub pool: TensorRef<'a>,
@@ -1063,6 +1065,7 @@ fn prefill_launch(
         cp_segments: segments as i32,
         ws_cp_e: cp_e as *mut f32,
         ws_cp_a: cp_a as *mut f32,
+        faults: rt.fault_word() as *mut u32,
     };
     let bv = tile.block_n as usize;
     let fp = maps.map(|[tma_q, tma_k, tma_v]| NatslGdnFusedParams { tma_q, tma_k, tma_v, base: p });
@@ -1145,8 +1148,10 @@ pub struct GdnDecodeInputs<'a> {
 }
 
 /// The decode cache, updated in place. Pools are `[P, Hv, dk, dv]` f32; indices are
-/// device `[N]` i32 (rows outside the pool are skipped by the kernel, which then
-/// leaves that sequence's outputs and state untouched).
+/// device `[N]` i32. A sequence whose running or committed index is -1 (a padded slot
+/// of a captured batch) or outside its pool (recorded in
+/// [`Runtime::device_faults`](crate::Runtime::device_faults)) is skipped whole: its rows
+/// of `o` are zeros, its pools, `gsum` and `pos` are untouched.
 /// `committed` (with `gsum` `[N, Hv]` f32 and `pos` `[N]` i32) enables the NAtS
 /// chunk commit; without it the running state is plain GDN.
 #[derive(Debug)]
@@ -1399,6 +1404,7 @@ pub fn gdn_decode_variant(
             .as_ref()
             .map_or(std::ptr::null_mut(), |p| p.ptr() as *mut i32),
         counter: counter as *mut u32,
+        faults: rt.fault_word() as *mut u32,
     };
     let tile = spec.tile;
     // SAFETY: tensors validated above (dtype, shape, bounds, alignment); pool rows

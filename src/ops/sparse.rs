@@ -638,6 +638,7 @@ pub fn decode(rt: &Runtime, q: &TensorRef, nq: usize, kv: &PagedKv, opts: &Spars
         pages_per_split: pps as i32,
         part_o: po as *mut f32,
         part_lse: pl as *mut f32,
+        faults: rt.fault_word() as *mut u32,
     };
     let grid = (plan.num_seqs * plan.hkv * plan.row_tiles * splits) as u32;
     // SAFETY: every tensor in `p` was validated above; the workspace holds

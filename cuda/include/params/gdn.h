@@ -36,13 +36,13 @@ typedef struct NatslGdnPrefillParams {
     float scale;                /* output scale (dk^-1/2 by default) */
     const unsigned char* labels; /* nullable [num_slots, Hr] u8 NATSL_LABEL_*; null = every chunk GDN */
     const float* h0_pool;       /* nullable [P0, Hv, dk, dv] f32 initial states; null = zeros */
-    const int* h0_index;        /* nullable [N] device: row of h0_pool for sequence n; null = n; rows outside [0, h0_pool_rows) start from zeros */
+    const int* h0_index;        /* nullable [N] device: row of h0_pool for sequence n; null = n; -1 or a row outside [0, h0_pool_rows) (a fault): start from zeros */
     int h0_pool_rows;           /* P0 */
     float* committed_pool;      /* nullable [P1, Hv, dk, dv] f32 out: committed state S_c */
-    const int* committed_index; /* nullable [N] device: row of committed_pool; null = n; rows outside [0, committed_pool_rows) are not written */
+    const int* committed_index; /* nullable [N] device: row of committed_pool; null = n; -1 or a row outside [0, committed_pool_rows) (a fault): not written */
     int committed_pool_rows;    /* P1 */
     float* running_pool;        /* nullable [P2, Hv, dk, dv] f32 out: running state (= committed if the last chunk is complete) */
-    const int* running_index;   /* nullable [N] device: row of running_pool; null = n; rows outside [0, running_pool_rows) are not written */
+    const int* running_index;   /* nullable [N] device: row of running_pool; null = n; -1 or a row outside [0, running_pool_rows) (a fault): not written */
     int running_pool_rows;      /* P2 */
     float* gsum_running;        /* nullable [N, Hv] f32 out: sum of g over the partial last chunk (0 if complete) */
     void* ws_w;                 /* workspace [num_slots, Hv, 64, dk] activation dtype: W = T diag(beta e^G) K */
@@ -53,6 +53,7 @@ typedef struct NatslGdnPrefillParams {
     int cp_segments;            /* S: each sequence of nch chunks splits into ceil(nch / ceil(nch / S)) segments of ceil(nch / S) chunks */
     float* ws_cp_e;             /* workspace [N, S, Hv, dk, dv] f32: segment offsets E, then true segment end states */
     float* ws_cp_a;             /* workspace [N, S, Hv, dk, dk] f32: segment transitions A */
+    unsigned int* faults;       /* the runtime's device fault word (NATSL_FAULT_*) */
 } NatslGdnPrefillParams;
 
 /*
@@ -106,14 +107,15 @@ typedef struct NatslGdnDecodeParams {
     float scale;                /* output scale */
     const unsigned char* labels; /* nullable [N, Hr]: label of the chunk a token of this step completes; null = GDN */
     float* running_pool;        /* [P, Hv, dk, dv] f32 in/out: running state */
-    const int* running_index;   /* [N] row of running_pool per sequence; rows outside [0, running_pool_rows) are skipped */
+    const int* running_index;   /* [N] row of running_pool per sequence; -1 (padding) or a row outside [0, running_pool_rows) (a fault): the sequence is skipped (o zero, pools, pos and gsum untouched) */
     int running_pool_rows;      /* P */
     float* committed_pool;      /* nullable [P', Hv, dk, dv] f32 in/out: committed state; null = plain GDN (no commit) */
-    const int* committed_index; /* nullable iff committed_pool is null: [N] row of committed_pool */
+    const int* committed_index; /* nullable iff committed_pool is null: [N] row of committed_pool; -1 or out of range: as running_index */
     int committed_pool_rows;    /* P' */
     float* gsum;                /* nullable iff committed_pool is null: [N, Hv] f32 in/out, sum of g over the current chunk */
     int* pos;                   /* nullable iff committed_pool is null: [N] i32 in/out, tokens seen per sequence */
     unsigned int* counter;      /* [N] u32 workspace, zero before the first launch; the kernel leaves it zero */
+    unsigned int* faults;       /* the runtime's device fault word (NATSL_FAULT_*) */
 } NatslGdnDecodeParams;
 
 #endif

@@ -77,7 +77,8 @@ typedef struct NatslSparsePrefillParams {
  * is page cur_page[n] holding cur_len[n] tokens (1..64), the last nq of them the new
  * ones: query m (0..nq) of sequence n is row n * nq + m of q and sits at position
  * cur_len[n] - nq + m of its page; it sees that page causally plus every kept page.
- * Page ids outside [0, num_pages) are skipped; lengths are clamped (never out of bounds).
+ * Page ids outside [0, num_pages) are skipped (-1 silently, others as a fault); lengths are
+ * clamped (a fault; never out of bounds). A padded sequence: cur_page -1, page_count 0.
  *
  * Grid: N * Hkv * row_tiles * num_splits CTAs. A CTA takes 16 of the R = (Hq/Hkv) * nq
  * query rows of one kv head (all GQA heads read each KV byte once) and the entries
@@ -121,6 +122,7 @@ typedef struct NatslSparseDecodeParams {
     int pages_per_split;     /* list entries per split; num_splits * pages_per_split >= max_pages + 1 */
     float* part_o;           /* workspace [num_splits, N * nq, Hq, dv] f32 (num_splits > 1) */
     float* part_lse;         /* workspace [num_splits, N * nq, Hq] f32, log2 units, -inf = empty */
+    unsigned int* faults;    /* the runtime's device fault word (NATSL_FAULT_*) */
 } NatslSparseDecodeParams;
 
 #endif
