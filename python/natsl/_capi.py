@@ -93,6 +93,7 @@ _SIGNATURES = {
     "natsl_runtime_create": ([ctypes.POINTER(_P)], ctypes.c_int),
     "natsl_runtime_destroy": ([_P], ctypes.c_int),
     "natsl_runtime_info": ([_P, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int32)], ctypes.c_int),
+    "natsl_device_faults": ([_P, ctypes.POINTER(ctypes.c_uint32)], ctypes.c_int),
     "natsl_runtime_warmup": ([_P, ctypes.POINTER(Model), PROGRESS_FN, _P], ctypes.c_int),
     "natsl_batch_create": ([_P, ctypes.POINTER(ctypes.c_int32), ctypes.c_int64, ctypes.c_uint64, _P, ctypes.POINTER(_P)], ctypes.c_int),
     "natsl_batch_destroy": ([_P], ctypes.c_int),

@@ -36,6 +36,16 @@ def desc(t: Optional[torch.Tensor]) -> C.Tensor:
     return C.tensor(t.data_ptr(), _DTYPES[t.dtype], list(t.shape), list(t.stride()), cap)
 
 
+def device_faults(device: torch.device) -> int:
+    """The NATSL_FAULT_* bits natsl's kernels recorded on `device` since the last call
+    (out-of-range state-pool indices 1, labels 2, page ids 4, page lengths 8; index -1 is a
+    padded slot, never a fault), cleared by the read. Waits for natsl's stream: not for use
+    inside graph capture."""
+    out = ctypes.c_uint32()
+    C.check(C.lib().natsl_device_faults(runtime(device), ctypes.byref(out)))
+    return out.value
+
+
 def runtime(device: torch.device) -> ctypes.c_void_p:
     """The natsl runtime of a CUDA device (created once, on torch's primary context)."""
     idx = device.index if device.index is not None else torch.cuda.current_device()

@@ -78,6 +78,13 @@ def test_validation_names_the_argument():
     assert validate(a) == C.INVALID_ARGUMENT and b"`o`" in C.lib().natsl_last_error()
 
 
+
+def test_device_faults_null_arguments_are_errors():
+    out = ctypes.c_uint32(7)
+    assert C.lib().natsl_device_faults(None, ctypes.byref(out)) == C.INVALID_ARGUMENT
+    assert b"`rt`" in C.lib().natsl_last_error() and out.value == 7
+
+
 if __name__ == "__main__":
     tests = [v for k, v in sorted(globals().items()) if k.startswith("test_")]
     failed = 0
