@@ -1,10 +1,16 @@
-// gdn/fused.cuh: the fused, warp-specialised sm_90a GDN chunk prefill (ScanTile::Fused in
-// src/ops/gdn.rs; entries fused, fused_cp_a, fused_cp_c). One launch: the WY quantities
-// of every chunk are computed on chip one chunk ahead of the state scan that uses them,
-// so W, U, P never go through HBM (the prep + scan pair writes and reads back ~40 KB per
-// chunk and value head). Same math and rounding points as prep_grouped + scan_reg (see
-// gdn/prefill.cuh): raw q, k in shared memory with the L2 norms folded into f32 factors,
-// T by prep_grouped's blocked split-bf16 inverse, bf16 W, T diag(beta), P, v_new.
+// gdn/fused.cuh: the fused, warp-specialised sm_90a GDN chunk prefill (src/ops/gdn.rs
+// ScanTile::Fused / FusedInline). Two variants of one kernel template (SPLIT):
+//   split (entries fused_split, fused_split_cp_a, fused_split_cp_c; the default): the
+//        state-independent chunk products Tb = T diag(beta), P and the row factors come
+//        from the records that fused_prep (prep_grouped<..., FUSED_WS = true>, fully
+//        parallel) wrote, 17 KB per (slot, value head); one thread of WG0 bulk-copies
+//        them with chunk c's q, k, v (TMA) into 3-deep rings, so the per-chunk chain is
+//        the consumers' (the inline prep's ~10.8k cycles bound the inline variant).
+//   inline (entries fused, fused_cp_a, fused_cp_c): WG0 computes them on chip one chunk
+//        ahead, as described below. Kept only until one device run compares the two.
+// Both: the same math and rounding points as prep_grouped + scan_reg (see
+// gdn/prefill.cuh): raw q, k with the L2 norms folded into f32 factors, T by
+// prep_grouped's blocked split-bf16 inverse, bf16 T diag(beta), P, v_new.
 //
 // CTA = (128 state columns, value head, sequence); context parallelism: the scan_cp
 // segment grid with 128-column tiles. dk = 128, dv a multiple of 128. 384 threads:

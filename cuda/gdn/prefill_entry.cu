@@ -100,7 +100,8 @@ extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_cp_c)(co
 // The split fused prefill (ScanTile::Fused): fused_prep, fully parallel over (slot, q/k
 // head), writes the per-chunk records (Tb, P, F) to base.ws_fused; the fused_split*
 // entries then only copy them into their stage ring.
-extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS, (natsl::gdn::prep_grouped_min_ctas<NATSL_DK, NATSL_DV>()))
+// 5 CTAs per SM (96 registers, no spills; 6 spill): prep_grouped's 4 minus W, U and V.
+extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS, 5)
 NATSL_KERNEL(fused_prep)(const NatslGdnPrefillParams p) {
 #if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
     natsl::gdn::prep_grouped<NATSL_DTYPE, NATSL_DK, NATSL_DV, true>(p);
