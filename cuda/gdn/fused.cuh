@@ -252,7 +252,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         // ------------------------------------------------------------ prep (+ TMA issue)
         reg_dealloc<SPLIT ? kSplitPrepRegs : kFusedPrepRegs>();
         const int h = blockIdx.y, hq = h / (Hv / p.num_qk_heads);
-        // Thread 0 issues the TMA loads: Q/K of chunk cc into slot cc % 3, V into cc % 2.
+        // Thread 0 issues the TMA loads: Q/K of chunk cc into slot cc % QKS, V into cc % VS.
         auto issue_qk = [&](int cc) {
             const int s = cc % L::QKS;
             const u32 qa = sbase + L::QK + s * L::QK_STAGE;
