@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One device call: tests, compute-sanitizer, natsl benches and the peers, logs under $OUT.
 # Run from the repository root on the GPU host after `../shared/gpu/pack --peers`:
-#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse|fused|fusedbench|fusedprof|merge]...   (default: the first four)
+#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse|fused|fusedbench|fusedprof|split|splitbench|merge]...   (default: the first four)
 # `sparse` is the softmax-prefill loop of issue 8: its GPU tests, its benches and its
 # peers (cuDNN, FA2, FlexAttention) in one call. `fused` and `fusedbench` are the GDN loop
-# of issue 9 (one device call each, < 10 minutes): the fused sm_90a prefill's GPU tests
+# of issue 9 (one device call each, < 10 minutes; `split` and `splitbench`: the split fused
+# prefill against the inline one, see bench/NOTES.md session 9): the fused sm_90a prefill's GPU tests
 # and compute-sanitizer on it; then the GDN benches of the P shapes and natsl-340M (every
 # variant incl. `fused`, `fused cp off`, `fused cpK`) and ncu on the fused kernel. The
 # FlashQLA / fla peers go in the `fusedbench` call too: bench/peers/qla/run_qla.sh (see
@@ -81,6 +82,28 @@ for step in $steps; do
       timeout 100 $NCU --section SourceCounters -k regex:_fused$ -c 1 .gpu/tests/gdn "P1 " > "$OUT/ncu_fused_p1.txt" 2>&1
       timeout 100 $NCU -k regex:_fused_cp_ -c 2 .gpu/tests/gdn "P5 " > "$OUT/ncu_fused_p5.txt" 2>&1
       grep -hE "^  [a-z_]+.*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall" "$OUT"/ncu_fused_*.txt | head -60 ;;
+    split)
+      # The split fused prefill (issue 9, ScanTile::Fused = fused_prep + fused_split*) and the
+      # inline variant it replaces (ScanTile::FusedInline), both against the f64 reference,
+      # then compute-sanitizer on the small cut of both (< 10 minutes).
+      timeout 420 .gpu/tests/gpu_gdn prefill_fused prefill_auto_fused --nocapture --test-threads=4 > "$OUT/split-tests.log" 2>&1; echo "== gpu_gdn prefill_fused rc $?"
+      grep -E "^test |test result|panicked|FAIL" "$OUT/split-tests.log" | cut -c1-200 | tail -40
+      for tool in memcheck racecheck; do
+        timeout 150 compute-sanitizer --tool $tool .gpu/tests/gpu_gdn prefill_fused_small > "$OUT/san.tmp" 2>&1
+        echo "-- $tool: $(grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$OUT/san.tmp" | tr '\n' ' ')"
+        cat "$OUT/san.tmp" >> "$OUT/split-sanitizer.log"; rm -f "$OUT/san.tmp"
+      done ;;
+    splitbench)
+      # One call comparing both variants: rows `fused` (split, cp auto), `fused cp off`,
+      # `fused prep only`, `fused scan only`, `fused cpK`, `fused inline`, `fused inline cp off`,
+      # `fused inline cpK`, beside the default; the phase timer of both builds at P1 / P4;
+      # ncu of fused_prep and fused_split at P1 (< 10 minutes).
+      NATSL_BENCH_FUSED_ONLY=1 timeout 330 .gpu/tests/gdn P1 P2 P3 P4 P5 P6 P7 P8 P9 natsl-340M > "$OUT/split-bench.log" 2>&1; echo "== bench rc $?"
+      cp bench/results/gdn-"$(date +%F)".jsonl "$OUT/" 2>/dev/null
+      grep -hE " ms" "$OUT/split-bench.log" | cut -c1-150
+      NATSL_BENCH_FUSED_PROFILE=1 timeout 120 .gpu/tests/gdn "P1 " "P4 " > "$OUT/split-profile.log" 2>&1; echo "== profile rc $?"
+      timeout 100 $NCU -k regex:'_fused_(prep|split)$' -c 2 .gpu/tests/gdn "P1 " > "$OUT/ncu_split_p1.txt" 2>&1
+      grep -hE "^  [a-z_]+.*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT"/ncu_split_p1.txt | head -40 ;;
     fusedprof)
       # The fused kernel's phase timer at P1 and P4 (< 2 minutes): cycles per prep and
       # consumer phase, the loop periods and the prep -> consumer hand-over.

@@ -1,6 +1,6 @@
-//! NVRTC tier for the fused sm_90a prefill (`ScanTile::Fused`; not a shipped spec: JIT on
-//! first use, so tests/nvrtc.rs does not see it): its entries (`fused`, `fused_cp_a`,
-//! `fused_cp_c`, and `cp_combine` of the same unit) compile for sm_90a in both dtypes at
+//! NVRTC tier for the fused sm_90a prefill (`ScanTile::Fused` and `FusedInline`): its
+//! entries (split: `fused_prep`, `fused_split`, `fused_split_cp_a`, `fused_split_cp_c`;
+//! inline: `fused`, `fused_cp_a`, `fused_cp_c`; and `cp_combine` of the same unit) compile for sm_90a in both dtypes at
 //! dk / dv = 128 / 128 and 128 / 256 with zero spills and without the ptxas advisories that
 //! undo a warp-specialised wgmma kernel (C7520 / C7512: wgmma serialised, the second for
 //! want of registers; C7508: setmaxnreg
@@ -46,7 +46,7 @@ fn fused_prefill_compiles_without_spills_or_serialised_wgmma() {
     for (i, spec) in specs.into_iter().enumerate() {
         let strict = i < n_strict;
         let unit = emit(&spec).unwrap();
-        for e in ["fused", "fused_cp_a", "fused_cp_c", "cp_combine"] {
+        for e in ["fused", "fused_cp_a", "fused_cp_c", "cp_combine", "fused_prep", "fused_split", "fused_split_cp_a", "fused_split_cp_c"] {
             assert!(unit.entries.iter().any(|x| x == e), "{}: no entry {e}", unit.name);
         }
         let t0 = std::time::Instant::now();

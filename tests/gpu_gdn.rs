@@ -44,6 +44,8 @@ struct Case {
     tile: ScanTile,
     /// Context parallelism of the scan (forced segments, or off).
     cp: ScanParallel,
+    /// Queue the two launches apart (`PrefillPart::Prep`, then `Scan`).
+    parts: bool,
 }
 
 impl Case {
@@ -72,6 +74,7 @@ impl Case {
             seed: 1,
             tile: ScanTile::Auto,
             cp: ScanParallel::Off,
+            parts: false,
         }
     }
 }
@@ -311,7 +314,7 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
     // Every check runs once per prep kernel (outputs re-poisoned for each); the fused
     // kernel has no separate prep (once).
     let mut failures = Vec::new();
-    let preps: &[PrepKernel] = if matches!(c.tile, ScanTile::Fused | ScanTile::FusedProfile) { &[PrepKernel::Grouped] } else { &[PrepKernel::Compact, PrepKernel::Grouped] };
+    let preps: &[PrepKernel] = if matches!(c.tile, ScanTile::Fused | ScanTile::FusedInline | ScanTile::FusedProfile | ScanTile::FusedSplitProfile) { &[PrepKernel::Grouped] } else { &[PrepKernel::Compact, PrepKernel::Grouped] };
     for &prep in preps {
         println!("  prep kernel {prep:?}");
         let mut od = testing::poisoned::<T>(rt, t * c.hv * c.dv).unwrap();
@@ -388,7 +391,10 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
             };
             let mut ws = GdnWorkspace::new();
             let t1 = std::time::Instant::now();
-            gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { tile: c.tile, prep, cp: c.cp, part: None }).unwrap();
+            let parts: &[Option<PrefillPart>] = if c.parts { &[Some(PrefillPart::Prep), Some(PrefillPart::Scan)] } else { &[None] };
+            for &part in parts {
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { tile: c.tile, prep, cp: c.cp, part }).unwrap();
+            }
             rt.synchronize().unwrap();
             println!(
                 "  device: {:.2} ms (incl. first-use JIT)",
@@ -608,9 +614,10 @@ fn prefill_reg_scan_tile() {
     }
 }
 
-/// The candidate fused sm_90a prefill (`ScanTile::Fused`, cuda/gdn/fused.cuh: TMA loads, the
-/// WY prep of chunk c + 1 on chip beside chunk c's state update in wgmma accumulators) on
-/// the cases of the current kernels, at the dims it serves (dk 128, dv 128 / 256): ragged
+/// The fused sm_90a prefill, split (`ScanTile::Fused`, cuda/gdn/fused.cuh: `fused_prep`
+/// writes each chunk's T diag(beta), P and row factors; the fused kernel TMA-loads them
+/// with q, k, v beside the state update in wgmma accumulators) on the cases of the
+/// current kernels, at the dims it serves (dk 128, dv 128 / 256): ragged
 /// plain GDN; random labels, l2norm, h0; GVA in f16 with beta in the activation dtype;
 /// all-ATTN labels; many heads; the NAtS-L shapes as packed strided views without h0;
 /// context parallelism (single sequence in 2, 3, 7, 16 segments, ragged batches, f16,
@@ -628,11 +635,51 @@ fn prefill_fused_tile() {
     fused_cases(&rt, ScanTile::Fused);
     // The forced variant where it has no kernel is an error naming `variant`.
     let rt80 = Runtime::with_arch(0, Arch::Sm80).unwrap();
-    for (r, dk, dv) in [(&rt80, 128, 128), (&rt, 64, 64), (&rt, 192, 384)] {
-        let cu = testing::cu_seqlens(&[100]);
-        let e = fused_call_error(r, &cu, dk, dv);
-        println!("  fused on {:?} dk {dk} dv {dv}: {e}", r.arch());
-        assert_eq!(testing::invalid_arg(e), "variant");
+    for tile in [ScanTile::Fused, ScanTile::FusedInline] {
+        for (r, dk, dv) in [(&rt80, 128, 128), (&rt, 64, 64), (&rt, 192, 384)] {
+            let cu = testing::cu_seqlens(&[100]);
+            let e = fused_call_error(r, &cu, dk, dv, tile);
+            println!("  {tile:?} on {:?} dk {dk} dv {dv}: {e}", r.arch());
+            assert_eq!(testing::invalid_arg(e), "variant");
+        }
+    }
+}
+
+/// `prefill_fused_tile`'s cases on the previous fused variant (`ScanTile::FusedInline`: the
+/// prep warpgroup computes the chunk products on chip), kept until one device run compares
+/// both; removed with it.
+#[test]
+fn prefill_fused_inline_tile() {
+    let Some(rt) = testing::gpu_or_skip("prefill_fused_inline_tile") else {
+        return;
+    };
+    if rt.arch() != Arch::Sm90a {
+        println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
+        return;
+    }
+    fused_cases(&rt, ScanTile::FusedInline);
+}
+
+/// The split fused prefill's halves queued apart (`PrefillPart::Prep`, then `Scan` reading
+/// the records the first left), as the bench times them: the same outputs as one call.
+#[test]
+fn prefill_fused_split_parts() {
+    let Some(rt) = testing::gpu_or_skip("prefill_fused_split_parts") else {
+        return;
+    };
+    if rt.arch() != Arch::Sm90a {
+        println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
+        return;
+    }
+    for (dv, cp) in [(128, ScanParallel::Off), (256, ScanParallel::Segments(3))] {
+        let mut c = Case::new("fused-parts", &RAGGED, 1, 4, 128, dv);
+        c.tile = ScanTile::Fused;
+        c.labels = Labels::Random;
+        c.hr = 2;
+        c.l2norm = true;
+        c.cp = cp;
+        c.parts = true;
+        run_prefill::<bf16>(&rt, &c);
     }
 }
 
@@ -662,6 +709,7 @@ fn prefill_fused_profile_build() {
         return;
     }
     fused_cases(&rt, ScanTile::FusedProfile);
+    fused_small_cases(&rt, ScanTile::FusedSplitProfile);
 }
 
 fn fused_cases(rt: &Runtime, tile: ScanTile) {
@@ -677,6 +725,18 @@ fn fused_cases(rt: &Runtime, tile: ScanTile) {
         c.l2norm = true;
         c.seed = 41;
         run_prefill::<bf16>(&rt, &c);
+        run_prefill::<f16>(&rt, &c);
+    }
+    // GVA 4 (fused_prep serves four value heads per q/k head), ragged, labels, l2norm.
+    for (dv, cp) in [(128, ScanParallel::Off), (256, ScanParallel::Segments(2))] {
+        let mut c = fused(Case::new("fused-gva4", &[1, 63, 64, 65, 127, 129, 700], 1, 4, 128, dv));
+        c.labels = Labels::Random;
+        c.hr = 2;
+        c.l2norm = true;
+        c.seed = 29;
+        c.cp = cp;
+        run_prefill::<bf16>(&rt, &c);
+        c.beta_f32 = false;
         run_prefill::<f16>(&rt, &c);
     }
     // GVA, f16 with beta in the activation dtype; all-ATTN labels (pure decays).
@@ -774,23 +834,27 @@ fn prefill_fused_small() {
         println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
         return;
     }
-    for tile in [ScanTile::Fused] {
-        for (dk, dv) in [(128, 128), (128, 256)] {
-            let mut c = Case::new("fused-small", &[1, 63, 64, 65, 200], 1, 2, dk, dv);
-            c.tile = tile;
-            c.labels = Labels::Random;
-            c.hr = 1;
-            c.l2norm = true;
-            c.seed = 5;
-            run_prefill::<bf16>(&rt, &c);
-            c.cp = ScanParallel::Segments(3);
-            run_prefill::<bf16>(&rt, &c);
-        }
+    for tile in [ScanTile::Fused, ScanTile::FusedInline] {
+        fused_small_cases(&rt, tile);
     }
 }
 
-/// The error of a forced `ScanTile::Fused` call at (dk, dv) on `rt` (one sequence, one head).
-fn fused_call_error(rt: &Runtime, cu: &[i32], dk: usize, dv: usize) -> natsl::Error {
+fn fused_small_cases(rt: &Runtime, tile: ScanTile) {
+    for (dk, dv) in [(128, 128), (128, 256)] {
+        let mut c = Case::new("fused-small", &[1, 63, 64, 65, 200], 1, 2, dk, dv);
+        c.tile = tile;
+        c.labels = Labels::Random;
+        c.hr = 1;
+        c.l2norm = true;
+        c.seed = 5;
+        run_prefill::<bf16>(rt, &c);
+        c.cp = ScanParallel::Segments(3);
+        run_prefill::<bf16>(rt, &c);
+    }
+}
+
+/// The error of a forced fused call (`tile`) at (dk, dv) on `rt` (one sequence, one head).
+fn fused_call_error(rt: &Runtime, cu: &[i32], dk: usize, dv: usize, tile: ScanTile) -> natsl::Error {
     let t = *cu.last().unwrap() as usize;
     let batch = Batch::new(rt, cu).unwrap();
     let q = testing::upload::<bf16>(rt, &vec![0.1; t * dk]).unwrap();
@@ -809,7 +873,7 @@ fn fused_call_error(rt: &Runtime, cu: &[i32], dk: usize, dv: usize) -> natsl::Er
         h0: None,
     };
     let mut out = GdnPrefillOutputs { o: TensorMut::new(&mut o, &[t, 1, dv]), committed: None, running: None, gsum_running: None };
-    let v = PrefillVariant { tile: ScanTile::Fused, ..Default::default() };
+    let v = PrefillVariant { tile, ..Default::default() };
     gdn_prefill_variant(rt, &batch, &inp, &mut out, &GdnOptions::default(), &mut GdnWorkspace::new(), v).unwrap_err()
 }
 

@@ -762,21 +762,31 @@ fn prefill_device_indices_are_checked_for_dtype_and_length_only() {
     assert_eq!(decode_workspace_bytes(65), WORKSPACE_ALIGN * 2);
 }
 
-/// The forced fused prefill (`ScanTile::Fused`) plans only where it has a kernel (sm_90a,
-/// dk 128, dv 128 or 256); elsewhere it is an error naming `variant`, never a silent
-/// fallback. It needs no W / U / P / F workspace: only host indices and the
-/// context-parallel states remain.
+/// The forced fused prefill (`ScanTile::Fused`, split; `FusedInline`) plans only where it
+/// has a kernel (sm_90a, dk 128, dv 128 or 256); elsewhere it is an error naming
+/// `variant`, never a silent fallback. Neither needs the W / U / P / F workspace: the split
+/// one has its per-(slot, value head) records instead, the inline one only host indices
+/// and the context-parallel states.
 #[test]
 fn fused_prefill_variant_plans_only_where_it_has_a_kernel() {
+    use natsl::ops::gdn::{fused_workspace_bytes, FUSED_RECORD_BYTES};
     use natsl::workspace::WORKSPACE_ALIGN;
-    let fused = PrefillVariant { tile: ScanTile::Fused, cp: ScanParallel::Off, ..Default::default() };
     let opts = GdnOptions::default();
-    // good_*: dk = dv = 128, host indices for h0 and committed (3 x N i32 in the workspace).
-    let ws = prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &good_inputs(), &good_outputs(), &opts, fused).unwrap();
-    assert_eq!(ws, (3 * N * 4).div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN);
-    let cp = PrefillVariant { cp: ScanParallel::Segments(2), ..fused };
-    let ws_cp = prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &good_inputs(), &good_outputs(), &opts, cp).unwrap();
-    assert_eq!(ws_cp - ws, natsl::ops::gdn::cp_workspace_bytes(N, 2, 4, 128, 128));
+    let host_idx = (3 * N * 4).div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN;
+    assert_eq!(FUSED_RECORD_BYTES, 17408);
+    assert_eq!(fused_workspace_bytes(SLOTS, 4), (SLOTS * 4 * 17408).div_ceil(256) * 256);
+    assert_eq!(fused_workspace_bytes(usize::MAX, 4), usize::MAX);
+    for (tile, records) in [(ScanTile::Fused, fused_workspace_bytes(SLOTS, 4)), (ScanTile::FusedInline, 0)] {
+        let fused = PrefillVariant { tile, cp: ScanParallel::Off, ..Default::default() };
+        // good_*: dk = dv = 128, host indices for h0 and committed (3 x N i32 in the workspace).
+        let ws = prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &good_inputs(), &good_outputs(), &opts, fused).unwrap();
+        assert_eq!(ws, records + host_idx, "{tile:?}");
+        let cp = PrefillVariant { cp: ScanParallel::Segments(2), ..fused };
+        let ws_cp = prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &good_inputs(), &good_outputs(), &opts, cp).unwrap();
+        assert_eq!(ws_cp - ws, natsl::ops::gdn::cp_workspace_bytes(N, 2, 4, 128, 128));
+        assert_eq!(arg_of(prefill_workspace_bytes_variant(natsl::Arch::Sm80, 132, &CU, &good_inputs(), &good_outputs(), &opts, fused).unwrap_err()), "variant");
+    }
+    let fused = PrefillVariant { tile: ScanTile::Fused, cp: ScanParallel::Off, ..Default::default() };
     // The sm_80 path has no fused kernel.
     let e = prefill_workspace_bytes_variant(natsl::Arch::Sm80, 132, &CU, &good_inputs(), &good_outputs(), &opts, fused).unwrap_err();
     assert_eq!(arg_of(e), "variant");
@@ -796,4 +806,5 @@ fn fused_prefill_variant_plans_only_where_it_has_a_kernel() {
     assert!(fused_supported(128, 256, natsl::Arch::Sm90a) && !fused_supported(128, 256, natsl::Arch::Sm80) && !fused_supported(192, 384, natsl::Arch::Sm90a));
     assert_eq!(fused_spec(natsl_codegen::DType::Bf16, 128, 128, natsl::Arch::Sm90a).unwrap().tile, FUSED_TILE);
     assert!(fused_smem_bytes() <= 227 * 1024);
+    assert!(natsl::ops::gdn::fused_split_smem_bytes() <= 227 * 1024);
 }

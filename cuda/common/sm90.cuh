@@ -55,6 +55,13 @@ __device__ __forceinline__ void tma_load_3d(u32 dst, const void* tmap, u32 bar, 
         "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
         :: "r"(dst), "l"(tmap), "r"(bar), "r"(c0), "r"(c1), "r"(c2) : "memory");
 }
+// Copy `bytes` (a multiple of 16; both addresses 16-byte aligned) of contiguous global
+// memory to shared address `dst`, counted towards the current phase of mbarrier `bar`.
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+        :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
 // Fetch a tensor map into the cache ahead of its first use.
 __device__ __forceinline__ void tma_prefetch_desc(const void* tmap) {
     asm volatile("prefetch.tensormap [%0];\n" :: "l"(tmap) : "memory");

@@ -21,8 +21,10 @@
 //       reads raw q, k and applies the row factors to its f32 accumulators / v_new,
 //       so it does no per-row normalisation work of its own:
 //         o = diag(fq) (Q S) + P v_new,   S' = e^{G_L} S + K^T (diag(fk) v_new).
-// fused (gdn/fused.cuh, sm_90a, dk 128): the same quantities in one warp-specialised
-//       launch, the prep one chunk ahead of the scan on chip (ScanTile::Fused).
+// fused (gdn/fused.cuh, sm_90a, dk 128): the scan warp-specialised with the state in
+//       wgmma accumulators; split (ScanTile::Fused): prep_grouped<FUSED_WS> (entry
+//       fused_prep) writes only Tb = T diag(beta), P and F per chunk, the fused kernel
+//       copies them in; inline (ScanTile::FusedInline): its prep warpgroup computes them.
 #pragma once
 #include "gdn/prep.cuh"
 #include "gdn/scan.cuh"

@@ -69,12 +69,13 @@ extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(scan
 #endif
 }
 
-// The fused sm_90a prefill (gdn/fused.cuh): one launch, 384 threads (prep + TMA issue,
-// two consumer warpgroups); the plain scan and the two context-parallel passes
-// (cp_combine between them). The params are a __grid_constant__: TMA reads its maps there.
+// The fused sm_90a prefill (gdn/fused.cuh): 384 threads (prep + TMA issue, two consumer
+// warpgroups); the plain scan and the two context-parallel passes (cp_combine between
+// them). The params are a __grid_constant__: TMA reads its maps there.
+// fused, fused_cp_a, fused_cp_c: the inline prep (ScanTile::FusedInline, one launch).
 extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused)(const __grid_constant__ NatslGdnFusedParams p) {
 #if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
-    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_SCAN>(p);
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_SCAN, false>(p);
 #else
     (void)p;
 #endif
@@ -82,7 +83,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused)(const _
 
 extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_cp_a)(const __grid_constant__ NatslGdnFusedParams p) {
 #if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
-    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_A>(p);
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_A, false>(p);
 #else
     (void)p;
 #endif
@@ -90,7 +91,44 @@ extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_cp_a)(co
 
 extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_cp_c)(const __grid_constant__ NatslGdnFusedParams p) {
 #if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
-    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_C>(p);
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_C, false>(p);
+#else
+    (void)p;
+#endif
+}
+
+// The split fused prefill (ScanTile::Fused): fused_prep, fully parallel over (slot, q/k
+// head), writes the per-chunk records (Tb, P, F) to base.ws_fused; the fused_split*
+// entries then only copy them into their stage ring.
+// 5 CTAs per SM (96 registers, no spills; 6 spill): prep_grouped's 4 minus W, U and V.
+extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS, 5)
+NATSL_KERNEL(fused_prep)(const NatslGdnPrefillParams p) {
+#if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
+    natsl::gdn::prep_grouped<NATSL_DTYPE, NATSL_DK, NATSL_DV, true>(p);
+#else
+    (void)p;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_split)(const __grid_constant__ NatslGdnFusedParams p) {
+#if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_SCAN, true>(p);
+#else
+    (void)p;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_split_cp_a)(const __grid_constant__ NatslGdnFusedParams p) {
+#if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_A, true>(p);
+#else
+    (void)p;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_split_cp_c)(const __grid_constant__ NatslGdnFusedParams p) {
+#if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_C, true>(p);
 #else
     (void)p;
 #endif

@@ -616,7 +616,21 @@ __device__ __forceinline__ void gprep_tx_store(const u32 (*tf)[4], int kbmax, co
     }
 }
 
-template <typename T, int DK, int DV>
+// The split fused prefill's record per (slot, value head) in p.ws_fused (FUSED_WS): Tb =
+// T diag(beta) and P as [64][64] panels in the sw128 layout (row r's 16-byte chunk j at
+// j ^ (r & 7)), so one bulk copy into a 1024-aligned stage is what wgmma reads; then F
+// (f32): fq[64] | fk[64] | G_L, label | fe[64] (gdn/fused.cuh reads it in place).
+constexpr int FREC_TB = 0, FREC_P = 64 * 128, FREC_F = 2 * 64 * 128, FREC_BYTES = NATSL_GDN_FREC_BYTES;
+static_assert(FREC_F + 4 * 64 * 4 == FREC_BYTES, "fused record: Tb | P | F");
+// Element offset of (row, col) in one sw128 [64][64] panel.
+__device__ __forceinline__ int prep_sw64(int row, int col) {
+    return row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
+}
+
+// FUSED_WS (entry fused_prep): the same per-chunk math, but per value head only P, Tb and
+// F go out, as the split fused kernel's records (no W, U: its consumers form U and W S
+// from Tb); the inline prep of gdn/fused.cuh computes the same quantities on chip.
+template <typename T, int DK, int DV, bool FUSED_WS = false>
 __device__ void prep_grouped(const NatslGdnPrefillParams& p) {
     constexpr int NT = PREP_THREADS, NW = NT / 32;
     constexpr int LDK = DK + PAD, LDA = C + 4;
@@ -746,12 +760,28 @@ __device__ void prep_grouped(const NatslGdnPrefillParams& p) {
             const i64 wrow = (i64)slot * Hv + h0 + hh;
             if (warp == hh % NW) {  // row factors of the scan: F = [fq | fk | G]
                 const float gl = __shfl_sync(0xffffffffu, gx[1], 31);
-                float* f = p.ws_g + wrow * (3 * C);
-                const float2 iq = *reinterpret_cast<const float2*>(sInvQ + 2 * lane);
-                const float2 ik = *reinterpret_cast<const float2*>(sInvK + 2 * lane);
-                *reinterpret_cast<float2*>(f + 2 * lane) = make_float2(p.scale * __expf(gx[0]) * iq.x, p.scale * __expf(gx[1]) * iq.y);
-                *reinterpret_cast<float2*>(f + C + 2 * lane) = make_float2(__expf(gl - gx[0]) * ik.x, __expf(gl - gx[1]) * ik.y);
-                *reinterpret_cast<float2*>(f + 2 * C + 2 * lane) = make_float2(gx[0], gx[1]);
+                if constexpr (FUSED_WS) {
+                    // F of the fused record: fq | fk | G_L, label | fe (label: complete chunks only).
+                    float* f = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(p.ws_fused) + wrow * FREC_BYTES + FREC_F);
+                    const float2 iq = *reinterpret_cast<const float2*>(sInvQ + 2 * lane);
+                    const float2 ik = *reinterpret_cast<const float2*>(sInvK + 2 * lane);
+                    *reinterpret_cast<float2*>(f + 2 * lane) = make_float2(p.scale * __expf(gx[0]) * iq.x, p.scale * __expf(gx[1]) * iq.y);
+                    *reinterpret_cast<float2*>(f + C + 2 * lane) = make_float2(__expf(gl - gx[0]) * ik.x, __expf(gl - gx[1]) * ik.y);
+                    *reinterpret_cast<float2*>(f + 3 * C + 2 * lane) = make_float2(__expf(gx[0]) * ik.x, __expf(gx[1]) * ik.y);
+                    if (lane == 0) {
+                        int label = NATSL_LABEL_GDN;
+                        if (len == C && p.labels) label = read_label(p.labels, (i64)slot * p.num_r_heads + (h0 + hh) / (Hv / p.num_r_heads), p.faults);
+                        f[2 * C] = gl;
+                        f[2 * C + 1] = __int_as_float(label);
+                    }
+                } else {
+                    float* f = p.ws_g + wrow * (3 * C);
+                    const float2 iq = *reinterpret_cast<const float2*>(sInvQ + 2 * lane);
+                    const float2 ik = *reinterpret_cast<const float2*>(sInvK + 2 * lane);
+                    *reinterpret_cast<float2*>(f + 2 * lane) = make_float2(p.scale * __expf(gx[0]) * iq.x, p.scale * __expf(gx[1]) * iq.y);
+                    *reinterpret_cast<float2*>(f + C + 2 * lane) = make_float2(__expf(gl - gx[0]) * ik.x, __expf(gl - gx[1]) * ik.y);
+                    *reinterpret_cast<float2*>(f + 2 * C + 2 * lane) = make_float2(gx[0], gx[1]);
+                }
             }
             const float la = gx[0] * PREP_LOG2E, lb = gx[1] * PREP_LOG2E;
             float gi[2];
@@ -761,7 +791,8 @@ __device__ void prep_grouped(const NatslGdnPrefillParams& p) {
                 const float xa = __shfl_sync(0xffffffffu, la, src), xb = __shfl_sync(0xffffffffu, lb, src);
                 gi[hf] = (g & 1) ? xb : xa;
             }
-            T* wsP = reinterpret_cast<T*>(p.ws_p) + wrow * C * C;
+            T* wsP = FUSED_WS ? reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(p.ws_fused) + wrow * FREC_BYTES + FREC_P)
+                              : reinterpret_cast<T*>(p.ws_p) + wrow * C * C;
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt) {
                 u32 w[2] = {0u, 0u};  // upper tiles: P is zero there
@@ -777,8 +808,10 @@ __device__ void prep_grouped(const NatslGdnPrefillParams& p) {
                     }
                 }
 #pragma unroll
-                for (int hf = 0; hf < 2; ++hf)
-                    *reinterpret_cast<u32*>(wsP + (m0 + g + hf * 8) * C + nt * 8 + tq * 2) = w[hf];
+                for (int hf = 0; hf < 2; ++hf) {
+                    if constexpr (FUSED_WS) *reinterpret_cast<u32*>(wsP + prep_sw64(m0 + g + hf * 8, nt * 8 + tq * 2)) = w[hf];
+                    else *reinterpret_cast<u32*>(wsP + (m0 + g + hf * 8) * C + nt * 8 + tq * 2) = w[hf];
+                }
             }
         }
     }
@@ -891,58 +924,89 @@ __device__ void prep_grouped(const NatslGdnPrefillParams& p) {
         }
         __syncthreads();  // T complete (f32, lower block triangle) in sA
 
-        // This warp's 16 rows of T as bf16 A fragments:
-        //   tw = T diag(beta e^G / |k|) (K is raw in smem), tu = T diag(beta).
-        u32 tw[4][4], tu[4][4];
+        if constexpr (FUSED_WS) {
+            // This warp's 16 rows of Tb = T diag(beta) (zero above the diagonal blocks), as
+            // the inline prep of gdn/fused.cuh forms them.
+            T* tb = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(p.ws_fused) + wrow * FREC_BYTES + FREC_TB);
 #pragma unroll
-        for (int kb = 0; kb < 4; ++kb) {
-            if (kb <= warp) {
+            for (int kb = 0; kb < 4; ++kb) {
                 const int c0 = 16 * kb + 2 * tq;
-                const float* p0 = sA + (m0 + g) * LDA + c0;
-                const float* p1 = p0 + 8 * LDA;
-                const float2 x0 = *reinterpret_cast<const float2*>(p0), x1 = *reinterpret_cast<const float2*>(p1);
-                const float2 x2 = *reinterpret_cast<const float2*>(p0 + 8), x3 = *reinterpret_cast<const float2*>(p1 + 8);
-                const float2 bl = *reinterpret_cast<const float2*>(sB + c0), bh = *reinterpret_cast<const float2*>(sB + c0 + 8);
-                const float2 el = *reinterpret_cast<const float2*>(sE + c0), eh = *reinterpret_cast<const float2*>(sE + c0 + 8);
-                const float2 kl = *reinterpret_cast<const float2*>(sInvK + c0), kh = *reinterpret_cast<const float2*>(sInvK + c0 + 8);
-                const float e0 = el.x * kl.x, e1 = el.y * kl.y, e8 = eh.x * kh.x, e9 = eh.y * kh.y;
-                tw[kb][0] = pack2<T>(x0.x * e0, x0.y * e1);
-                tw[kb][1] = pack2<T>(x1.x * e0, x1.y * e1);
-                tw[kb][2] = pack2<T>(x2.x * e8, x2.y * e9);
-                tw[kb][3] = pack2<T>(x3.x * e8, x3.y * e9);
-                tu[kb][0] = pack2<T>(x0.x * bl.x, x0.y * bl.y);
-                tu[kb][1] = pack2<T>(x1.x * bl.x, x1.y * bl.y);
-                tu[kb][2] = pack2<T>(x2.x * bh.x, x2.y * bh.y);
-                tu[kb][3] = pack2<T>(x3.x * bh.x, x3.y * bh.y);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) tw[kb][e] = tu[kb][e] = 0u;
+                u32 x[4] = {0u, 0u, 0u, 0u};
+                if (kb <= warp) {
+                    const float* p0 = sA + (m0 + g) * LDA + c0;
+                    const float* p1 = p0 + 8 * LDA;
+                    const float2 x0 = *reinterpret_cast<const float2*>(p0), x1 = *reinterpret_cast<const float2*>(p1);
+                    const float2 x2 = *reinterpret_cast<const float2*>(p0 + 8), x3 = *reinterpret_cast<const float2*>(p1 + 8);
+                    const float2 bl = *reinterpret_cast<const float2*>(sB + c0), bh = *reinterpret_cast<const float2*>(sB + c0 + 8);
+                    x[0] = pack2<T>(x0.x * bl.x, x0.y * bl.y);
+                    x[1] = pack2<T>(x1.x * bl.x, x1.y * bl.y);
+                    x[2] = pack2<T>(x2.x * bh.x, x2.y * bh.y);
+                    x[3] = pack2<T>(x3.x * bh.x, x3.y * bh.y);
+                }
+                *reinterpret_cast<u32*>(tb + prep_sw64(m0 + g, c0)) = x[0];
+                *reinterpret_cast<u32*>(tb + prep_sw64(m0 + g + 8, c0)) = x[1];
+                *reinterpret_cast<u32*>(tb + prep_sw64(m0 + g, c0 + 8)) = x[2];
+                *reinterpret_cast<u32*>(tb + prep_sw64(m0 + g + 8, c0 + 8)) = x[3];
             }
-        }
-        __syncthreads();  // R0 and the gate arrays are free
-        const T* gv = reinterpret_cast<const T*>(p.v) + (i64)t0 * p.v_stride_t + (i64)h * p.v_stride_h;
-        load_rows_async_fresh<T, C, VC, NT>(sV, LDVC, gv, p.v_stride_t, len);
-        cp_async_commit();
-        if (warp == 0 && hh + 1 < G) {  // next head's gates (published by the next loop-top barrier)
-            put_gates(gn, bn);
-            if (hh + 2 < G) prep_load_gates<T>(p, t0, len, h + 2, gn, bn);
-        }
-
-        // W = T diag(beta e^G / |k|) K (K in R1).
-        gprep_tx_store<T, DK>(tw, warp, sK, LDK, 0, reinterpret_cast<T*>(p.ws_w) + wrow * C * DK, DK, m0, lane);
-
-        // U = T diag(beta) V, VC columns at a time through R0.
-        T* wsU = reinterpret_cast<T*>(p.ws_u) + wrow * C * DV;
-#pragma unroll
-        for (int ch = 0; ch < NCH; ++ch) {
-            if (ch > 0) {
-                __syncthreads();  // chunk ch - 1 is read
-                load_rows_async_fresh<T, C, VC, NT>(sV, LDVC, gv + ch * VC, p.v_stride_t, len);
-                cp_async_commit();
+            __syncthreads();  // R0 and the gate arrays are free
+            if (warp == 0 && hh + 1 < G) {  // next head's gates (published by the next loop-top barrier)
+                put_gates(gn, bn);
+                if (hh + 2 < G) prep_load_gates<T>(p, t0, len, h + 2, gn, bn);
             }
-            cp_async_wait<0>();
-            __syncthreads();  // chunk ch visible
-            gprep_tx_store<T, VC>(tu, warp, sV, LDVC, 0, wsU + ch * VC, DV, m0, lane);
+        } else {
+            // This warp's 16 rows of T as bf16 A fragments:
+            //   tw = T diag(beta e^G / |k|) (K is raw in smem), tu = T diag(beta).
+            u32 tw[4][4], tu[4][4];
+#pragma unroll
+            for (int kb = 0; kb < 4; ++kb) {
+                if (kb <= warp) {
+                    const int c0 = 16 * kb + 2 * tq;
+                    const float* p0 = sA + (m0 + g) * LDA + c0;
+                    const float* p1 = p0 + 8 * LDA;
+                    const float2 x0 = *reinterpret_cast<const float2*>(p0), x1 = *reinterpret_cast<const float2*>(p1);
+                    const float2 x2 = *reinterpret_cast<const float2*>(p0 + 8), x3 = *reinterpret_cast<const float2*>(p1 + 8);
+                    const float2 bl = *reinterpret_cast<const float2*>(sB + c0), bh = *reinterpret_cast<const float2*>(sB + c0 + 8);
+                    const float2 el = *reinterpret_cast<const float2*>(sE + c0), eh = *reinterpret_cast<const float2*>(sE + c0 + 8);
+                    const float2 kl = *reinterpret_cast<const float2*>(sInvK + c0), kh = *reinterpret_cast<const float2*>(sInvK + c0 + 8);
+                    const float e0 = el.x * kl.x, e1 = el.y * kl.y, e8 = eh.x * kh.x, e9 = eh.y * kh.y;
+                    tw[kb][0] = pack2<T>(x0.x * e0, x0.y * e1);
+                    tw[kb][1] = pack2<T>(x1.x * e0, x1.y * e1);
+                    tw[kb][2] = pack2<T>(x2.x * e8, x2.y * e9);
+                    tw[kb][3] = pack2<T>(x3.x * e8, x3.y * e9);
+                    tu[kb][0] = pack2<T>(x0.x * bl.x, x0.y * bl.y);
+                    tu[kb][1] = pack2<T>(x1.x * bl.x, x1.y * bl.y);
+                    tu[kb][2] = pack2<T>(x2.x * bh.x, x2.y * bh.y);
+                    tu[kb][3] = pack2<T>(x3.x * bh.x, x3.y * bh.y);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) tw[kb][e] = tu[kb][e] = 0u;
+                }
+            }
+            __syncthreads();  // R0 and the gate arrays are free
+            const T* gv = reinterpret_cast<const T*>(p.v) + (i64)t0 * p.v_stride_t + (i64)h * p.v_stride_h;
+            load_rows_async_fresh<T, C, VC, NT>(sV, LDVC, gv, p.v_stride_t, len);
+            cp_async_commit();
+            if (warp == 0 && hh + 1 < G) {  // next head's gates (published by the next loop-top barrier)
+                put_gates(gn, bn);
+                if (hh + 2 < G) prep_load_gates<T>(p, t0, len, h + 2, gn, bn);
+            }
+
+            // W = T diag(beta e^G / |k|) K (K in R1).
+            gprep_tx_store<T, DK>(tw, warp, sK, LDK, 0, reinterpret_cast<T*>(p.ws_w) + wrow * C * DK, DK, m0, lane);
+
+            // U = T diag(beta) V, VC columns at a time through R0.
+            T* wsU = reinterpret_cast<T*>(p.ws_u) + wrow * C * DV;
+#pragma unroll
+            for (int ch = 0; ch < NCH; ++ch) {
+                if (ch > 0) {
+                    __syncthreads();  // chunk ch - 1 is read
+                    load_rows_async_fresh<T, C, VC, NT>(sV, LDVC, gv + ch * VC, p.v_stride_t, len);
+                    cp_async_commit();
+                }
+                cp_async_wait<0>();
+                __syncthreads();  // chunk ch visible
+                gprep_tx_store<T, VC>(tu, warp, sV, LDVC, 0, wsU + ch * VC, DV, m0, lane);
+            }
         }
     }
 }

@@ -148,14 +148,27 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
     if fused_only {
         cands.clear();
     }
+    // `fused` = split (fused_prep, then the fused kernel; Auto's pick), `fused inline` = the
+    // previous one-launch variant (A/B until one device run; the loser is removed).
     if fused {
         cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Auto, "fused"));
         cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Off, "fused cp off"));
+        cands.push((PrepKernel::Grouped, ScanTile::FusedInline, ScanParallel::Auto, "fused inline"));
+        cands.push((PrepKernel::Grouped, ScanTile::FusedInline, ScanParallel::Off, "fused inline cp off"));
     }
     let cands: Vec<(PrepKernel, ScanTile, ScanParallel, String)> = cands.into_iter().map(|(p, t, c, n)| (p, t, c, n.to_string())).collect();
     for (prep, tile, cp, tag) in cands {
         let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, cp, ..Default::default() })).unwrap();
         recs.push(Record::new(rt, "gdn_prefill", s.name.clone(), format!("{variant} {tag}"), &tm, flops, bytes));
+    }
+    // The split fused prefill's halves (cp off): fused_prep alone, the fused kernel alone
+    // (reading the records the rows above left).
+    if fused {
+        for (part, tag) in [(PrefillPart::Prep, "fused prep only"), (PrefillPart::Scan, "fused scan only")] {
+            let v = PrefillVariant { tile: ScanTile::Fused, cp: ScanParallel::Off, part: Some(part), ..Default::default() };
+            let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, v)).unwrap();
+            recs.push(Record::new(rt, "gdn_prefill", s.name.clone(), format!("{variant} {tag}"), &tm, flops, bytes));
+        }
     }
     if cp {
         let prep = PrepKernel::default();
@@ -173,9 +186,13 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             rows.clear();
         }
         if fused {
-            // The fused candidate's three cp passes (its "scan only" rows are the whole thing).
+            // The fused prefill's three cp passes ("scan only": split, without fused_prep;
+            // inline, the whole thing).
             for k in [2, 4, 8, 16] {
                 rows.push((ScanParallel::Segments(k), format!("fused cp{k}"), ScanTile::Fused));
+            }
+            for k in [4, 16] {
+                rows.push((ScanParallel::Segments(k), format!("fused inline cp{k}"), ScanTile::FusedInline));
             }
         }
         for (sp, tag, tile) in rows {
@@ -313,7 +330,10 @@ fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs
     const CTAS: usize = 4;
     const CH: usize = 64;
     const EV: usize = 32;
-    let pv = PrefillVariant { tile: ScanTile::FusedProfile, cp: ScanParallel::Off, ..Default::default() };
+    // The inline variant's build, then the split one's (its prep rows: slot 1 = pempty
+    // wait, 14 = copies issued; fused_prep is not timed).
+    for (tile, tag) in [(ScanTile::FusedProfile, "inline"), (ScanTile::FusedSplitProfile, "split")] {
+    let pv = PrefillVariant { tile, cp: ScanParallel::Off, ..Default::default() };
     // Twice: the first compiles and warms the caches; the third launch is recorded.
     for _ in 0..2 {
         gdn_prefill_variant(rt, batch, inp, out, opts, ws, pv).unwrap();
@@ -336,7 +356,7 @@ fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs
     let x: Vec<u64> = bytes.chunks_exact(8).take(n).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect();
     let ev = |cta: usize, c: usize, s: usize| x[(cta * CH + c) * EV + s];
     let hdr = |cta: usize, i: usize| x[CTAS * CH * EV + cta * 4 + i];
-    println!("== fused profile: {name} (one launch, cp off, host wall {wall:.3} ms)");
+    println!("== fused profile ({tag}): {name} (one launch, cp off, host wall {wall:.3} ms)");
     let mut ghz = Vec::new();
     for cta in 0..CTAS {
         let (c0, g0, c1, g1) = (hdr(cta, 0), hdr(cta, 1), hdr(cta, 2), hdr(cta, 3));
@@ -407,6 +427,7 @@ fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs
     println!("   {:<34} {md:>8.0} {mean:>8.0}   (< 0: the consumers wait for the prep)", "wg1 loop top - pfull arrive");
     if let Some(f) = ghz.first() {
         println!("   (clock {f:.3} GHz: 1 us = {:.0} cycles)", f * 1e3);
+    }
     }
 }
 

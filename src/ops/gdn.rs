@@ -573,23 +573,37 @@ pub enum ScanTile {
     /// An invalid tile for the launch's dims falls back to `Reg`'s choice.
     RegWith { block_n: u32, warps: u32 },
     /// The fused, warp-specialised sm_90a prefill in cuda/gdn/fused.cuh (tile stages = 4
-    /// marks it; `Auto` picks it where its CTAs fill the GPU, see `fused_auto`). One launch
-    /// (no prep kernel, no W / U / P workspace): per CTA (128 state columns, value head,
-    /// sequence) a prep warpgroup computes chunk c + 1's P, T diag(beta) and row factors on
-    /// chip from TMA loads of q, k (and issues those loads) while two consumer warpgroups
-    /// run chunk c's state update (forming U and W S from T) and outputs with the state in
-    /// wgmma accumulators. dk = 128 with
+    /// marks it; `Auto` picks it where its CTAs fill the GPU, see `fused_auto`), split:
+    /// `fused_prep` (prep_grouped's math, fully parallel over (slot, q/k head), 4 CTAs per
+    /// SM) writes per (slot, value head) a 17 KB record of the state-independent chunk
+    /// products (T diag(beta) and P, bf16 / f16 64 x 64, and the f32 row factors, gate
+    /// and label) to the workspace; then per CTA (128 state columns, value head,
+    /// sequence) one thread bulk-copies chunk c's record and TMA-loads its q, k, v into a
+    /// 3-deep ring while two consumer warpgroups run the state update (forming U and W S
+    /// from T diag(beta)) and outputs with the state in wgmma accumulators. dk = 128 with
     /// dv = 128 or 256, sm_90a only: anything else is an error (`InvalidArgument` naming
     /// `variant`), as is a q / k / v view no TMA map describes. Context parallelism as for
-    /// the other tiles (`fused_cp_a`, `cp_combine`, `fused_cp_c`); the prep kernel choice
-    /// is ignored, `PrefillPart::Prep` queues nothing and `PrefillPart::Scan` the whole
-    /// fused launch.
+    /// the other tiles (`fused_split_cp_a`, `cp_combine`, `fused_split_cp_c`, all reading
+    /// the same records); the prep kernel choice is ignored, `PrefillPart::Prep` queues
+    /// `fused_prep` alone and `PrefillPart::Scan` the fused launches alone.
+    /// Not yet measured on a device (2026-12-04): the previous variant stays selectable as
+    /// `FusedInline` until one run compares both; the loser is then removed.
     Fused,
+    /// The previous fused prefill (entries `fused`, `fused_cp_a`, `fused_cp_c`): one
+    /// launch, its prep warpgroup computing chunk c + 1's P, T diag(beta) and row factors
+    /// on chip (the ~10.8k-cycle chain that bound it: bench/NOTES.md, session 5); no
+    /// workspace but host indices and cp states. `PrefillPart::Prep` queues nothing,
+    /// `PrefillPart::Scan` the whole launch. Kept only for the A/B against `Fused`.
+    FusedInline,
     /// `Fused` as its phase-timer build (NATSL_GDN_FUSED_PROFILE: clock64 at phase
     /// boundaries into a module global, read by `bench::gdn::fused_profile`). Tile stages
     /// 5; never shipped.
     #[doc(hidden)]
     FusedProfile,
+    /// `Fused` (split) on the phase-timer build: its consumers' phases, the copy thread's
+    /// pempty waits. Never shipped.
+    #[doc(hidden)]
+    FusedSplitProfile,
 }
 
 /// Register-state tiles whose warps hold 128 dk rows (n64w4 / n128w8 at dk = 128: the
@@ -632,6 +646,12 @@ pub const FUSED_TILE: natsl_codegen::spec::Tile = catalog::GDN_FUSED_TILE;
 #[doc(hidden)]
 pub const FUSED_PROFILE_TILE: natsl_codegen::spec::Tile = natsl_codegen::spec::Tile::new(64, 128, 12, 5);
 
+/// Whether a fused variant is the split one (`fused_prep` then `fused_split*`); Auto's
+/// fused pick is.
+fn fused_split(tile: ScanTile) -> bool {
+    !matches!(tile, ScanTile::FusedInline | ScanTile::FusedProfile)
+}
+
 /// Whether `t` is a fused tile (stages >= 4 marks the unit in prefill_entry.cu).
 fn is_fused_tile(t: natsl_codegen::spec::Tile) -> bool {
     t.stages >= 4
@@ -646,7 +666,8 @@ pub fn fused_supported(dk: usize, dv: usize, arch: natsl_codegen::Arch) -> bool 
 /// Whether `ScanTile::Auto` runs the fused prefill: it has a kernel for the dims, its
 /// CTAs (sequence, value head, 128 columns) fill at least 90% of the SMs, and TMA maps
 /// describe q, k and v. (Without a driver, for sizing on the host: no; that plan's
-/// workspace is the larger one, so a workspace sized there serves both.)
+/// W | U | P | F workspace, 41-58 KB per slot and value head, exceeds the split fused
+/// plan's 17 KB records, so a workspace sized there serves both.)
 fn fused_auto(arch: natsl_codegen::Arch, sm: usize, d: &GdnDims, inp: &GdnPrefillInputs) -> bool {
     fused_supported(d.dk, d.dv, arch)
         && 10 * d.seqs * d.hv * (d.dv / 128) >= 9 * sm
@@ -670,6 +691,25 @@ pub fn fused_smem_bytes() -> usize {
     const PANEL: usize = 64 * 128;
     let bar = 3 * 4 * PANEL + 2 * 2 * PANEL + 2 * (4 * PANEL + 1024) + CHUNK * (CHUNK + 4) * 4 + 2 * 5 * CHUNK * 4;
     bar + 9 * 8 + 1024
+}
+
+/// Dynamic shared memory of the split fused prefill (`FusedLayoutT<true>::BYTES`): Q/K,
+/// V and record rings 3 deep (3 x 32 KB, 3 x 16 KB, 3 x 17 KB), 12 mbarriers, 1 KB slack.
+pub fn fused_split_smem_bytes() -> usize {
+    const PANEL: usize = 64 * 128;
+    3 * 4 * PANEL + 3 * 2 * PANEL + 3 * FUSED_RECORD_BYTES + 12 * 8 + 1024
+}
+
+/// Bytes of one `fused_prep` record (per chunk slot and value head; `NATSL_GDN_FREC_BYTES`):
+/// T diag(beta) and P (64 x 64, activation dtype, 128B-swizzled rows), then f32
+/// fq, fk, (G_L, label), fe (64 each).
+pub const FUSED_RECORD_BYTES: usize = crate::params::NATSL_GDN_FREC_BYTES as usize;
+
+/// Workspace of the split fused prefill's records: `[num_slots, Hv]` x
+/// [`FUSED_RECORD_BYTES`], 256-byte aligned. Saturates at `usize::MAX`.
+pub fn fused_workspace_bytes(num_slots: usize, hv: usize) -> usize {
+    let b = Sat(num_slots) * hv * FUSED_RECORD_BYTES;
+    (Sat(b.0.div_ceil(256)) * 256).0
 }
 
 /// Every spec a default [`gdn_prefill`] can pick at (dk, dv), by shape: the wide
@@ -802,10 +842,13 @@ struct Plan {
     d: GdnDims,
     scale: f32,
     spec: natsl_codegen::spec::KernelSpec,
+    /// The split fused prefill (`fused_prep`, then the `fused_split*` entries).
+    split: bool,
     segments: usize,
     prep_smem: u32,
     scan_smem: u32,
-    /// Byte offsets in the workspace: W | U | P | G, then host indices, then E | A.
+    /// Byte offsets in the workspace: W | U | P | G (split fused: the records), then
+    /// host indices, then E | A.
     idx_off: usize,
     cp_off: usize,
     ws_bytes: usize,
@@ -848,8 +891,8 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
     let cp_of = |t: natsl_codegen::spec::Tile| cp_segments(cp, &nchs, d.hv, d.dk, d.dv, t.block_n as usize, tile_smem_bytes(d.dk, t), sm);
     let cp_wide = cp_of(wide.tile);
     let fused_tile_v = match tile {
-        ScanTile::Fused => Some(FUSED_TILE),
-        ScanTile::FusedProfile => Some(FUSED_PROFILE_TILE),
+        ScanTile::Fused | ScanTile::FusedInline => Some(FUSED_TILE),
+        ScanTile::FusedProfile | ScanTile::FusedSplitProfile => Some(FUSED_PROFILE_TILE),
         _ => None,
     };
     if fused_tile_v.is_some() && !fused_supported(d.dk, d.dv, arch) {
@@ -859,7 +902,7 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
         ));
     }
     let spec = match (tile, narrow) {
-        (ScanTile::Fused | ScanTile::FusedProfile, _) => natsl_codegen::spec::KernelSpec {
+        (ScanTile::Fused | ScanTile::FusedInline | ScanTile::FusedProfile | ScanTile::FusedSplitProfile, _) => natsl_codegen::spec::KernelSpec {
             tile: fused_tile_v.expect("fused"),
             ..fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("checked above")
         },
@@ -894,11 +937,20 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
         cp_of(spec.tile)
     };
     let ns = crate::batch::num_slots(d.tokens, d.seqs);
-    // The fused prefill keeps W, U, P, F on chip: no workspace for them.
-    let idx_off = if is_fused_tile(spec.tile) { 0 } else { workspace_bytes(ns, d.hv, d.dk, d.dv) };
+    // The split fused prefill: its records; the inline one keeps W, U, P, F on chip.
+    let fused = is_fused_tile(spec.tile);
+    let split = fused && fused_split(tile);
+    let idx_off = match (fused, split) {
+        (true, true) => fused_workspace_bytes(ns, d.hv),
+        (true, false) => 0,
+        _ => workspace_bytes(ns, d.hv, d.dk, d.dv),
+    };
     let cp_off = idx_off + if has_host_index(inp, out) { align(3 * d.seqs * 4) } else { 0 };
     let ws_bytes = cp_off + if segments > 1 { cp_workspace_bytes(d.seqs, segments, d.hv, d.dk, d.dv) } else { 0 };
-    Ok(Plan { d, scale, spec, segments, prep_smem: prep_kernel_smem_bytes(d.dk, d.dv, prep) as u32, scan_smem: tile_smem_bytes(d.dk, spec.tile) as u32, idx_off, cp_off, ws_bytes })
+    // fused_prep is prep_grouped's code (same smem).
+    let prep_smem = prep_kernel_smem_bytes(d.dk, d.dv, if split { PrepKernel::Grouped } else { prep }) as u32;
+    let scan_smem = if split { fused_split_smem_bytes() } else { tile_smem_bytes(d.dk, spec.tile) } as u32;
+    Ok(Plan { d, scale, spec, split, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes })
 }
 
 /// Bytes of workspace a [`gdn_prefill`] call with these arguments needs on `rt`
@@ -933,13 +985,22 @@ fn prefill_launch(
     let run_prep = v.part != Some(PrefillPart::Scan);
     let run_scan = v.part != Some(PrefillPart::Prep);
     let ctx = super::launch_context(rt, Some(batch))?;
-    let Plan { d, scale, spec, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes } = plan(Some(ctx), rt.arch(), rt.sm_count(), batch.cu_seqlens(), inp, out, opts, v)?;
+    let Plan { d, scale, spec, split, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes } = plan(Some(ctx), rt.arch(), rt.sm_count(), batch.cu_seqlens(), inp, out, opts, v)?;
     let tile = spec.tile;
-    // The fused prefill (ScanTile::Fused): one kernel does the prep's work on chip.
+    // The fused prefill: split = fused_prep (records) then fused_split*; inline = one
+    // kernel doing the prep's work on chip.
     let fused = is_fused_tile(tile);
-    let run_prep = run_prep && !fused;
-    let f_prep = if fused { None } else { Some(rt.function(&spec, v.prep.entry(), prep_smem)?) };
-    let (e_scan, e_cp_a, e_cp_c) = if fused { ("fused", "fused_cp_a", "fused_cp_c") } else { ("scan", "scan_cp_a", "scan_cp_c") };
+    let run_prep = run_prep && (!fused || split);
+    let f_prep = match (fused, split) {
+        (true, true) => Some(rt.function(&spec, "fused_prep", prep_smem)?),
+        (true, false) => None,
+        _ => Some(rt.function(&spec, v.prep.entry(), prep_smem)?),
+    };
+    let (e_scan, e_cp_a, e_cp_c) = match (fused, split) {
+        (true, true) => ("fused_split", "fused_split_cp_a", "fused_split_cp_c"),
+        (true, false) => ("fused", "fused_cp_a", "fused_cp_c"),
+        _ => ("scan", "scan_cp_a", "scan_cp_c"),
+    };
     let s = rt.stream();
     // Context parallelism: (scan_cp_a, cp_combine, scan_cp_c) instead of scan.
     let f_scan = if segments > 1 {
@@ -962,7 +1023,7 @@ fn prefill_launch(
     } else {
         None
     };
-    // Workspace: W | U | P | G | host indices | E | A, each 256-byte aligned.
+    // Workspace: W | U | P | G (split fused: records) | host indices | E | A, each 256-byte aligned.
     let wsb = ws.scratch.ptr(rt, ws_bytes)?;
     let (cp_e, cp_a) = if segments > 1 {
         let rows = d.seqs * segments * d.hv;
@@ -1062,6 +1123,7 @@ fn prefill_launch(
         ws_u: ws_u as *mut _,
         ws_p: ws_p as *mut _,
         ws_g: ws_g as *mut f32,
+        ws_fused: if split { wsb as *mut _ } else { std::ptr::null_mut() },
         cp_segments: segments as i32,
         ws_cp_e: cp_e as *mut f32,
         ws_cp_a: cp_a as *mut f32,
@@ -1086,8 +1148,8 @@ fn prefill_launch(
     // value and stay inside those bounds.
     unsafe {
         if run_prep {
-            // Grouped: one CTA per (slot, q/k head); the others per (slot, value head).
-            let prep_heads = if v.prep == PrepKernel::Grouped { d.hqk } else { d.hv };
+            // Grouped (and fused_prep): one CTA per (slot, q/k head); Compact per (slot, value head).
+            let prep_heads = if v.prep == PrepKernel::Grouped || split { d.hqk } else { d.hv };
             s.launch_builder(f_prep.as_ref().expect("prep entry")).arg(&p).launch(LaunchConfig {
                 grid_dim: (ns as u32, prep_heads as u32, 1),
                 block_dim: (PREP_THREADS, 1, 1),
