@@ -573,7 +573,7 @@ pub enum ScanTile {
     /// An invalid tile for the launch's dims falls back to `Reg`'s choice.
     RegWith { block_n: u32, warps: u32 },
     /// The fused, warp-specialised sm_90a prefill in cuda/gdn/fused.cuh (tile stages = 4
-    /// marks it; `Auto` picks it where its CTAs fill the GPU, see `fused_auto`), split:
+    /// marks it; where `Auto` picks a fused prefill it runs `FusedInline` for now), split:
     /// `fused_prep` (prep_grouped's math, fully parallel over (slot, q/k head), 4 CTAs per
     /// SM) writes per (slot, value head) a 17 KB record of the state-independent chunk
     /// products (T diag(beta) and P, bf16 / f16 64 x 64, and the f32 row factors, gate
@@ -586,14 +586,15 @@ pub enum ScanTile {
     /// the other tiles (`fused_split_cp_a`, `cp_combine`, `fused_split_cp_c`, all reading
     /// the same records); the prep kernel choice is ignored, `PrefillPart::Prep` queues
     /// `fused_prep` alone and `PrefillPart::Scan` the fused launches alone.
-    /// Not yet measured on a device (2026-12-04): the previous variant stays selectable as
-    /// `FusedInline` until one run compares both; the loser is then removed.
+    /// Not yet run on a device (2026-12-04): selectable only, `Auto` runs `FusedInline`
+    /// until one run checks and compares both; the loser is then removed.
     Fused,
     /// The previous fused prefill (entries `fused`, `fused_cp_a`, `fused_cp_c`): one
     /// launch, its prep warpgroup computing chunk c + 1's P, T diag(beta) and row factors
     /// on chip (the ~10.8k-cycle chain that bound it: bench/NOTES.md, session 5); no
     /// workspace but host indices and cp states. `PrefillPart::Prep` queues nothing,
-    /// `PrefillPart::Scan` the whole launch. Kept only for the A/B against `Fused`.
+    /// `PrefillPart::Scan` the whole launch. What `Auto` runs where it picks the fused
+    /// prefill, until `Fused` is measured against it.
     FusedInline,
     /// `Fused` as its phase-timer build (NATSL_GDN_FUSED_PROFILE: clock64 at phase
     /// boundaries into a module global, read by `bench::gdn::fused_profile`). Tile stages
@@ -646,10 +647,11 @@ pub const FUSED_TILE: natsl_codegen::spec::Tile = catalog::GDN_FUSED_TILE;
 #[doc(hidden)]
 pub const FUSED_PROFILE_TILE: natsl_codegen::spec::Tile = natsl_codegen::spec::Tile::new(64, 128, 12, 5);
 
-/// Whether a fused variant is the split one (`fused_prep` then `fused_split*`); Auto's
-/// fused pick is.
+/// Whether a fused variant is the split one (`fused_prep` then `fused_split*`). Auto's
+/// fused pick stays the inline kernel, the one measured and checked on a device, until a
+/// device run has checked and timed the split (it was built when no device was lent).
 fn fused_split(tile: ScanTile) -> bool {
-    !matches!(tile, ScanTile::FusedInline | ScanTile::FusedProfile)
+    matches!(tile, ScanTile::Fused | ScanTile::FusedSplitProfile)
 }
 
 /// Whether `t` is a fused tile (stages >= 4 marks the unit in prefill_entry.cu).
