@@ -154,7 +154,7 @@ def main():
     q = torch.randn(1, H, T, DK, device=dev, dtype=dt)
     k = torch.randn(1, H, T, DK, device=dev, dtype=dt)
     v = torch.randn(1, H, T, DV, device=dev, dtype=dt)
-    for frac in (1.0, 0.4, 0.25, 0.1):
+    for frac in (1.0, 0.4, 0.3, 0.25, 0.1):
         name = f"prefill natsl 12h 64/128 T32768 rho {frac}"
         if not want(name):
             continue

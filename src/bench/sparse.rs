@@ -136,7 +136,7 @@ fn bench_decode(rt: &Runtime, s: &Decode) -> Record {
 pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
     let want = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let mut pre = vec![Prefill { name: "prefill dense causal B8 H16 T8192 d128".into(), lens: vec![8192; 8], hq: 16, hkv: 16, hr: 16, dk: 128, dv: 128, frac: 1.0 }];
-    for f in [1.0, 0.4, 0.25, 0.1] {
+    for f in [1.0, 0.4, 0.3, 0.25, 0.1] {
         pre.push(Prefill { name: format!("prefill natsl 12h 64/128 T32768 rho {f}"), lens: vec![32768], hq: 12, hkv: 12, hr: 6, dk: 64, dv: 128, frac: f });
     }
     let mut dec = Vec::new();
