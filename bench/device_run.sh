@@ -132,7 +132,7 @@ for step in $steps; do
         for v in ${WSAB_VARIANTS:-base:}; do
           n=${v%%:*}; d=${v#*:}
           NATSL_NVRTC_DEFINES="${d//,/ }" NATSL_BENCH_KERNELS=WarpSpecialized timeout 100 .gpu/tests/sparse prefill > "$OUT/ab.tmp" 2>&1
-          grep -E "^prefill" "$OUT/ab.tmp" | head -5 | sed "s/^/$n $rep /" | cut -c1-120 | tee -a "$OUT/wsab.log"
+          grep -E "^prefill" "$OUT/ab.tmp" | head -8 | sed "s/^/$n $rep /" | cut -c1-120 | tee -a "$OUT/wsab.log"
         done
       done; rm -f "$OUT/ab.tmp" ;;
     wsncu)
