@@ -135,9 +135,6 @@ pub fn validate_prefill_in(ctx: Option<ContextId>, cu_seqlens: &[i32], inp: &Pre
     // The router first: its outputs feed both branches.
     let rplan = router::validate_in(ctx, &layout, &inp.x, &inp.w_score, &opts.router)?;
     let h = rplan.num_heads;
-    check_router_out("labels", &out.labels, DType::U8, [ns, h])?;
-    check_router_out("attn_list", &out.attn_list, DType::I32, [h, ns])?;
-    check_router_out("attn_count", &out.attn_count, DType::I32, [n, h])?;
 
     // The GDN branch, on workspace views where the caller gave no router output.
     let caller_router = [out.labels.is_some(), out.attn_list.is_some(), out.attn_count.is_some()];
@@ -158,6 +155,10 @@ pub fn validate_prefill_in(ctx: Option<ContextId>, cu_seqlens: &[i32], inp: &Pre
     if gplan.hv != h {
         return Err(Error::invalid("w_score", format!("{} rows score {h} routing heads, but q has {} heads (one routing head per GDN head)", 2 * h, gplan.hv)));
     }
+    // The router's outputs (the GDN op has checked the labels it reads).
+    check_router_out("labels", &out.labels, DType::U8, [ns, h])?;
+    check_router_out("attn_list", &out.attn_list, DType::I32, [h, ns])?;
+    check_router_out("attn_count", &out.attn_count, DType::I32, [n, h])?;
 
     // The softmax heads: z's shape, tiling the GDN heads.
     inp.z.check_shape("z", &[Some(t), None, None])?;
@@ -259,8 +260,9 @@ struct HeadAt {
 
 impl Head {
     fn at(&self, base: u64) -> HeadAt {
-        let a = |o: Option<usize>| o.map_or(base, |o| base + o as u64);
-        HeadAt { o_gdn: base + self.o_gdn as u64, o_att: base + self.o_att as u64, labels: a(self.labels), attn_list: a(self.attn_list), attn_count: a(self.attn_count) }
+        // Saturating: validation places regions before it has bounded every extent.
+        let a = |o: Option<usize>| o.map_or(base, |o| base.saturating_add(o as u64));
+        HeadAt { o_gdn: base.saturating_add(self.o_gdn as u64), o_att: base.saturating_add(self.o_att as u64), labels: a(self.labels), attn_list: a(self.attn_list), attn_count: a(self.attn_count) }
     }
 }
 
