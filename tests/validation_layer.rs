@@ -274,9 +274,8 @@ fn every_view_must_be_memory_of_the_runtime_context() {
     let mut p = good_full();
     let f = |v: &TensorRef<'static>| testing::in_fake_context(v.clone(), 1, 0);
     p.inp = PrefillInputs { q: f(&p.inp.q), k: f(&p.inp.k), v: f(&p.inp.v), g: f(&p.inp.g), beta: f(&p.inp.beta), x: f(&p.inp.x), w_score: f(&p.inp.w_score), w: f(&p.inp.w), gamma_gdn: f(&p.inp.gamma_gdn), gamma_att: f(&p.inp.gamma_att), z: f(&p.inp.z) };
-    let fm = |v: &TensorMut<'static>| writable(f(v.view()));
-    p.out.out = fm(&p.out.out);
-    p.out.labels = p.out.labels.as_ref().map(fm);
+    p.out.out = writable(f(p.out.out.view()));
+    p.out.labels = p.out.labels.as_ref().map(|l| writable(f(l.view())));
     validate_prefill_in(Some(ctx), &p.cu, &p.inp, &p.out, &p.opts).unwrap();
     assert_eq!(arg_of(validate_prefill_in(Some(testing::fake_context(2, 0)), &p.cu, &p.inp, &p.out, &p.opts)), "x");
     // One output of another context, without a runtime: named.
