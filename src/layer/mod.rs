@@ -10,9 +10,10 @@
 //! of the [`PrefillWorkspace`], forked from and joined back to the runtime's stream
 //! with events. That is the fork/join pattern stream capture records, so the whole call
 //! can be captured into a CUDA graph on the runtime's stream. Before capturing, run the
-//! call once (it loads the kernels) or [`PrefillWorkspace::reserve`] the workspace:
-//! inside a capture the call allocates nothing and creates no stream, and says so with
-//! an error naming `workspace` instead.
+//! call once (it loads the kernels, creates the second stream and grows natsl's
+//! workspace), or load the units ([`crate::Runtime::warmup`]) and
+//! [`PrefillWorkspace::reserve`] the workspace: inside a capture the call allocates
+//! nothing and creates no stream, and says so with an error naming `workspace` instead.
 //!
 //! # Validation
 //! [`validate_prefill`] (no device needed) checks every argument the way each op's own
