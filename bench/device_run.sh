@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: tests, compute-sanitizer, natsl benches and the peers, logs under $OUT.
 # Run from the repository root on the GPU host after `../shared/gpu/pack --peers`:
-#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse|fused|fusedbench|fusedprof|split|splitbench|merge]...   (default: the first four)
+#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse|fused|fusedbench|fusedprof|split|splitbench|merge|layer]...   (default: the first four)
 # `sparse` is the softmax-prefill loop of issue 8: its GPU tests, its benches and its
 # peers (cuDNN, FA2, FlexAttention) in one call. `fused` and `fusedbench` are the GDN loop
 # of issue 9 (one device call each, < 10 minutes; `split` and `splitbench`: the split fused
@@ -10,7 +10,8 @@
 # variant incl. `fused`, `fused cp off`, `fused cpK`) and ncu on the fused kernel. The
 # FlashQLA / fla peers go in the `fusedbench` call too: bench/peers/qla/run_qla.sh (see
 # bench/NOTES.md, "Fused GDN prefill"). `merge` is the merge epilogue of issue 10 (< 5 minutes):
-# its GPU tests, compute-sanitizer memcheck on them and its bench.
+# its GPU tests, compute-sanitizer memcheck on them and its bench. `layer` is the layer prefill of
+# issue 10 (layer::prefill, < 5 minutes): its GPU tests, memcheck on the small case, its bench.
 set -uo pipefail
 OUT=${OUT:-/tmp/natsl-out}
 mkdir -p "$OUT" bench/results
@@ -117,6 +118,16 @@ for step in $steps; do
       timeout 150 .gpu/tests/merge > "$OUT/merge-bench.log" 2>&1; echo "== bench rc $?"
       cp bench/results/merge-"$(date +%F)".jsonl "$OUT/" 2>/dev/null
       grep -hE "^merge" "$OUT/merge-bench.log" | cut -c1-150 ;;
+    layer)
+      # gpu_layer (both code paths, the f64 reference after the device router), memcheck on
+      # the small case (both stream modes), then the bench (natsl-340M, rho 0.3, T 4k-128k).
+      timeout 240 .gpu/tests/gpu_layer --nocapture --test-threads=4 > "$OUT/layer-tests.log" 2>&1; echo "== gpu_layer rc $?"
+      grep -E "^test |test result|panicked|near-tie|rel err" "$OUT/layer-tests.log" | cut -c1-220 | tail -60
+      timeout 150 compute-sanitizer --tool memcheck .gpu/tests/gpu_layer prefill_small_for_the_sanitizer > "$OUT/layer-memcheck.log" 2>&1; echo "== memcheck rc $?"
+      grep -hE "ERROR SUMMARY|test result" "$OUT/layer-memcheck.log"
+      timeout 200 .gpu/tests/layer > "$OUT/layer-bench.log" 2>&1; echo "== bench rc $?"
+      cp bench/results/layer-"$(date +%F)".jsonl "$OUT/" 2>/dev/null
+      grep -hE "^340M|parts alone" "$OUT/layer-bench.log" | cut -c1-200 ;;
     verify)
       # The kernels changed since their last device run: sparse prefill (every kernel,
       # block lists too) and the fused GDN prefill, with memcheck on both.

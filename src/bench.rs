@@ -174,6 +174,7 @@ pub fn fill<T: crate::testing::TestElem>(rt: &Runtime, n: usize, lo: f64, hi: f6
 }
 
 pub mod gdn;
+pub mod layer;
 pub mod merge;
 pub mod router;
 pub mod sparse;

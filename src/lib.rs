@@ -5,6 +5,7 @@
 //! or JIT-compiled through NVRTC), launch on the runtime's stream.
 //!
 //! - [`ops::router`]: the router (mean-pool, score, argmax / top-k, compact lists).
+//! - [`layer`]: the NAtS-L layer as one call (router, both branches overlapped, merge).
 //! - [`reference`]: the f64 CPU oracle of SPEC.md that every kernel is checked against.
 
 pub mod batch;
@@ -12,6 +13,7 @@ pub mod bench;
 pub mod error;
 pub mod faults;
 pub mod jit;
+pub mod layer;
 pub mod ops;
 pub mod params;
 pub mod reference;

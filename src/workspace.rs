@@ -105,5 +105,5 @@ impl Scratch {
 
 /// Round up to [`WORKSPACE_ALIGN`].
 pub(crate) fn align(x: usize) -> usize {
-    x.div_ceil(WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+    x.div_ceil(WORKSPACE_ALIGN).saturating_mul(WORKSPACE_ALIGN)
 }

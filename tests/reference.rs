@@ -1003,3 +1003,46 @@ fn layer_decode_from_empty_matches_prefill() {
         assert_caches_close(got, want);
     }
 }
+
+#[test]
+fn layer_keep_everything_is_dense_softmax_and_decay_only_gdn() {
+    // KeepFraction(1): every complete chunk ATTN. The softmax branch is then ordinary
+    // causal attention, and the committed GDN state only decays (it never takes a
+    // chunk): with no h0 it stays zero wherever the last chunk is complete.
+    let mut rng = StdRng::seed_from_u64(11);
+    let weights = LayerWeights::random(&mut rng);
+    let layer = weights.layer();
+    let lens = [128, 100, 1];
+    let cu = cu_from_lens(&lens);
+    let data = LayerData::random(&mut rng, *cu.last().unwrap() as usize);
+    let all = layer_prefill_with(&layer, &data.inputs(), &cu, RouterPolicy::KeepFraction(1.0));
+    for (s, &len) in lens.iter().enumerate() {
+        let base = slot_base(&cu, s);
+        for c in 0..n_chunks(len) {
+            let want = if (c + 1) * CHUNK <= len { LABEL_ATTN } else { LABEL_PARTIAL };
+            assert!(all.router.labels[(base + c) * DIMS.h..(base + c + 1) * DIMS.h].iter().all(|&l| l == want), "seq {s} chunk {c}");
+        }
+    }
+    let b = layer_branches(&layer, &data.inputs(), &cu, &all.router.labels);
+    assert_close("out", &all.out, &b.out, 0.0);
+    let dense = dense_causal_attention(&AttnProblem {
+        q: &data.q,
+        k: &data.k,
+        v: &data.v,
+        cu_seqlens: &cu,
+        hq: DIMS.ha,
+        hkv: DIMS.ha,
+        dk: DIMS.dks,
+        dv: DIMS.dvs,
+        scale: None,
+        q_norm_w: layer.q_norm_w,
+        k_norm_w: layer.k_norm_w,
+    });
+    assert_close("softmax branch", &b.att.o, &dense.o, 1e-12);
+    let sd = DIMS.h * DIMS.dk * DIMS.dv;
+    assert!(all.gdn.state_committed[..sd].iter().all(|&x| x == 0.0), "seq 0 ends on a complete ATTN chunk");
+    // The argmax entry is the same composition with the argmax router's labels.
+    let arg = layer_prefill(&layer, &data.inputs(), &cu);
+    let b = layer_branches(&layer, &data.inputs(), &cu, &arg.router.labels);
+    assert_close("argmax out", &arg.out, &b.out, 0.0);
+}

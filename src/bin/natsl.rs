@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         "warmup" => warmup(),
         "bench" => bench_cmd(args.get(1).map(String::as_str).unwrap_or("all"), args.get(2..).unwrap_or(&[])),
         "-h" | "--help" | "help" => {
-            println!("usage: natsl [run | kernels | compile [NAME] | warmup | bench [router|gdn|sparse|merge|all] [SHAPE FILTERS...]]");
+            println!("usage: natsl [run | kernels | compile [NAME] | warmup | bench [router|gdn|sparse|merge|layer|all] [SHAPE FILTERS...]]");
             Ok(())
         }
         other => Err(format!("unknown command `{other}` (try `natsl help`)").into()),
@@ -349,8 +349,8 @@ fn run_gpu(rt: &Runtime) -> Res {
 }
 
 fn bench_cmd(family: &str, filters: &[String]) -> Res {
-    if !matches!(family, "router" | "gdn" | "sparse" | "merge" | "all") {
-        return Err(format!("unknown bench family `{family}` (router, gdn, sparse, merge, all)").into());
+    if !matches!(family, "router" | "gdn" | "sparse" | "merge" | "layer" | "all") {
+        return Err(format!("unknown bench family `{family}` (router, gdn, sparse, merge, layer, all)").into());
     }
     let rt = match Runtime::new(0) {
         Ok(rt) => rt,
@@ -360,11 +360,12 @@ fn bench_cmd(family: &str, filters: &[String]) -> Res {
         }
     };
     let mut all = Vec::new();
-    let families: [(&str, fn(&Runtime, &[String]) -> Result<Vec<Record>, natsl::Error>); 4] = [
+    let families: [(&str, fn(&Runtime, &[String]) -> Result<Vec<Record>, natsl::Error>); 5] = [
         ("router", |rt, f| bench::router::run(rt, &bench::router::shapes_matching(f))),
         ("gdn", |rt, f| Ok(bench::gdn::run(rt, f))),
         ("sparse", |rt, f| Ok(bench::sparse::run(rt, f))),
         ("merge", |rt, f| Ok(bench::merge::run(rt, f))),
+        ("layer", |rt, f| Ok(bench::layer::run(rt, f))),
     ];
     for (name, run) in families {
         if family == name || family == "all" {

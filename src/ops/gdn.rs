@@ -858,7 +858,7 @@ struct Plan {
 
 /// A state pool in the aliasing rules: the rows a host index names, or, behind a
 /// device index (which the host cannot read), the whole pool; its index is read.
-fn pool_operand(ops: &mut Operands, arg: &'static str, index_arg: &'static str, access: Access, pool: &TensorRef, index: &Option<PoolIndex>, n: usize) {
+pub(crate) fn pool_operand(ops: &mut Operands, arg: &'static str, index_arg: &'static str, access: Access, pool: &TensorRef, index: &Option<PoolIndex>, n: usize) {
     match index {
         Some(PoolIndex::Device(t)) => {
             ops.read(index_arg, t).whole_pool(arg, access, pool);
@@ -973,6 +973,13 @@ pub fn prefill_workspace_bytes_for(arch: natsl_codegen::Arch, sm_count: u32, cu_
 #[doc(hidden)]
 pub fn prefill_workspace_bytes_variant(arch: natsl_codegen::Arch, sm_count: u32, cu_seqlens: &[i32], inp: &GdnPrefillInputs, out: &GdnPrefillOutputs, opts: &GdnOptions, v: PrefillVariant) -> Result<usize> {
     Ok(plan(None, arch, sm_count, cu_seqlens, inp, out, opts, v)?.ws_bytes)
+}
+
+/// The unit a default [`gdn_prefill`] call with these arguments runs on `rt`, and its
+/// workspace bytes (validates the call): what the layer loads and sizes before its first launch.
+pub(crate) fn prefill_unit(rt: &Runtime, cu_seqlens: &[i32], inp: &GdnPrefillInputs, out: &GdnPrefillOutputs, opts: &GdnOptions) -> Result<(natsl_codegen::spec::KernelSpec, usize)> {
+    let p = plan(Some(rt.context_id()), rt.arch(), rt.sm_count(), cu_seqlens, inp, out, opts, PrefillVariant::default())?;
+    Ok((p.spec, p.ws_bytes))
 }
 
 fn prefill_launch(

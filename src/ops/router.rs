@@ -99,7 +99,7 @@ impl RouterOutput {
         let s = rt.stream();
         let ns = batch.num_slots();
         // Enough partial logits for either pool kernel (no allocation inside a capture).
-        let d_split = d_split(rt, ns, d_model.max(8), None).0.max(d_model.max(8).div_ceil(TILE_COLS));
+        let d_split = d_split(rt.sm_count(), ns, d_model.max(8), None).0.max(d_model.max(8).div_ceil(TILE_COLS));
         // ns < 2^26 (i32 tokens), heads <= 64, d_split <= 1024: no product overflows.
         Ok(RouterOutput {
             labels: s.alloc_zeros(ns * num_heads)?,
@@ -117,10 +117,10 @@ impl RouterOutput {
 
 /// Split D so that (chunks x splits) fills the GPU, with at most 8 * THREADS
 /// columns per CTA (one 16-byte group per thread) and at least 256.
-fn d_split(rt: &Runtime, num_slots: usize, d_model: usize, forced: Option<usize>) -> (usize, usize) {
+fn d_split(sm_count: u32, num_slots: usize, d_model: usize, forced: Option<usize>) -> (usize, usize) {
     let max_cols = 8 * THREADS as usize;
     let min_split = d_model.div_ceil(max_cols);
-    let want = (4 * rt.sm_count() as usize).div_ceil(num_slots.max(1));
+    let want = (4 * sm_count as usize).div_ceil(num_slots.max(1));
     let split = forced.unwrap_or(want).clamp(min_split, (d_model / 8).max(min_split));
     let split = if forced.is_some() { split } else { split.min((d_model / 256).max(min_split)) };
     let per = d_model.div_ceil(split).div_ceil(8) * 8;
@@ -220,13 +220,71 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
         }
         ops.check(Some(ctx))?;
     }
-    let dtype = x.dtype().activation().ok_or_else(|| Error::invalid("x", "not an activation dtype"))?;
-    let spec = catalog::router_spec(dtype, sparsity, rt.arch());
-    let tile = opts.pool == PoolKernel::Tile;
-    let (split, per) = if tile { (d.div_ceil(TILE_COLS), TILE_COLS) } else { d_split(rt, batch.num_slots(), d, opts.d_split) };
+    let split = split_for(rt.sm_count(), batch.num_slots(), d, opts).0;
     if out.workspace.len() < split * batch.num_slots() * hr * 2 {
         out.workspace = rt.stream().alloc_zeros(split * batch.num_slots() * hr * 2)?;
     }
+    let s = rt.stream();
+    let (labels, _g1) = out.labels.device_ptr_mut(s);
+    let (attn_list, _g2) = out.attn_list.device_ptr_mut(s);
+    let (attn_count, _g3) = out.attn_count.device_ptr_mut(s);
+    let (partial_logits, _g4) = out.workspace.device_ptr_mut(s);
+    let (margins, _g5) = out.margins.device_ptr_mut(s);
+    let logits = match out.logits.as_mut() {
+        Some(l) => l.device_ptr_mut(s).0,
+        None => 0,
+    };
+    let targets = RouterTargets { labels, attn_list, attn_count, logits, partial_logits, margins };
+    let plan = RouterPlan { d_model: d, num_heads: hr, top_k, keep_fraction, sparsity };
+    // SAFETY: the targets are this RouterOutput's buffers, allocated by natsl for this
+    // batch shape and head count (checked above), the partials grown to this call's split.
+    unsafe { launch(rt, batch, x, w_score, opts, &plan, &targets)? };
+    let _ = out.logits.as_ref().map(|l| l.device_ptr(s));
+    Ok(())
+}
+
+/// (CTAs along D, columns per CTA) of the pool kernel `opts.pool` on a device of
+/// `sm_count` SMs.
+fn split_for(sm_count: u32, num_slots: usize, d_model: usize, opts: &RouterOptions) -> (usize, usize) {
+    if opts.pool == PoolKernel::Tile {
+        (d_model.div_ceil(TILE_COLS), TILE_COLS)
+    } else {
+        d_split(sm_count, num_slots, d_model, opts.d_split)
+    }
+}
+
+/// f32 partial logits a launch of `opts` needs (`RouterTargets::partial_logits`).
+pub(crate) fn partials_len(sm_count: u32, num_slots: usize, d_model: usize, num_heads: usize, opts: &RouterOptions) -> usize {
+    split_for(sm_count, num_slots, d_model, opts).0.saturating_mul(num_slots).saturating_mul(num_heads).saturating_mul(2)
+}
+
+/// The device memory a router launch writes, laid out as in [`RouterOutput`]:
+/// labels u8 `[num_slots, Hr]`, attn_list i32 `[Hr, num_slots]`, attn_count i32
+/// `[N, Hr]`, logits f32 `[num_slots, Hr, 2]` (0: not written), the partial logits
+/// ([`partials_len`] f32) and the margins f32 `[num_slots, Hr]`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RouterTargets {
+    pub labels: u64,
+    pub attn_list: u64,
+    pub attn_count: u64,
+    pub logits: u64,
+    pub partial_logits: u64,
+    pub margins: u64,
+}
+
+/// Queue the router's two launches on the runtime's stream (no validation: `plan` is
+/// what [`validate_in`] returned for these x, w_score and opts).
+///
+/// # Safety
+/// Every target address must be device memory of `rt`'s context, 4-byte aligned, hold
+/// the layout of [`RouterTargets`] for `batch` and `plan.num_heads`, overlap neither x,
+/// w_score nor another target, and stay untouched by others until the launches end.
+pub(crate) unsafe fn launch(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRef, opts: &RouterOptions, plan: &RouterPlan, t: &RouterTargets) -> Result<()> {
+    let RouterPlan { d_model: d, num_heads: hr, top_k, keep_fraction, sparsity } = *plan;
+    let dtype = x.dtype().activation().ok_or_else(|| Error::invalid("x", "not an activation dtype"))?;
+    let spec = catalog::router_spec(dtype, sparsity, rt.arch());
+    let tile = opts.pool == PoolKernel::Tile;
+    let (split, per) = split_for(rt.sm_count(), batch.num_slots(), d, opts);
     // ---- launch ----
     // Two launches (pool + score, then select). A fused launch, whose last CTAs of a
     // sequence selected, was removed: the tiled one spin-waited on a counter (a hang
@@ -235,15 +293,6 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     // 16k 15.7 vs 17.1 us, 131k 82.0 vs 95.3 us, 16k x 4096 x 32 heads 56.1 vs 75.8 us).
     let score_smem = THREADS * 8 * 4 + per as u32 * 4;
     let s = rt.stream();
-    let (labels, _g1) = out.labels.device_ptr_mut(s);
-    let (list, _g2) = out.attn_list.device_ptr_mut(s);
-    let (count, _g3) = out.attn_count.device_ptr_mut(s);
-    let (ws, _g4) = out.workspace.device_ptr_mut(s);
-    let (margins, _g5) = out.margins.device_ptr_mut(s);
-    let logits = match out.logits.as_mut() {
-        Some(l) => l.device_ptr_mut(s).0,
-        None => 0,
-    };
     let p = NatslRouterParams {
         batch: batch.raw(),
         x: x.ptr() as *const _,
@@ -256,16 +305,16 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
         round_mean: opts.round_mean as i32,
         top_k,
         keep_fraction,
-        partial_logits: ws as *mut f32,
-        margins: margins as *mut f32,
-        logits: logits as *mut f32,
-        labels: labels as *mut u8,
-        attn_list: list as *mut i32,
-        attn_count: count as *mut i32,
+        partial_logits: t.partial_logits as *mut f32,
+        margins: t.margins as *mut f32,
+        logits: t.logits as *mut f32,
+        labels: t.labels as *mut u8,
+        attn_list: t.attn_list as *mut i32,
+        attn_count: t.attn_count as *mut i32,
     };
     let num_slots = p.batch.num_slots as u32;
-    // SAFETY: every pointer in `p` was validated above (shapes, bounds, alignment)
-    // or allocated here for exactly this batch; the kernel reads `p` by value.
+    // SAFETY: x and w_score were validated (shapes, bounds, alignment); the targets are
+    // the caller's promise (see above); the kernel reads `p` by value.
     unsafe {
         if tile {
             let grid = (num_slots * split as u32, 1, 1);
@@ -282,7 +331,6 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
             s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (batch.num_seqs() as u32, (hr as u32).div_ceil(warps), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })?;
         }
     }
-    let _ = out.logits.as_ref().map(|l| l.device_ptr(s));
     Ok(())
 }
 

@@ -302,15 +302,22 @@ fn ptr_or_null(t: &Option<TensorRef>) -> *const std::ffi::c_void {
     t.as_ref().map_or(std::ptr::null(), |w| w.ptr() as *const _)
 }
 
-/// Block-sparse prefill: o `[T, Hq, dv]` (and lse `[T, Hq]` f32, natural log) from
-/// q `[T, Hq, dk]`, k `[T, Hkv, dk]`, v `[T, Hkv, dv]` (strided views accepted).
-/// No aliasing: o and lse may not overlap each other or any input.
-#[allow(clippy::too_many_arguments)]
-pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &TensorRef, mask: &BlockMask, opts: &SparseOptions, o: &mut TensorMut, lse: Option<&mut TensorMut>) -> Result<()> {
-    let plan = validate_prefill_in(Some(super::launch_context(rt, Some(batch))?), batch.cu_seqlens(), q, k, v, mask, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
+/// The kernel a prefill call runs: the unit, its entry and dynamic shared memory, and
+/// the TMA maps of q, k, v (`tma::NONE` where the kernel loads none).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PrefillChoice {
+    pub spec: natsl_codegen::KernelSpec,
+    pub entry: &'static str,
+    pub smem_bytes: u32,
+    pub tma: [crate::params::NatslTensorMap; 3],
+}
+
+/// Resolve `opts.kernel` for this device, mask kind and views (validated by
+/// [`validate_prefill_in`] into `plan`): the errors of a kernel this code path or these
+/// views cannot run, before anything is launched.
+pub(crate) fn prefill_choice(rt: &Runtime, plan: &PrefillPlan, q: &TensorRef, k: &TensorRef, v: &TensorRef, routed: bool, opts: &SparseOptions) -> Result<PrefillChoice> {
     let spec = catalog::sparse_prefill_spec(plan.dtype, plan.dims, rt.arch());
     let sm90a = rt.arch() == natsl_codegen::Arch::Sm90a;
-    let routed = matches!(mask, BlockMask::Routed { .. });
     // TMA maps of q, k, v (the warp-specialized kernel); None where a view has none.
     let maps = || -> Result<[crate::params::NatslTensorMap; 3]> { Ok([tma::encode_thd("q", q, 64)?, tma::encode_thd("k", k, 64)?, tma::encode_thd("v", v, 64)?]) };
     let mut tma_maps = [tma::NONE; 3];
@@ -350,6 +357,17 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
             ("prefill_ws", prefill_ws_smem(plan.dims))
         }
     };
+    Ok(PrefillChoice { spec, entry, smem_bytes, tma: tma_maps })
+}
+
+/// Block-sparse prefill: o `[T, Hq, dv]` (and lse `[T, Hq]` f32, natural log) from
+/// q `[T, Hq, dk]`, k `[T, Hkv, dk]`, v `[T, Hkv, dv]` (strided views accepted).
+/// No aliasing: o and lse may not overlap each other or any input.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &TensorRef, mask: &BlockMask, opts: &SparseOptions, o: &mut TensorMut, lse: Option<&mut TensorMut>) -> Result<()> {
+    let plan = validate_prefill_in(Some(super::launch_context(rt, Some(batch))?), batch.cu_seqlens(), q, k, v, mask, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
+    let routed = matches!(mask, BlockMask::Routed { .. });
+    let PrefillChoice { spec, entry, smem_bytes, tma: tma_maps } = prefill_choice(rt, &plan, q, k, v, routed, opts)?;
     let f = rt.function(&spec, entry, smem_bytes)?;
     let null = std::ptr::null::<i32>();
     let (mode, attn_list, attn_count, kvn, kvi) = match mask {

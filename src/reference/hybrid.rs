@@ -9,7 +9,7 @@
 
 use super::{
     gdn_decode_step, gdn_recurrent, merge, n_seqs, rms_normalize, router, score_chunk, seq_range,
-    slot_base, softmax_attend, sparse_attention, AttnProblem, GdnOutput, GdnProblem, RouterOutput,
+    slot_base, softmax_attend, sparse_attention, AttnOutput, AttnProblem, GdnOutput, GdnProblem, RouterOutput,
     RouterPolicy, CHUNK, LABEL_ATTN, LABEL_GDN,
 };
 
@@ -201,6 +201,59 @@ pub fn layer_prefill(
     inp: &LayerInputs,
     cu_seqlens: &[i32],
 ) -> LayerPrefillOutput {
+    layer_prefill_with(layer, inp, cu_seqlens, RouterPolicy::Argmax)
+}
+
+/// [`layer_prefill`] with the router's `policy` (a top-k budget instead of the model's
+/// argmax).
+pub fn layer_prefill_with(
+    layer: &NatslLayer,
+    inp: &LayerInputs,
+    cu_seqlens: &[i32],
+    policy: RouterPolicy,
+) -> LayerPrefillOutput {
+    let d = layer.dims;
+    d.check();
+    let router = router(
+        inp.x,
+        layer.w_score,
+        cu_seqlens,
+        d.d_model,
+        d.h,
+        policy,
+        layer.round,
+    );
+    let b = layer_branches(layer, inp, cu_seqlens, &router.labels);
+    let caches = (0..n_seqs(cu_seqlens))
+        .map(|s| prefill_cache(&d, inp, cu_seqlens, s, &router, &b.gdn))
+        .collect();
+    LayerPrefillOutput {
+        out: b.out,
+        router,
+        gdn: b.gdn,
+        caches,
+    }
+}
+
+/// The two branches and the merge of a layer prefill.
+#[derive(Clone, Debug)]
+pub struct LayerBranches {
+    /// `[T, ha*dvs]`: the layer output (before o_proj).
+    pub out: Vec<f64>,
+    pub gdn: GdnOutput,
+    /// The softmax branch, `[T, ha, dvs]`.
+    pub att: AttnOutput,
+}
+
+/// Everything after the router for given chunk `labels` (`[num_slots, h]`, e.g. a
+/// device router's, so that a check of the rest is not thrown off by near-tie flips):
+/// GDN with the labels' chunk commit, the sparse softmax over the ATTN chunks, merge.
+pub fn layer_branches(
+    layer: &NatslLayer,
+    inp: &LayerInputs,
+    cu_seqlens: &[i32],
+    labels: &[u8],
+) -> LayerBranches {
     let d = layer.dims;
     d.check();
     let t_total = inp.len(&d);
@@ -208,16 +261,6 @@ pub fn layer_prefill(
         t_total,
         *cu_seqlens.last().unwrap() as usize,
         "inputs must have cu[N] tokens"
-    );
-
-    let router = router(
-        inp.x,
-        layer.w_score,
-        cu_seqlens,
-        d.d_model,
-        d.h,
-        RouterPolicy::Argmax,
-        layer.round,
     );
     let gdn = gdn_recurrent(&GdnProblem {
         q: inp.q,
@@ -230,7 +273,7 @@ pub fn layer_prefill(
         hv: d.h,
         dk: d.dk,
         dv: d.dv,
-        labels: Some((&router.labels, d.h)),
+        labels: Some((labels, d.h)),
         h0: None,
         scale: layer.gdn_scale,
         l2norm: layer.l2norm,
@@ -249,7 +292,7 @@ pub fn layer_prefill(
             q_norm_w: layer.q_norm_w,
             k_norm_w: layer.k_norm_w,
         },
-        &router.labels,
+        labels,
         d.h,
     );
     let out = merge(
@@ -262,16 +305,7 @@ pub fn layer_prefill(
         d.ha,
         d.dvs,
     );
-
-    let caches = (0..n_seqs(cu_seqlens))
-        .map(|s| prefill_cache(&d, inp, cu_seqlens, s, &router, &gdn))
-        .collect();
-    LayerPrefillOutput {
-        out,
-        router,
-        gdn,
-        caches,
-    }
+    LayerBranches { out, gdn, att }
 }
 
 /// Builds sequence `s`'s decode cache from the prefill results.
