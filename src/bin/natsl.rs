@@ -30,9 +30,14 @@ fn main() -> ExitCode {
         "kernels" => kernels(),
         "compile" => compile(args.get(1).map(String::as_str).unwrap_or("")),
         "warmup" => warmup(),
+        _ if wants_help(args.get(1..).unwrap_or(&[])) => {
+            println!("{}", help_of(cmd));
+            Ok(())
+        }
         "bench" => bench_cmd(args.get(1).map(String::as_str).unwrap_or("all"), args.get(2..).unwrap_or(&[])),
+        "tune" => tune_cmd(&args[1..]),
         "-h" | "--help" | "help" => {
-            println!("usage: natsl [run | kernels | compile [NAME] | warmup | bench [router|gdn|sparse|merge|all] [SHAPE FILTERS...]]");
+            println!("{USAGE}");
             Ok(())
         }
         other => Err(format!("unknown command `{other}` (try `natsl help`)").into()),
@@ -47,6 +52,61 @@ fn main() -> ExitCode {
 }
 
 type Res = Result<(), Box<dyn std::error::Error>>;
+
+const USAGE: &str = "usage: natsl [COMMAND] [--help]
+
+commands:
+  run                  the main job (default): every op on a natsl-340M-shaped input, checked and timed
+  kernels              list the shipped specialisations
+  compile [NAME]       NVRTC + ptxas report of the shipped units whose name contains NAME
+  warmup               load or compile natsl-340M's units on device 0
+  bench [FAMILY] ...   time kernels: router, gdn, sparse, merge, layer, all, or peaks (the GPU's ceilings)
+  tune                 time the kernel choices for natsl-340M / 760M shapes, keep the best per GPU
+
+`natsl COMMAND --help` describes one command.";
+
+fn wants_help(rest: &[String]) -> bool {
+    rest.iter().any(|a| a == "-h" || a == "--help")
+}
+
+fn help_of(cmd: &str) -> String {
+    match cmd {
+        "run" => "usage: natsl run\n\nOn a GPU: runs the router, the GDN prefill and the sparse softmax on a natsl-340M-shaped input, checks them\nagainst the f64 reference and prints times. Without a GPU: compiles every shipped unit (when NVRTC is\ninstalled) and runs the whole layer on the CPU reference.".into(),
+        "kernels" => "usage: natsl kernels\n\nLists every shipped specialisation and its entry points.".into(),
+        "compile" => "usage: natsl compile [NAME]\n\nCompiles the shipped units whose name contains NAME through NVRTC and prints ptxas' report (registers,\nshared memory, spills). NATSL_DUMP_DIR=DIR also keeps each unit's .cu, .cubin and log there.".into(),
+        "warmup" => "usage: natsl warmup\n\nLoads or compiles (with progress) every unit natsl-340M's calls use on device 0.".into(),
+        "bench" => BENCH_HELP.into(),
+        "tune" => TUNE_HELP.into(),
+        _ => USAGE.into(),
+    }
+}
+
+const TUNE_HELP: &str = "usage: natsl tune [--model 340m|760m|all] [--family gdn|sparse|router|all] [--quick] [--force] [--file PATH] [--show]
+
+Times every candidate configuration of the families with kernel choices (GDN prefill: scan tile, context-parallel
+segments, prep kernel, the fused prefill; sparse prefill: kernel; router: pool kernel and D split) on device 0, at one
+shape per bucket of the models' dims (1 x 4k..64k tokens, 4 x 4k and 16k, 8 x 8k; --quick: 1 x 8k, 1 x 32k, 4 x 16k),
+and keeps the fastest per bucket in a cache keyed by GPU name, SM count, compute capability, driver, code path, NVRTC
+version, natsl version and kernel source hash. A candidate must agree with the default's output and beat it by 2%.
+Calls whose shape falls in a tuned bucket use the choice (one log line per bucket); entries of other GPUs or versions
+are ignored. The file is written after each bucket: an interrupted run resumes where it stopped (--force re-tunes).
+
+  --file PATH   the cache (default: $NATSL_TUNE_CACHE, else tune.json in natsl's cache folder, ~/.cache/natsl)
+  --show        print the cache's entries and exit (no GPU needed)";
+
+const BENCH_HELP: &str = "usage: natsl bench [router|gdn|sparse|merge|layer|all] [SHAPE FILTERS...] [--peers FILE]... [--no-plot]
+       natsl bench peaks [--force]
+
+Times the kernels with CUDA events (warm-up, CUDA-graph replays, median), prints time, TFLOP/s, TB/s and the fraction
+of the roofline of this GPU, appends JSON lines to bench/results/<family>-<date>.jsonl and draws
+bench/results/<family>-<date>.png: time and TFLOP/s (TB/s for decode and memory-bound ops) against sequence length or
+batch, the roofline, and the peers of each --peers file (JSON lines with op, shape, variant, ms and tflops / tbps, as
+bench/peers/*.py write).
+
+`natsl bench peaks` measures the GPU's ceilings once (a bf16 tensor-core loop: wgmma on sm_90a, mma.sync everywhere;
+a 16-byte-vector device copy and cuMemcpyDtoD) and caches them in peaks.json beside the tune cache, keyed by GPU
+name, SM count, compute capability and driver (--force measures again). Without that entry the roofline uses the
+H200's constants (771 TFLOP/s, 4.2 TB/s) and says so.";
 
 fn kernels() -> Res {
     let specs = catalog::shipped();
@@ -374,5 +434,74 @@ fn bench_cmd(family: &str, filters: &[String]) -> Res {
         }
     }
     bench::print_table(&all);
+    Ok(())
+}
+
+fn tune_cmd(args: &[String]) -> Res {
+    use natsl::tune::{self, run};
+    let mut a = run::Args { models: run::MODELS.to_vec(), families: run::Family::ALL.to_vec(), shapes: run::SHAPES.to_vec(), path: std::path::PathBuf::new(), force: false };
+    let mut path = tune::cache_path();
+    let mut show = false;
+    let mut it = args.iter();
+    while let Some(x) = it.next() {
+        let mut val = || it.next().cloned().ok_or_else(|| format!("`{x}` needs a value (see `natsl tune --help`)"));
+        match x.as_str() {
+            "--model" => {
+                let v = val()?;
+                a.models = run::MODELS.iter().copied().filter(|m| v == "all" || m.name.to_lowercase().ends_with(&v.to_lowercase())).collect();
+                if a.models.is_empty() {
+                    return Err(format!("unknown model `{v}` (340m, 760m, all)").into());
+                }
+            }
+            "--family" => {
+                let v = val()?;
+                a.families = run::Family::ALL.iter().copied().filter(|f| v == "all" || f.name() == v).collect();
+                if a.families.is_empty() {
+                    return Err(format!("unknown family `{v}` (gdn, sparse, router, all)").into());
+                }
+            }
+            "--quick" => a.shapes = run::QUICK_SHAPES.to_vec(),
+            "--force" => a.force = true,
+            "--file" => path = Some(val()?.into()),
+            "--show" => show = true,
+            other => return Err(format!("unknown argument `{other}` (see `natsl tune --help`)").into()),
+        }
+    }
+    let Some(path) = path else { return Err("no tune cache: NATSL_TUNE_CACHE=off and no --file".into()) };
+    if show {
+        return show_tune(&path);
+    }
+    a.path = path;
+    let rt = match Runtime::new(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            return Ok(());
+        }
+    };
+    let t0 = std::time::Instant::now();
+    let (tuned, skipped) = run::tune(&rt, &a)?;
+    println!("{tuned} buckets tuned, {skipped} already tuned, in {:.1} s: {}", t0.elapsed().as_secs_f64(), a.path.display());
+    Ok(())
+}
+
+fn show_tune(path: &std::path::Path) -> Res {
+    use natsl::tune::{store, Entry};
+    let entries: Vec<Entry> = match store::load(path) {
+        store::Loaded::Missing => {
+            println!("{}: no tune cache", path.display());
+            return Ok(());
+        }
+        store::Loaded::Damaged(why) => {
+            println!("{}: damaged ({why}); the next `natsl tune` rebuilds it", path.display());
+            return Ok(());
+        }
+        store::Loaded::Ok(v) => v,
+    };
+    println!("{}: {} entries", path.display(), entries.len());
+    for e in &entries {
+        let k = &e.key;
+        println!("  [{} {} SMs cc {} driver {} {} nvrtc {} natsl {} src {}] {}: {} ({:.4} ms, default {:.4} ms, {})", k.device.gpu, k.device.sm_count, k.device.compute_capability, k.device.driver, k.arch, k.nvrtc, k.natsl, k.source_hash, e.bucket, e.choice, e.ms, e.default_ms, e.date);
+    }
     Ok(())
 }

@@ -222,8 +222,19 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     }
     let dtype = x.dtype().activation().ok_or_else(|| Error::invalid("x", "not an activation dtype"))?;
     let spec = catalog::router_spec(dtype, sparsity, rt.arch());
-    let tile = opts.pool == PoolKernel::Tile;
-    let (split, per) = if tile { (d.div_ceil(TILE_COLS), TILE_COLS) } else { d_split(rt, batch.num_slots(), d, opts.d_split) };
+    // Under the default pool options, `natsl tune`'s choice for this shape bucket on this
+    // GPU where the outputs' workspace holds it (no allocation in a capture).
+    let (mut pool, mut forced) = (opts.pool, opts.d_split);
+    if pool == PoolKernel::Tile && forced.is_none() {
+        if let Some((p, f)) = crate::tune::router(rt, dtype, d, hr, batch.cu_seqlens()) {
+            let split = if p == PoolKernel::Tile { d.div_ceil(TILE_COLS) } else { d_split(rt, batch.num_slots(), d, f).0 };
+            if out.workspace.len() >= split * batch.num_slots() * hr * 2 {
+                (pool, forced) = (p, f);
+            }
+        }
+    }
+    let tile = pool == PoolKernel::Tile;
+    let (split, per) = if tile { (d.div_ceil(TILE_COLS), TILE_COLS) } else { d_split(rt, batch.num_slots(), d, forced) };
     if out.workspace.len() < split * batch.num_slots() * hr * 2 {
         out.workspace = rt.stream().alloc_zeros(split * batch.num_slots() * hr * 2)?;
     }

@@ -314,7 +314,16 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
     // TMA maps of q, k, v (the warp-specialized kernel); None where a view has none.
     let maps = || -> Result<[crate::params::NatslTensorMap; 3]> { Ok([tma::encode_thd("q", q, 64)?, tma::encode_thd("k", k, 64)?, tma::encode_thd("v", v, 64)?]) };
     let mut tma_maps = [tma::NONE; 3];
-    let kernel = match opts.kernel {
+    // Under Auto, `natsl tune`'s choice for this shape bucket on this GPU (a
+    // warp-specialized one only where q, k, v have TMA maps), else the heuristics below.
+    let requested = match opts.kernel {
+        PrefillKernel::Auto => match crate::tune::sparse_prefill(rt, &plan, batch.cu_seqlens(), routed) {
+            PrefillKernel::WarpSpecialized if maps().is_err() => PrefillKernel::Auto,
+            k => k,
+        },
+        k => k,
+    };
+    let kernel = match requested {
         PrefillKernel::Auto if sm90a && routed => match maps() {
             Ok(m) => {
                 tma_maps = m;
@@ -344,7 +353,7 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
             if !routed {
                 return Err(Error::Unsupported("the warp-specialized prefill walks router lists; block lists run PrefillKernel::Wgmma (or Auto)".into()));
             }
-            if opts.kernel != PrefillKernel::Auto {
+            if requested != PrefillKernel::Auto {
                 tma_maps = maps()?;
             }
             ("prefill_ws", prefill_ws_smem(plan.dims))
