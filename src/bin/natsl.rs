@@ -7,9 +7,11 @@
 //!   natsl compile [NAME] compile the shipped specialisations whose unit name contains NAME (NVRTC), print ptxas'
 //!                        report; with NATSL_DUMP_DIR set, also write each unit's .cu, .cubin and ptxas .log there
 //!   natsl warmup         load or compile (with progress) every unit natsl-340M uses on device 0
-//!   natsl bench [FAMILY] [FILTER...]
-//!                        time the kernels (router, gdn, sparse, merge, all; shapes whose name
+//!   natsl bench [FAMILY] [FILTER...] [--peers FILE]
+//!                        time the kernels (router, gdn, sparse, merge, layer, all; shapes whose name
 //!                        contains a filter), print a table, append JSON lines to bench/results/
+//!                        and draw PNGs there; `natsl bench peaks` measures the GPU's ceilings
+//!   natsl tune           time the kernel choices per shape bucket, keep the best per GPU
 
 use natsl::bench::{self, Record};
 use natsl::ops::router::{route_into, RouterOptions, RouterOutput};
@@ -408,9 +410,20 @@ fn run_gpu(rt: &Runtime) -> Res {
     Ok(())
 }
 
-fn bench_cmd(family: &str, filters: &[String]) -> Res {
-    if !matches!(family, "router" | "gdn" | "sparse" | "merge" | "all") {
-        return Err(format!("unknown bench family `{family}` (router, gdn, sparse, merge, all)").into());
+fn bench_cmd(family: &str, args: &[String]) -> Res {
+    if !matches!(family, "router" | "gdn" | "sparse" | "merge" | "layer" | "all" | "peaks") {
+        return Err(format!("unknown bench family `{family}` (router, gdn, sparse, merge, layer, all, peaks; see `natsl bench --help`)").into());
+    }
+    let (mut filters, mut peer_files, mut plot, mut force) = (Vec::new(), Vec::new(), true, false);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--peers" => peer_files.push(it.next().ok_or("`--peers` needs a results file")?.clone()),
+            "--no-plot" => plot = false,
+            "--force" if family == "peaks" => force = true,
+            f if f.starts_with("--") => return Err(format!("unknown argument `{f}` (see `natsl bench --help`)").into()),
+            f => filters.push(f.to_string()),
+        }
     }
     let rt = match Runtime::new(0) {
         Ok(rt) => rt,
@@ -419,21 +432,77 @@ fn bench_cmd(family: &str, filters: &[String]) -> Res {
             return Ok(());
         }
     };
+    if family == "peaks" {
+        println!("device: {} ({} SMs, {:?} path)", rt.context().name()?, rt.sm_count(), rt.arch());
+        let (p, cached) = bench::peaks::measure_or_cached(&rt, force)?;
+        println!(
+            "peaks{}: {:.1} TFLOP/s bf16 (mma.sync {:.1}{}), {:.2} TB/s (copy kernel {:.2}, cuMemcpyDtoD {:.2}); {} {}",
+            if cached { " (cached; --force measures again)" } else { "" },
+            p.tflops,
+            p.mma_sync_tflops,
+            p.wgmma_tflops.map_or(String::new(), |w| format!(", wgmma {w:.1}")),
+            p.tbps,
+            p.copy_kernel_tbps,
+            p.memcpy_tbps,
+            p.date,
+            p.commit
+        );
+        return Ok(());
+    }
+    match bench::peaks::use_measured(&rt) {
+        Some(p) => println!("roofline: {:.1} TFLOP/s, {:.2} TB/s measured on this GPU by `natsl bench peaks` ({})", p.tflops, p.tbps, p.date),
+        None => println!(
+            "note: no peaks measured on this GPU (run `natsl bench peaks`): the roofline uses the built-in H200 constants, {} TFLOP/s and {} TB/s",
+            bench::PEAK_TFLOPS,
+            bench::PEAK_TBPS
+        ),
+    }
     let mut all = Vec::new();
-    let families: [(&str, fn(&Runtime, &[String]) -> Result<Vec<Record>, natsl::Error>); 4] = [
+    let families: [(&str, fn(&Runtime, &[String]) -> Result<Vec<Record>, natsl::Error>); 5] = [
         ("router", |rt, f| bench::router::run(rt, &bench::router::shapes_matching(f))),
         ("gdn", |rt, f| Ok(bench::gdn::run(rt, f))),
         ("sparse", |rt, f| Ok(bench::sparse::run(rt, f))),
         ("merge", |rt, f| Ok(bench::merge::run(rt, f))),
+        ("layer", |rt, f| bench::layer::run(rt, f)),
     ];
     for (name, run) in families {
         if family == name || family == "all" {
-            let recs = run(&rt, filters)?;
-            println!("results: {}", bench::write_results(name, &recs)?.display());
+            let recs = run(&rt, &filters)?;
+            let path = bench::write_results(name, &recs)?;
+            println!("results: {}", path.display());
+            if plot {
+                draw(&path, &recs, &peer_files)?;
+            }
             all.extend(recs);
         }
     }
     bench::print_table(&all);
+    Ok(())
+}
+
+/// The PNGs of one family's records (beside its results file), with the peers' files.
+#[cfg(feature = "plot")]
+fn draw(results: &std::path::Path, recs: &[Record], peer_files: &[String]) -> Res {
+    let mut peers = Vec::new();
+    for f in peer_files {
+        let p = bench::plot::read_peers(std::path::Path::new(f)).map_err(|e| format!("--peers {f}: {e}"))?;
+        println!("peers: {} records from {f}", p.len());
+        peers.extend(p);
+    }
+    let stem = results.with_extension("");
+    let files = bench::plot::draw(&stem, recs, &peers)?;
+    if files.is_empty() {
+        println!("plot: no shape of these results sweeps a length or batch (nothing drawn)");
+    }
+    for f in files {
+        println!("plot: {}", f.display());
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "plot"))]
+fn draw(_: &std::path::Path, _: &[Record], _: &[String]) -> Res {
+    println!("plot: not drawn (built without the `plot` feature)");
     Ok(())
 }
 
