@@ -197,8 +197,8 @@ pub fn fill<T: crate::testing::TestElem>(rt: &Runtime, n: usize, lo: f64, hi: f6
     rt.stream().clone_htod(&v).expect("upload benchmark input")
 }
 
+pub mod chain;
 pub mod gdn;
-pub mod layer;
 pub mod merge;
 pub mod peaks;
 #[cfg(feature = "plot")]

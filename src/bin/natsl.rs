@@ -8,7 +8,7 @@
 //!                        report; with NATSL_DUMP_DIR set, also write each unit's .cu, .cubin and ptxas .log there
 //!   natsl warmup         load or compile (with progress) every unit natsl-340M uses on device 0
 //!   natsl bench [FAMILY] [FILTER...] [--peers FILE]
-//!                        time the kernels (router, gdn, sparse, merge, layer, all; shapes whose name
+//!                        time the kernels (router, gdn, sparse, merge, chain, all; shapes whose name
 //!                        contains a filter), print a table, append JSON lines to bench/results/
 //!                        and draw PNGs there; `natsl bench peaks` measures the GPU's ceilings
 //!   natsl tune           time the kernel choices per shape bucket, keep the best per GPU
@@ -62,7 +62,7 @@ commands:
   kernels              list the shipped specialisations
   compile [NAME]       NVRTC + ptxas report of the shipped units whose name contains NAME
   warmup               load or compile natsl-340M's units on device 0
-  bench [FAMILY] ...   time kernels: router, gdn, sparse, merge, layer, all, or peaks (the GPU's ceilings)
+  bench [FAMILY] ...   time kernels: router, gdn, sparse, merge, chain, all, or peaks (the GPU's ceilings)
   tune                 time the kernel choices for natsl-340M / 760M shapes, keep the best per GPU
 
 `natsl COMMAND --help` describes one command.";
@@ -96,14 +96,15 @@ are ignored. The file is written after each bucket: an interrupted run resumes w
   --file PATH   the cache (default: $NATSL_TUNE_CACHE, else tune.json in natsl's cache folder, ~/.cache/natsl)
   --show        print the cache's entries and exit (no GPU needed)";
 
-const BENCH_HELP: &str = "usage: natsl bench [router|gdn|sparse|merge|layer|all] [SHAPE FILTERS...] [--peers FILE]... [--no-plot]
+const BENCH_HELP: &str = "usage: natsl bench [router|gdn|sparse|merge|chain|all] [SHAPE FILTERS...] [--peers FILE]... [--no-plot]
        natsl bench peaks [--force]
 
 Times the kernels with CUDA events (warm-up, CUDA-graph replays, median), prints time, TFLOP/s, TB/s and the fraction
 of the roofline of this GPU, appends JSON lines to bench/results/<family>-<date>.jsonl and draws
-bench/results/<family>-<date>.png: time and TFLOP/s (TB/s for decode and memory-bound ops) against sequence length or
+bench/results/<family>-<date>-<op>.png: time and TFLOP/s (TB/s for decode and memory-bound ops) against sequence length or
 batch, the roofline, and the peers of each --peers file (JSON lines with op, shape, variant, ms and tflops / tbps, as
-bench/peers/*.py write).
+bench/peers/*.py write). `chain`: the layer's prefill as its four kernels in a row (router, GDN, sparse, merge) at
+natsl-340M / 760M dims, each alone and together.
 
 `natsl bench peaks` measures the GPU's ceilings once (a bf16 tensor-core loop: wgmma on sm_90a, mma.sync everywhere;
 a 16-byte-vector device copy and cuMemcpyDtoD) and caches them in peaks.json beside the tune cache, keyed by GPU
@@ -411,8 +412,8 @@ fn run_gpu(rt: &Runtime) -> Res {
 }
 
 fn bench_cmd(family: &str, args: &[String]) -> Res {
-    if !matches!(family, "router" | "gdn" | "sparse" | "merge" | "layer" | "all" | "peaks") {
-        return Err(format!("unknown bench family `{family}` (router, gdn, sparse, merge, layer, all, peaks; see `natsl bench --help`)").into());
+    if !matches!(family, "router" | "gdn" | "sparse" | "merge" | "chain" | "all" | "peaks") {
+        return Err(format!("unknown bench family `{family}` (router, gdn, sparse, merge, chain, all, peaks; see `natsl bench --help`)").into());
     }
     let (mut filters, mut peer_files, mut plot, mut force) = (Vec::new(), Vec::new(), true, false);
     let mut it = args.iter();
@@ -463,7 +464,7 @@ fn bench_cmd(family: &str, args: &[String]) -> Res {
         ("gdn", |rt, f| Ok(bench::gdn::run(rt, f))),
         ("sparse", |rt, f| Ok(bench::sparse::run(rt, f))),
         ("merge", |rt, f| Ok(bench::merge::run(rt, f))),
-        ("layer", |rt, f| bench::layer::run(rt, f)),
+        ("chain", |rt, f| bench::chain::run(rt, f)),
     ];
     for (name, run) in families {
         if family == name || family == "all" {

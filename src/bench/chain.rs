@@ -1,8 +1,9 @@
-//! The NAtS-L layer's prefill kernels chained as an engine runs them (router -> GDN
-//! scan with the router's labels -> sparse softmax over the router's lists through
-//! strided head views of the same q/k/v -> merge), at natsl-340M and natsl-760M dims,
-//! one sequence of 4k..64k tokens: each op alone and the four in one graph (`layer`).
-//! Used by `natsl bench layer`. Inputs are synthetic (random projections).
+//! The NAtS-L layer's prefill as four separate kernels chained the way an engine without
+//! a fused layer call runs them (router -> GDN scan with the router's labels -> sparse
+//! softmax over the router's lists through strided head views of the same q/k/v ->
+//! merge), at natsl-340M and natsl-760M dims, one sequence of 4k..64k tokens: each op
+//! alone (`chain <op>`) and the four in one graph (`chain`). Used by `natsl bench chain`
+//! (the baseline of a one-call layer prefill). Inputs are synthetic.
 
 use super::{fill, time_it, Record};
 use crate::error::Result;
@@ -105,26 +106,26 @@ fn bench_one(rt: &Runtime, m: &Model, t: usize, out: &mut Vec<Record>) -> Result
         (visible_pairs(&cu, &labels, h, ha) * 2.0 * (dks + dvs) as f64, (t * ha * (2 * dks + 2 * dvs) * 2) as f64),
         (0.0, (4 * t * ha * dvs * 2 + t * ha * 2 * 4) as f64),
     ];
-    let shape = format!("{} layer 1x{t}", m.name);
+    let shape = format!("{} chain 1x{t}", m.name);
     let variant = format!("attn {attn:.2}");
     for (i, op) in ["router", "gdn_prefill", "sparse_prefill", "merge"].iter().enumerate() {
         let tm = time_it(rt, 2, 10, |_| step(Some(i), &mut rout, &mut og, &mut oa, &mut y))?;
-        out.push(Record::new(rt, &format!("layer {op}"), shape.clone(), variant.clone(), &tm, costs[i].0, costs[i].1));
+        out.push(Record::new(rt, &format!("chain {op}"), shape.clone(), variant.clone(), &tm, costs[i].0, costs[i].1));
     }
     let tm = time_it(rt, 2, 10, |_| step(None, &mut rout, &mut og, &mut oa, &mut y))?;
     let (f, b) = costs.iter().fold((0.0, 0.0), |a, c| (a.0 + c.0, a.1 + c.1));
-    let rec = Record::new(rt, "layer", shape, variant, &tm, f, b);
+    let rec = Record::new(rt, "chain", shape, variant, &tm, f, b);
     println!("{:<28} {:<10} {:>9.4} ms {:>7.1} TFLOP/s {:>5.1}% of roofline", rec.shape, rec.variant, rec.ms, rec.tflops, 100.0 * rec.roofline_frac);
     out.push(rec);
     Ok(())
 }
 
-/// Every (model, length) whose name (`natsl-340M layer 1x4096`) contains a filter (all if none).
+/// Every (model, length) whose name (`natsl-340M chain 1x4096`) contains a filter (all if none).
 pub fn run(rt: &Runtime, filters: &[String]) -> Result<Vec<Record>> {
     let mut out = Vec::new();
     for m in &MODELS {
         for &t in LENGTHS {
-            let name = format!("{} layer 1x{t}", m.name);
+            let name = format!("{} chain 1x{t}", m.name);
             if filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())) {
                 bench_one(rt, m, t, &mut out)?;
             }
