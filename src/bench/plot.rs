@@ -172,7 +172,8 @@ fn chart(path: &Path, title: &str, axis: &str, unit: &str, series: &BTreeMap<Str
     }
     let (x0, x1) = (x0 / 1.3, x1 * 1.3);
     let (t0, t1) = (t0 / 1.5, t1 * 1.5);
-    let r1 = r1 * 1.1;
+    let r1 = (r1 * 1.1).max(1e-6);
+    let (t0, t1) = if t1 > t0 { (t0, t1) } else { (t0 / 2.0, t0 * 2.0 + 1e-6) };
     let root = BitMapBackend::new(path, (1600, 720)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 20))?;

@@ -384,6 +384,9 @@ fn visible_pairs(cu: &[i32], labels: &[u8], hr: usize, hq: usize) -> f64 {
 
 fn run_gpu(rt: &Runtime) -> Res {
     println!("device: {} ({:?} path, {} SMs)", rt.context().name()?, rt.arch(), rt.sm_count());
+    if bench::peaks::use_measured(rt).is_none() {
+        println!("(roofline: the built-in H200 constants; `natsl bench peaks` measures this GPU's)");
+    }
     let d = dims_340m();
     // 1. Check: a ragged batch small enough for the f64 reference.
     let l = layer_inputs(&[700, 1000, 64, 300], 5);
