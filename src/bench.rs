@@ -7,9 +7,23 @@ use crate::runtime::Runtime;
 use cudarc::driver::sys::CUevent_flags;
 use serde::Serialize;
 
-/// Measured ceilings of the H200 (BENCH.md): dense bf16 GEMM and device copy.
+/// Measured ceilings of the H200 (BENCH.md): dense bf16 GEMM and device copy. The
+/// roofline of records uses them until [`peaks::use_measured`] finds this GPU's own.
 pub const PEAK_TFLOPS: f64 = 771.0;
 pub const PEAK_TBPS: f64 = 4.2;
+
+/// The roofline's ceilings: (TFLOP/s, TB/s, measured on this GPU?).
+static CEILINGS: std::sync::RwLock<(f64, f64, bool)> = std::sync::RwLock::new((PEAK_TFLOPS, PEAK_TBPS, false));
+
+/// Set the ceilings the roofline of this process's records uses.
+pub fn set_ceilings(tflops: f64, tbps: f64, measured: bool) {
+    *CEILINGS.write().unwrap_or_else(|p| p.into_inner()) = (tflops, tbps, measured);
+}
+
+/// (TFLOP/s, TB/s, measured on this GPU?) of the roofline in use.
+pub fn ceilings() -> (f64, f64, bool) {
+    *CEILINGS.read().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Median, min and max of event-timed runs, in milliseconds.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -78,7 +92,8 @@ fn capture(rt: &Runtime, reps: usize, f: &mut impl FnMut(usize) -> Result<()>) -
 
 /// The roofline time of a problem: max(FLOPs / peak, bytes / bandwidth), in ms.
 pub fn roofline_ms(flops: f64, bytes: f64) -> f64 {
-    (flops / (PEAK_TFLOPS * 1e12)).max(bytes / (PEAK_TBPS * 1e12)) * 1e3
+    let (tf, tb, _) = ceilings();
+    (flops / (tf * 1e12)).max(bytes / (tb * 1e12)) * 1e3
 }
 
 /// One benchmark result, as kept in bench/results/*.jsonl.
@@ -94,6 +109,11 @@ pub struct Record {
     pub tbps: f64,
     /// roofline time / measured time.
     pub roofline_frac: f64,
+    /// The ceilings of that roofline and whether they were measured on this GPU
+    /// (`natsl bench peaks`) or are the built-in H200 constants.
+    pub peak_tflops: f64,
+    pub peak_tbps: f64,
+    pub peaks_measured: bool,
     pub gpu: String,
     pub commit: String,
     pub date: String,
@@ -102,6 +122,7 @@ pub struct Record {
 impl Record {
     pub fn new(rt: &Runtime, op: &str, shape: String, variant: String, t: &Timing, flops: f64, bytes: f64) -> Record {
         let ms = t.median_ms;
+        let (peak_tflops, peak_tbps, peaks_measured) = ceilings();
         Record {
             op: op.into(),
             shape,
@@ -112,6 +133,9 @@ impl Record {
             tflops: flops / (ms * 1e-3) / 1e12,
             tbps: bytes / (ms * 1e-3) / 1e12,
             roofline_frac: roofline_ms(flops, bytes) / ms,
+            peak_tflops,
+            peak_tbps,
+            peaks_measured,
             gpu: rt.context().name().unwrap_or_default(),
             commit: env!("NATSL_COMMIT").to_string(),
             date: today(),
@@ -173,8 +197,12 @@ pub fn fill<T: crate::testing::TestElem>(rt: &Runtime, n: usize, lo: f64, hi: f6
     rt.stream().clone_htod(&v).expect("upload benchmark input")
 }
 
+pub mod chain;
 pub mod gdn;
 pub mod layer;
 pub mod merge;
+pub mod peaks;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod router;
 pub mod sparse;

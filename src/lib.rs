@@ -21,6 +21,7 @@ pub mod runtime;
 pub mod tensor;
 pub mod tma;
 pub mod testing;
+pub mod tune;
 pub mod workspace;
 
 pub use batch::{Batch, SeqLayout, CHUNK};

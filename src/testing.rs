@@ -10,7 +10,10 @@ use rand::{Rng, SeedableRng};
 
 /// A runtime on device 0, or `None` after printing `skipped: no CUDA device`.
 /// With `NATSL_REQUIRE_GPU=1` a missing device is a failure instead.
+/// The GPU tests, `cargo bench` and the examples run the heuristics' choices: a tune cache
+/// on the machine is not consulted (`natsl bench` and library calls do consult it).
 pub fn gpu_or_skip(test: &str) -> Option<Runtime> {
+    crate::tune::set_bypass(true);
     match Runtime::new(0) {
         Ok(rt) => Some(rt),
         Err(e) => {

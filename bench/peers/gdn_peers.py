@@ -52,6 +52,9 @@ PREFILL = [
     ("natsl-340M 1x32768 6 128/256", [32768], 6, 6, 128, 256),
     ("natsl-760M 1x32768 6 192/384", [32768], 6, 6, 192, 384),
 ]
+# The length sweeps of `natsl bench gdn` (its PNG draws these beside natsl's).
+PREFILL += [(f"natsl-340M 1x{t} 6 128/256 sweep", [t], 6, 6, 128, 256) for t in (4096, 8192, 16384, 32768, 65536)]
+PREFILL += [(f"natsl-760M 1x{t} 6 192/384 sweep", [t], 6, 6, 192, 384) for t in (4096, 8192, 16384, 32768, 65536)]
 
 
 def prefill(name, lens, hqk, hv, dk, dv):

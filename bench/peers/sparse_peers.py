@@ -167,6 +167,21 @@ def main():
         for blk in (128, 64):
             attempt(name, f"flex-block{blk}", flops, lambda: flex(q, k, v, lab_dev, H, HR, blk))
 
+    # The length sweep of `natsl bench sparse` (rho 0.25; its PNG draws these beside natsl's).
+    del q, k, v
+    for T in (4096, 8192, 16384, 32768, 65536):
+        name = f"prefill natsl 12h 64/128 T{T} rho 0.25 sweep"
+        if not want(name):
+            continue
+        q = torch.randn(1, H, T, DK, device=dev, dtype=dt)
+        k = torch.randn(1, H, T, DK, device=dev, dtype=dt)
+        v = torch.randn(1, H, T, DV, device=dev, dtype=dt)
+        lab = labels_for(T // C, HR, 0.25)
+        flops = visible_pairs(lab, T, H) * 2 * (DK + DV)
+        lab_dev = lab.to(dev)
+        attempt(name, "flex-block128", flops, lambda: flex(q, k, v, lab_dev, H, HR, 128))
+        del q, k, v
+
     with open(out, "a") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")

@@ -19,6 +19,8 @@ struct Prefill {
     dk: usize,
     dv: usize,
     attn_frac: Option<f64>,
+    /// A point of a length sweep: the default path only (the PNG's series).
+    sweep: bool,
 }
 
 fn flops_prefill(t: usize, hv: usize, dk: usize, dv: usize) -> f64 {
@@ -105,6 +107,9 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         flops,
         bytes,
     )];
+    if s.sweep {
+        return recs;
+    }
     if split {
         for (part, prep, tag) in [
             (PrefillPart::Scan, PrepKernel::Compact, "scan"),
@@ -442,6 +447,7 @@ pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
         dk: 128,
         dv: 128,
         attn_frac: None,
+        sweep: false,
     };
     let mut shapes = vec![
         p("P1 8x8192 16/16", &[8192; 8], 16, 16),
@@ -461,6 +467,7 @@ pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
             dk: 64,
             dv: 64,
             attn_frac: None,
+            sweep: false,
         },
     ];
     for f in [0.0, 0.25, 1.0] {
@@ -472,6 +479,7 @@ pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
             dk: 128,
             dv: 256,
             attn_frac: Some(f),
+            sweep: false,
         });
         shapes.push(Prefill {
             name: "natsl-760M 1x32768 6 192/384".into(),
@@ -481,7 +489,15 @@ pub fn run(rt: &Runtime, filters: &[String]) -> Vec<Record> {
             dk: 192,
             dv: 384,
             attn_frac: Some(f),
+            sweep: false,
         });
+    }
+    // Length sweeps of the model dims, default path only: what the PNG draws (the peers'
+    // script has the same shapes).
+    for (model, dk, dv) in [("natsl-340M", 128, 256), ("natsl-760M", 192, 384)] {
+        for t in [4096usize, 8192, 16384, 32768, 65536] {
+            shapes.push(Prefill { name: format!("{model} 1x{t} 6 {dk}/{dv} sweep"), lens: vec![t], hqk: 6, hv: 6, dk, dv, attn_frac: None, sweep: true });
+        }
     }
     let mut recs = Vec::new();
     for s in &shapes {

@@ -7,9 +7,11 @@
 //!   natsl compile [NAME] compile the shipped specialisations whose unit name contains NAME (NVRTC), print ptxas'
 //!                        report; with NATSL_DUMP_DIR set, also write each unit's .cu, .cubin and ptxas .log there
 //!   natsl warmup         load or compile (with progress) every unit natsl-340M uses on device 0
-//!   natsl bench [FAMILY] [FILTER...]
-//!                        time the kernels (router, gdn, sparse, merge, all; shapes whose name
+//!   natsl bench [FAMILY] [FILTER...] [--peers FILE]
+//!                        time the kernels (router, gdn, sparse, merge, chain, all; shapes whose name
 //!                        contains a filter), print a table, append JSON lines to bench/results/
+//!                        and draw PNGs there; `natsl bench peaks` measures the GPU's ceilings
+//!   natsl tune           time the kernel choices per shape bucket, keep the best per GPU
 
 use natsl::bench::{self, Record};
 use natsl::ops::router::{route_into, RouterOptions, RouterOutput};
@@ -30,9 +32,14 @@ fn main() -> ExitCode {
         "kernels" => kernels(),
         "compile" => compile(args.get(1).map(String::as_str).unwrap_or("")),
         "warmup" => warmup(),
+        _ if wants_help(args.get(1..).unwrap_or(&[])) => {
+            println!("{}", help_of(cmd));
+            Ok(())
+        }
         "bench" => bench_cmd(args.get(1).map(String::as_str).unwrap_or("all"), args.get(2..).unwrap_or(&[])),
+        "tune" => tune_cmd(&args[1..]),
         "-h" | "--help" | "help" => {
-            println!("usage: natsl [run | kernels | compile [NAME] | warmup | bench [router|gdn|sparse|merge|layer|all] [SHAPE FILTERS...]]");
+            println!("{USAGE}");
             Ok(())
         }
         other => Err(format!("unknown command `{other}` (try `natsl help`)").into()),
@@ -47,6 +54,62 @@ fn main() -> ExitCode {
 }
 
 type Res = Result<(), Box<dyn std::error::Error>>;
+
+const USAGE: &str = "usage: natsl [COMMAND] [--help]
+
+commands:
+  run                  the main job (default): every op on a natsl-340M-shaped input, checked and timed
+  kernels              list the shipped specialisations
+  compile [NAME]       NVRTC + ptxas report of the shipped units whose name contains NAME
+  warmup               load or compile natsl-340M's units on device 0
+  bench [FAMILY] ...   time kernels: router, gdn, sparse, merge, layer (the one-call layer prefill), chain, all, or peaks (the GPU's ceilings)
+  tune                 time the kernel choices for natsl-340M / 760M shapes, keep the best per GPU
+
+`natsl COMMAND --help` describes one command.";
+
+fn wants_help(rest: &[String]) -> bool {
+    rest.iter().any(|a| a == "-h" || a == "--help")
+}
+
+fn help_of(cmd: &str) -> String {
+    match cmd {
+        "run" => "usage: natsl run\n\nOn a GPU: runs the router, the GDN prefill and the sparse softmax on a natsl-340M-shaped input, checks them\nagainst the f64 reference and prints times. Without a GPU: compiles every shipped unit (when NVRTC is\ninstalled) and runs the whole layer on the CPU reference.".into(),
+        "kernels" => "usage: natsl kernels\n\nLists every shipped specialisation and its entry points.".into(),
+        "compile" => "usage: natsl compile [NAME]\n\nCompiles the shipped units whose name contains NAME through NVRTC and prints ptxas' report (registers,\nshared memory, spills). NATSL_DUMP_DIR=DIR also keeps each unit's .cu, .cubin and log there.".into(),
+        "warmup" => "usage: natsl warmup\n\nLoads or compiles (with progress) every unit natsl-340M's calls use on device 0.".into(),
+        "bench" => BENCH_HELP.into(),
+        "tune" => TUNE_HELP.into(),
+        _ => USAGE.into(),
+    }
+}
+
+const TUNE_HELP: &str = "usage: natsl tune [--model 340m|760m|all] [--family gdn|sparse|router|all] [--quick] [--force] [--file PATH] [--show]
+
+Times every candidate configuration of the families with kernel choices (GDN prefill: scan tile, context-parallel
+segments, prep kernel, the fused prefill; sparse prefill: kernel; router: pool kernel and D split) on device 0, at one
+shape per bucket of the models' dims (1 x 4k..64k tokens, 4 x 4k and 16k, 8 x 8k; --quick: 1 x 8k, 1 x 32k, 4 x 16k),
+and keeps the fastest per bucket in a cache keyed by GPU name, SM count, compute capability, driver, code path, NVRTC
+version, natsl version and kernel source hash. A candidate must agree with the default's output and beat it by 2%.
+Calls whose shape falls in a tuned bucket use the choice (one log line per bucket); entries of other GPUs or versions
+are ignored. The file is written after each bucket: an interrupted run resumes where it stopped (--force re-tunes).
+
+  --file PATH   the cache (default: $NATSL_TUNE_CACHE, else tune.json in natsl's cache folder, ~/.cache/natsl)
+  --show        print the cache's entries and exit (no GPU needed)";
+
+const BENCH_HELP: &str = "usage: natsl bench [router|gdn|sparse|merge|layer|chain|all] [SHAPE FILTERS...] [--peers FILE]... [--no-plot]
+       natsl bench peaks [--force]
+
+Times the kernels with CUDA events (warm-up, CUDA-graph replays, median), prints time, TFLOP/s, TB/s and the fraction
+of the roofline of this GPU, appends JSON lines to bench/results/<family>-<date>.jsonl and draws
+bench/results/<family>-<date>-<op>.png: time and TFLOP/s (TB/s for decode and memory-bound ops) against sequence length or
+batch, the roofline, and the peers of each --peers file (JSON lines with op, shape, variant, ms and tflops / tbps, as
+bench/peers/*.py write). `layer`: the one-call layer prefill (`layer::prefill`, two streams and one). `chain`: the layer's prefill as its four kernels in a row (router, GDN, sparse, merge) at
+natsl-340M / 760M dims, each alone and together.
+
+`natsl bench peaks` measures the GPU's ceilings once (a bf16 tensor-core loop: wgmma on sm_90a, mma.sync everywhere;
+a 16-byte-vector device copy and cuMemcpyDtoD) and caches them in peaks.json beside the tune cache, keyed by GPU
+name, SM count, compute capability and driver (--force measures again). Without that entry the roofline uses the
+H200's constants (771 TFLOP/s, 4.2 TB/s) and says so.";
 
 fn kernels() -> Res {
     let specs = catalog::shipped();
@@ -321,6 +384,9 @@ fn visible_pairs(cu: &[i32], labels: &[u8], hr: usize, hq: usize) -> f64 {
 
 fn run_gpu(rt: &Runtime) -> Res {
     println!("device: {} ({:?} path, {} SMs)", rt.context().name()?, rt.arch(), rt.sm_count());
+    if bench::peaks::use_measured(rt).is_none() {
+        println!("(roofline: the built-in H200 constants; `natsl bench peaks` measures this GPU's)");
+    }
     let d = dims_340m();
     // 1. Check: a ragged batch small enough for the f64 reference.
     let l = layer_inputs(&[700, 1000, 64, 300], 5);
@@ -348,9 +414,20 @@ fn run_gpu(rt: &Runtime) -> Res {
     Ok(())
 }
 
-fn bench_cmd(family: &str, filters: &[String]) -> Res {
-    if !matches!(family, "router" | "gdn" | "sparse" | "merge" | "layer" | "all") {
-        return Err(format!("unknown bench family `{family}` (router, gdn, sparse, merge, layer, all)").into());
+fn bench_cmd(family: &str, args: &[String]) -> Res {
+    if !matches!(family, "router" | "gdn" | "sparse" | "merge" | "layer" | "chain" | "all" | "peaks") {
+        return Err(format!("unknown bench family `{family}` (router, gdn, sparse, merge, layer, chain, all, peaks; see `natsl bench --help`)").into());
+    }
+    let (mut filters, mut peer_files, mut plot, mut force) = (Vec::new(), Vec::new(), true, false);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--peers" => peer_files.push(it.next().ok_or("`--peers` needs a results file")?.clone()),
+            "--no-plot" => plot = false,
+            "--force" if family == "peaks" => force = true,
+            f if f.starts_with("--") => return Err(format!("unknown argument `{f}` (see `natsl bench --help`)").into()),
+            f => filters.push(f.to_string()),
+        }
     }
     let rt = match Runtime::new(0) {
         Ok(rt) => rt,
@@ -359,21 +436,146 @@ fn bench_cmd(family: &str, filters: &[String]) -> Res {
             return Ok(());
         }
     };
+    if family == "peaks" {
+        println!("device: {} ({} SMs, {:?} path)", rt.context().name()?, rt.sm_count(), rt.arch());
+        let (p, cached) = bench::peaks::measure_or_cached(&rt, force)?;
+        println!(
+            "peaks{}: {:.1} TFLOP/s bf16 (mma.sync {:.1}{}), {:.2} TB/s (copy kernel {:.2}, cuMemcpyDtoD {:.2}); {} {}",
+            if cached { " (cached; --force measures again)" } else { "" },
+            p.tflops,
+            p.mma_sync_tflops,
+            p.wgmma_tflops.map_or(String::new(), |w| format!(", wgmma {w:.1}")),
+            p.tbps,
+            p.copy_kernel_tbps,
+            p.memcpy_tbps,
+            p.date,
+            p.commit
+        );
+        return Ok(());
+    }
+    match bench::peaks::use_measured(&rt) {
+        Some(p) => println!("roofline: {:.1} TFLOP/s, {:.2} TB/s measured on this GPU by `natsl bench peaks` ({})", p.tflops, p.tbps, p.date),
+        None => println!(
+            "note: no peaks measured on this GPU (run `natsl bench peaks`): the roofline uses the built-in H200 constants, {} TFLOP/s and {} TB/s",
+            bench::PEAK_TFLOPS,
+            bench::PEAK_TBPS
+        ),
+    }
     let mut all = Vec::new();
-    let families: [(&str, fn(&Runtime, &[String]) -> Result<Vec<Record>, natsl::Error>); 5] = [
+    let families: [(&str, fn(&Runtime, &[String]) -> Result<Vec<Record>, natsl::Error>); 6] = [
         ("router", |rt, f| bench::router::run(rt, &bench::router::shapes_matching(f))),
         ("gdn", |rt, f| Ok(bench::gdn::run(rt, f))),
         ("sparse", |rt, f| Ok(bench::sparse::run(rt, f))),
         ("merge", |rt, f| Ok(bench::merge::run(rt, f))),
         ("layer", |rt, f| Ok(bench::layer::run(rt, f))),
+        ("chain", |rt, f| bench::chain::run(rt, f)),
     ];
     for (name, run) in families {
         if family == name || family == "all" {
-            let recs = run(&rt, filters)?;
-            println!("results: {}", bench::write_results(name, &recs)?.display());
+            let recs = run(&rt, &filters)?;
+            let path = bench::write_results(name, &recs)?;
+            println!("results: {}", path.display());
+            if plot {
+                draw(&path, &recs, &peer_files)?;
+            }
             all.extend(recs);
         }
     }
     bench::print_table(&all);
+    Ok(())
+}
+
+/// The PNGs of one family's records (beside its results file), with the peers' files.
+#[cfg(feature = "plot")]
+fn draw(results: &std::path::Path, recs: &[Record], peer_files: &[String]) -> Res {
+    let mut peers = Vec::new();
+    for f in peer_files {
+        let p = bench::plot::read_peers(std::path::Path::new(f)).map_err(|e| format!("--peers {f}: {e}"))?;
+        println!("peers: {} records from {f}", p.len());
+        peers.extend(p);
+    }
+    let stem = results.with_extension("");
+    let files = bench::plot::draw(&stem, recs, &peers)?;
+    if files.is_empty() {
+        println!("plot: no shape of these results sweeps a length or batch (nothing drawn)");
+    }
+    for f in files {
+        println!("plot: {}", f.display());
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "plot"))]
+fn draw(_: &std::path::Path, _: &[Record], _: &[String]) -> Res {
+    println!("plot: not drawn (built without the `plot` feature)");
+    Ok(())
+}
+
+fn tune_cmd(args: &[String]) -> Res {
+    use natsl::tune::{self, run};
+    let mut a = run::Args { models: run::MODELS.to_vec(), families: run::Family::ALL.to_vec(), shapes: run::SHAPES.to_vec(), path: std::path::PathBuf::new(), force: false };
+    let mut path = tune::cache_path();
+    let mut show = false;
+    let mut it = args.iter();
+    while let Some(x) = it.next() {
+        let mut val = || it.next().cloned().ok_or_else(|| format!("`{x}` needs a value (see `natsl tune --help`)"));
+        match x.as_str() {
+            "--model" => {
+                let v = val()?;
+                a.models = run::MODELS.iter().copied().filter(|m| v == "all" || m.name.to_lowercase().ends_with(&v.to_lowercase())).collect();
+                if a.models.is_empty() {
+                    return Err(format!("unknown model `{v}` (340m, 760m, all)").into());
+                }
+            }
+            "--family" => {
+                let v = val()?;
+                a.families = run::Family::ALL.iter().copied().filter(|f| v == "all" || f.name() == v).collect();
+                if a.families.is_empty() {
+                    return Err(format!("unknown family `{v}` (gdn, sparse, router, all)").into());
+                }
+            }
+            "--quick" => a.shapes = run::QUICK_SHAPES.to_vec(),
+            "--force" => a.force = true,
+            "--file" => path = Some(val()?.into()),
+            "--show" => show = true,
+            other => return Err(format!("unknown argument `{other}` (see `natsl tune --help`)").into()),
+        }
+    }
+    let Some(path) = path else { return Err("no tune cache: NATSL_TUNE_CACHE=off and no --file".into()) };
+    if show {
+        return show_tune(&path);
+    }
+    a.path = path;
+    let rt = match Runtime::new(0) {
+        Ok(rt) => rt,
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            return Ok(());
+        }
+    };
+    let t0 = std::time::Instant::now();
+    let (tuned, skipped) = run::tune(&rt, &a)?;
+    println!("{tuned} buckets tuned, {skipped} already tuned, in {:.1} s: {}", t0.elapsed().as_secs_f64(), a.path.display());
+    Ok(())
+}
+
+fn show_tune(path: &std::path::Path) -> Res {
+    use natsl::tune::{store, Entry};
+    let entries: Vec<Entry> = match store::load(path) {
+        store::Loaded::Missing => {
+            println!("{}: no tune cache", path.display());
+            return Ok(());
+        }
+        store::Loaded::Damaged(why) => {
+            println!("{}: damaged ({why}); the next `natsl tune` rebuilds it", path.display());
+            return Ok(());
+        }
+        store::Loaded::Ok(v) => v,
+    };
+    println!("{}: {} entries", path.display(), entries.len());
+    for e in &entries {
+        let k = &e.key;
+        println!("  [{} {} SMs cc {} driver {} {} nvrtc {} natsl {} src {}] {}: {} ({:.4} ms, default {:.4} ms, {})", k.device.gpu, k.device.sm_count, k.device.compute_capability, k.device.driver, k.arch, k.nvrtc, k.natsl, k.source_hash, e.bucket, e.choice, e.ms, e.default_ms, e.date);
+    }
     Ok(())
 }

@@ -157,7 +157,7 @@ pub fn prefill(rt: &Runtime, batch: &Batch, inp: &PrefillInputs, out: &mut Prefi
 
     // Kernel choices and units, before anything is queued.
     let pre = plan.views(inp, out, validate::PLACEHOLDER);
-    let att = sparse::prefill_choice(rt, &plan.sparse, &pre.q_s, &pre.k_s, &pre.v_s, true, &opts.sparse)?;
+    let att = sparse::prefill_choice(rt, batch.cu_seqlens(), &plan.sparse, &pre.q_s, &pre.k_s, &pre.v_s, true, &opts.sparse)?;
     let (gdn_spec, gdn_bytes) = gdn::prefill_unit(rt, batch.cu_seqlens(), &pre.gdn_inputs(inp), &pre.gdn_outputs(out), &opts.gdn)?;
     let router_spec = catalog::router_spec(plan.dtype, plan.router.sparsity, rt.arch());
     let merge_spec = catalog::merge_spec(plan.dtype, plan.dvs as u32, rt.arch());

@@ -477,6 +477,16 @@ pub fn gdn_prefill(
     opts: &GdnOptions,
     ws: &mut GdnWorkspace,
 ) -> Result<()> {
+    // `natsl tune`'s choice for this shape bucket on this GPU, else the default (Auto).
+    let v = crate::tune::gdn_prefill(rt, batch.cu_seqlens(), inp, out, opts);
+    if v != PrefillVariant::default() {
+        // A caller's fixed workspace sized for the default plan (`prefill_workspace_bytes_for`)
+        // may not hold the tuned plan's: the default then runs (nothing was queued yet).
+        match prefill_launch(rt, batch, inp, out, opts, ws, v) {
+            Err(Error::InvalidArgument { arg: "workspace", .. }) => {}
+            r => return r,
+        }
+    }
     prefill_launch(rt, batch, inp, out, opts, ws, PrefillVariant::default())
 }
 
@@ -959,7 +969,8 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
 /// (validates the call; needs no device memory). A caller's workspace of this
 /// size serves every call of the same shapes.
 pub fn prefill_workspace_bytes(rt: &Runtime, cu_seqlens: &[i32], inp: &GdnPrefillInputs, out: &GdnPrefillOutputs, opts: &GdnOptions) -> Result<usize> {
-    Ok(plan(Some(rt.context_id()), rt.arch(), rt.sm_count(), cu_seqlens, inp, out, opts, PrefillVariant::default())?.ws_bytes)
+    let v = crate::tune::gdn_prefill(rt, cu_seqlens, inp, out, opts);
+    Ok(plan(Some(rt.context_id()), rt.arch(), rt.sm_count(), cu_seqlens, inp, out, opts, v)?.ws_bytes)
 }
 
 /// [`prefill_workspace_bytes`] for a device of `sm_count` SMs on code path `arch`

@@ -220,6 +220,20 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
         }
         ops.check(Some(ctx))?;
     }
+    // Under the default pool options, `natsl tune`'s choice for this shape bucket on this
+    // GPU where the outputs' workspace holds it (no allocation in a capture).
+    let mut eff = opts.clone();
+    if opts.pool == PoolKernel::Tile && opts.d_split.is_none() {
+        if let Some(dtype) = x.dtype().activation() {
+            if let Some((pool, d_split)) = crate::tune::router(rt, dtype, d, hr, batch.cu_seqlens()) {
+                let cand = RouterOptions { pool, d_split, ..opts.clone() };
+                if out.workspace.len() >= partials_len(rt.sm_count(), batch.num_slots(), d, hr, &cand) {
+                    eff = cand;
+                }
+            }
+        }
+    }
+    let opts = &eff;
     let split = split_for(rt.sm_count(), batch.num_slots(), d, opts).0;
     if out.workspace.len() < split * batch.num_slots() * hr * 2 {
         out.workspace = rt.stream().alloc_zeros(split * batch.num_slots() * hr * 2)?;

@@ -315,13 +315,22 @@ pub(crate) struct PrefillChoice {
 /// Resolve `opts.kernel` for this device, mask kind and views (validated by
 /// [`validate_prefill_in`] into `plan`): the errors of a kernel this code path or these
 /// views cannot run, before anything is launched.
-pub(crate) fn prefill_choice(rt: &Runtime, plan: &PrefillPlan, q: &TensorRef, k: &TensorRef, v: &TensorRef, routed: bool, opts: &SparseOptions) -> Result<PrefillChoice> {
+pub(crate) fn prefill_choice(rt: &Runtime, cu_seqlens: &[i32], plan: &PrefillPlan, q: &TensorRef, k: &TensorRef, v: &TensorRef, routed: bool, opts: &SparseOptions) -> Result<PrefillChoice> {
     let spec = catalog::sparse_prefill_spec(plan.dtype, plan.dims, rt.arch());
     let sm90a = rt.arch() == natsl_codegen::Arch::Sm90a;
     // TMA maps of q, k, v (the warp-specialized kernel); None where a view has none.
     let maps = || -> Result<[crate::params::NatslTensorMap; 3]> { Ok([tma::encode_thd("q", q, 64)?, tma::encode_thd("k", k, 64)?, tma::encode_thd("v", v, 64)?]) };
     let mut tma_maps = [tma::NONE; 3];
-    let kernel = match opts.kernel {
+    // Under Auto, `natsl tune`'s choice for this shape bucket on this GPU (a
+    // warp-specialized one only where q, k, v have TMA maps), else the heuristics below.
+    let requested = match opts.kernel {
+        PrefillKernel::Auto => match crate::tune::sparse_prefill(rt, plan, cu_seqlens, routed) {
+            PrefillKernel::WarpSpecialized if maps().is_err() => PrefillKernel::Auto,
+            k => k,
+        },
+        k => k,
+    };
+    let kernel = match requested {
         PrefillKernel::Auto if sm90a && routed => match maps() {
             Ok(m) => {
                 tma_maps = m;
@@ -351,7 +360,7 @@ pub(crate) fn prefill_choice(rt: &Runtime, plan: &PrefillPlan, q: &TensorRef, k:
             if !routed {
                 return Err(Error::Unsupported("the warp-specialized prefill walks router lists; block lists run PrefillKernel::Wgmma (or Auto)".into()));
             }
-            if opts.kernel != PrefillKernel::Auto {
+            if requested != PrefillKernel::Auto {
                 tma_maps = maps()?;
             }
             ("prefill_ws", prefill_ws_smem(plan.dims))
@@ -367,7 +376,7 @@ pub(crate) fn prefill_choice(rt: &Runtime, plan: &PrefillPlan, q: &TensorRef, k:
 pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &TensorRef, mask: &BlockMask, opts: &SparseOptions, o: &mut TensorMut, lse: Option<&mut TensorMut>) -> Result<()> {
     let plan = validate_prefill_in(Some(super::launch_context(rt, Some(batch))?), batch.cu_seqlens(), q, k, v, mask, opts, o.view(), lse.as_deref().map(|l| l.view()))?;
     let routed = matches!(mask, BlockMask::Routed { .. });
-    let PrefillChoice { spec, entry, smem_bytes, tma: tma_maps } = prefill_choice(rt, &plan, q, k, v, routed, opts)?;
+    let PrefillChoice { spec, entry, smem_bytes, tma: tma_maps } = prefill_choice(rt, batch.cu_seqlens(), &plan, q, k, v, routed, opts)?;
     let f = rt.function(&spec, entry, smem_bytes)?;
     let null = std::ptr::null::<i32>();
     let (mode, attn_list, attn_count, kvn, kvi) = match mask {
