@@ -3,7 +3,9 @@
 //! - [`gdn_prefill`]: packed varlen prefill. Two launches on the runtime's stream:
 //!   `prep` (chunk-local WY transform, parallel over chunks x value heads, into a
 //!   workspace) then `scan` (sequential over the chunks of a sequence, parallel over
-//!   sequences x value heads x dv tiles, state in f32 registers).
+//!   sequences x value heads x dv tiles, state in f32 registers). On sm_90a at dk 128,
+//!   dv 128 / 256 the two are `fused_prep` (per-chunk records) and the fused,
+//!   warp-specialised scan with the state in wgmma accumulators (`ScanTile::Fused`).
 //! - [`gdn_decode`]: 1..=8 tokens per sequence on an f32 state pool updated in
 //!   place, with the chunk-boundary commit. No host sync: capturable in a CUDA graph.
 //!
@@ -115,8 +117,8 @@ pub struct GdnPrefillOutputs<'a> {
 
 /// Device scratch of the prefill, reusable across calls: natsl's own (grown on
 /// demand) or the caller's ([`GdnWorkspace::from_scratch`]; size from
-/// [`prefill_workspace_bytes`]). Holds W, U, P, the row factors, host indices and
-/// the context-parallel states.
+/// [`prefill_workspace_bytes`]). Holds W, U, P and the row factors (the fused prefill:
+/// its per-chunk records), host indices and the context-parallel states.
 #[derive(Debug, Default)]
 pub struct GdnWorkspace {
     pub scratch: Scratch,
@@ -543,8 +545,10 @@ impl PrepKernel {
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScanTile {
-    /// Where the default tile would give at most one CTA per SM (and no context
-    /// parallelism): the register-state scan at dk = 128, else the narrow tile.
+    /// The fused prefill (`Fused`) wherever it has a kernel and TMA maps describe q, k, v;
+    /// elsewhere, where the default tile would give at most one CTA per SM (and no context
+    /// parallelism): the register-state scan at dk = 128, else the narrow tile; else the
+    /// default tile.
     #[default]
     Auto,
     /// The catalog's default tile.
