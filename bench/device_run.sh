@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call: tests, compute-sanitizer, natsl benches and the peers, logs under $OUT.
 # Run from the repository root on the GPU host after `../shared/gpu/pack --peers`:
-#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse|fused|fusedbench|fusedprof|split|splitbench|merge|layer]...   (default: the first four)
+#   bash bench/device_run.sh [tests|sanitize|bench|peers|profile|sparse|fused|fusedbench|fusedprof|split|splitbench|autotests|autobench|merge|layer]...   (default: the first four)
 # `sparse` is the softmax-prefill loop of issue 8: its GPU tests, its benches and its
 # peers (cuDNN, FA2, FlexAttention) in one call. `fused` and `fusedbench` are the GDN loop
-# of issue 9 (one device call each, < 10 minutes; `split` and `splitbench`: the split fused
-# prefill against the inline one, see bench/NOTES.md session 9): the fused sm_90a prefill's GPU tests
+# of issue 9 (one device call each, < 10 minutes; `split` and `splitbench`: the fused
+# prefill's tests and bench rows alone, bench/NOTES.md session 9; `autotests` and `autobench`:
+# Auto = the fused prefill wherever it has a kernel, session 10): the fused sm_90a prefill's GPU tests
 # and compute-sanitizer on it; then the GDN benches of the P shapes and natsl-340M (every
 # variant incl. `fused`, `fused cp off`, `fused cpK`) and ncu on the fused kernel. The
 # FlashQLA / fla peers go in the `fusedbench` call too: bench/peers/qla/run_qla.sh (see
@@ -80,13 +81,12 @@ for step in $steps; do
       timeout 330 .gpu/tests/gdn P1 P2 P3 P4 P5 P6 P7 P8 P9 natsl-340M > "$OUT/fused-bench.log" 2>&1; echo "== bench rc $?"
       cp bench/results/gdn-"$(date +%F)".jsonl "$OUT/" 2>/dev/null
       grep -hE "fused|bf16  |grouped " "$OUT/fused-bench.log" | cut -c1-150
-      timeout 100 $NCU --section SourceCounters -k regex:_fused$ -c 1 .gpu/tests/gdn "P1 " > "$OUT/ncu_fused_p1.txt" 2>&1
-      timeout 100 $NCU -k regex:_fused_cp_ -c 2 .gpu/tests/gdn "P5 " > "$OUT/ncu_fused_p5.txt" 2>&1
+      timeout 100 $NCU --section SourceCounters -k regex:_fused_split$ -c 1 .gpu/tests/gdn "P1 " > "$OUT/ncu_fused_p1.txt" 2>&1
+      timeout 100 $NCU -k regex:_fused_split_cp_ -c 2 .gpu/tests/gdn "P5 " > "$OUT/ncu_fused_p5.txt" 2>&1
       grep -hE "^  [a-z_]+.*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Stall" "$OUT"/ncu_fused_*.txt | head -60 ;;
     split)
-      # The split fused prefill (issue 9, ScanTile::Fused = fused_prep + fused_split*) and the
-      # inline variant it replaces (ScanTile::FusedInline), both against the f64 reference,
-      # then compute-sanitizer on the small cut of both (< 10 minutes).
+      # The fused prefill (issue 9, ScanTile::Fused = fused_prep + fused_split*) against the
+      # f64 reference, then compute-sanitizer on its small cut (< 10 minutes).
       timeout 420 .gpu/tests/gpu_gdn prefill_fused prefill_auto_fused --nocapture --test-threads=4 > "$OUT/split-tests.log" 2>&1; echo "== gpu_gdn prefill_fused rc $?"
       grep -E "^test |test result|panicked|FAIL" "$OUT/split-tests.log" | cut -c1-200 | tail -40
       for tool in memcheck racecheck; do
@@ -95,9 +95,8 @@ for step in $steps; do
         cat "$OUT/san.tmp" >> "$OUT/split-sanitizer.log"; rm -f "$OUT/san.tmp"
       done ;;
     splitbench)
-      # One call comparing both variants: rows `fused` (split, cp auto), `fused cp off`,
-      # `fused prep only`, `fused scan only`, `fused cpK`, `fused inline`, `fused inline cp off`,
-      # `fused inline cpK`, beside the default; the phase timer of both builds at P1 / P4;
+      # The fused prefill's rows: `fused` (cp auto), `fused cp off`, `fused prep only`,
+      # `fused scan only`, `fused cpK`, beside the default; its phase timer at P1 / P4;
       # ncu of fused_prep and fused_split at P1 (< 10 minutes).
       NATSL_BENCH_FUSED_ONLY=1 timeout 330 .gpu/tests/gdn P1 P2 P3 P4 P5 P6 P7 P8 P9 natsl-340M > "$OUT/split-bench.log" 2>&1; echo "== bench rc $?"
       cp bench/results/gdn-"$(date +%F)".jsonl "$OUT/" 2>/dev/null
@@ -105,9 +104,28 @@ for step in $steps; do
       NATSL_BENCH_FUSED_PROFILE=1 timeout 120 .gpu/tests/gdn "P1 " "P4 " > "$OUT/split-profile.log" 2>&1; echo "== profile rc $?"
       timeout 100 $NCU -k regex:'_fused_(prep|split)$' -c 2 .gpu/tests/gdn "P1 " > "$OUT/ncu_split_p1.txt" 2>&1
       grep -hE "^  [a-z_]+.*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" "$OUT"/ncu_split_p1.txt | head -40 ;;
+    autotests)
+      # Session 10: Auto runs the fused prefill wherever it has a kernel (most dk-128 cases of
+      # the suite) with its own cp rule. Every GDN prefill GPU test, then memcheck and
+      # racecheck on prefill_auto_fused (few CTAs, cp Auto = 8 segments) (< 10 minutes).
+      timeout 330 .gpu/tests/gpu_gdn prefill --nocapture --test-threads=6 > "$OUT/auto-tests.log" 2>&1; echo "== gpu_gdn prefill rc $?"
+      grep -E "^test |test result|panicked|FAIL" "$OUT/auto-tests.log" | cut -c1-200 | tail -50
+      for tool in memcheck racecheck; do
+        timeout 120 compute-sanitizer --tool $tool .gpu/tests/gpu_gdn prefill_auto_fused > "$OUT/san.tmp" 2>&1
+        echo "-- $tool: $(grep -hE "ERROR SUMMARY|RACECHECK SUMMARY|test result" "$OUT/san.tmp" | tr '\n' ' ')"
+        cat "$OUT/san.tmp" >> "$OUT/auto-sanitizer.log"; rm -f "$OUT/san.tmp"
+      done ;;
+    autobench)
+      # Session 10: the new Auto end to end (row `bf16`) at P6 / P7 (not run in run o; the
+      # previous Auto there is `grouped+reg`) and at P4 / P9 (cp Auto = 4 now), with `fused cpK`,
+      # then P1 / P2 / P3 / P5 / P8 / natsl-340M, fused rows only (< 10 minutes).
+      timeout 300 .gpu/tests/gdn "P4 " "P6 " "P7 " "P9 " > "$OUT/auto-bench.log" 2>&1; echo "== bench rc $?"
+      NATSL_BENCH_FUSED_ONLY=1 timeout 150 .gpu/tests/gdn "P1 " "P2 " "P3 " "P5 " "P8 " natsl-340M >> "$OUT/auto-bench.log" 2>&1; echo "== fused-only bench rc $?"
+      cp bench/results/gdn-"$(date +%F)".jsonl "$OUT/" 2>/dev/null
+      grep -hE " ms" "$OUT/auto-bench.log" | cut -c1-150 ;;
     fusedprof)
-      # The fused kernel's phase timer at P1 and P4 (< 2 minutes): cycles per prep and
-      # consumer phase, the loop periods and the prep -> consumer hand-over.
+      # The fused kernel's phase timer at P1 and P4 (< 2 minutes): cycles per copy-thread and
+      # consumer phase, the loop periods and the copy -> consumer hand-over.
       NATSL_BENCH_FUSED_PROFILE=1 timeout 150 .gpu/tests/gdn "P1 " "P4 " > "$OUT/fused-profile.log" 2>&1; echo "== profile rc $?"
       grep -vE "^\s*$|^running|^test result" "$OUT/fused-profile.log" | cut -c1-120 | head -80 ;;
     merge)

@@ -192,3 +192,37 @@ fn cp_auto_matches_h200_measurements() {
         }
     }
 }
+
+/// `ScanParallel::Auto` for the fused prefill (`cp_auto_segments_fused`: 128-column tiles,
+/// the `fused_split*` kernels' smem, >= 1.25x in the model, powers of two) on the shapes of
+/// H200 run o (132 SMs): P1, P2, P8 off, P4 and P9 4, P5 16, natsl-340M 8 (measured best:
+/// P4 cp4 1.231 / cp8 1.226 ms, P9 cp4 2.387, P5 cp16 0.456, natsl-340M cp8 0.477). The
+/// older scans' rule (2x) leaves P4 / P9 off at the same tile.
+#[test]
+fn cp_auto_fused_matches_h200_run_o() {
+    use natsl::ops::gdn::{cp_auto_segments, cp_auto_segments_fused, fused_split_smem_bytes, FUSED_TILE};
+    let bv = FUSED_TILE.block_n as usize;
+    let smem = fused_split_smem_bytes();
+    let fused = |nchs: &[usize], hv: usize, dv: usize| cp_auto_segments_fused(nchs, hv, 128, dv, bv, smem, 132);
+    let shapes: [(&str, &[usize], usize, usize, usize); 7] = [
+        ("P1", &[128; 8], 16, 128, 1),
+        ("P2", &[128; 8], 32, 128, 1),
+        ("P4", &[512], 32, 128, 4),
+        ("P5", &[512], 8, 128, 16),
+        ("P8", &[32], 32, 128, 1),
+        ("P9", &[1024], 32, 128, 4),
+        ("natsl-340M", &[512], 6, 256, 8),
+    ];
+    for (name, nchs, hv, dv, want) in shapes {
+        let got = fused(nchs, hv, dv);
+        println!("{name}: fused cp Auto {got}");
+        assert_eq!(got, want, "{name}");
+    }
+    assert_eq!(cp_auto_segments(&[512], 32, 128, 128, bv, smem, 132), 1);
+    assert_eq!(cp_auto_segments(&[1024], 32, 128, 128, bv, smem, 132), 1);
+    // Degenerate inputs neither panic nor split.
+    assert_eq!(fused(&[], 1, 128), 1);
+    assert_eq!(fused(&[0, 0], 4, 128), 1);
+    assert_eq!(fused(&[1], 1, 128), 1);
+    assert!(cp_auto_segments_fused(&[usize::MAX / 2], usize::MAX / 2, 128, 128, bv, smem, 132) >= 1);
+}

@@ -314,7 +314,7 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
     // Every check runs once per prep kernel (outputs re-poisoned for each); the fused
     // kernel has no separate prep (once).
     let mut failures = Vec::new();
-    let preps: &[PrepKernel] = if matches!(c.tile, ScanTile::Fused | ScanTile::FusedInline | ScanTile::FusedProfile | ScanTile::FusedSplitProfile) { &[PrepKernel::Grouped] } else { &[PrepKernel::Compact, PrepKernel::Grouped] };
+    let preps: &[PrepKernel] = if matches!(c.tile, ScanTile::Fused | ScanTile::FusedSplitProfile) { &[PrepKernel::Grouped] } else { &[PrepKernel::Compact, PrepKernel::Grouped] };
     for &prep in preps {
         println!("  prep kernel {prep:?}");
         let mut od = testing::poisoned::<T>(rt, t * c.hv * c.dv).unwrap();
@@ -635,32 +635,15 @@ fn prefill_fused_tile() {
     fused_cases(&rt, ScanTile::Fused);
     // The forced variant where it has no kernel is an error naming `variant`.
     let rt80 = Runtime::with_arch(0, Arch::Sm80).unwrap();
-    for tile in [ScanTile::Fused, ScanTile::FusedInline] {
-        for (r, dk, dv) in [(&rt80, 128, 128), (&rt, 64, 64), (&rt, 192, 384)] {
-            let cu = testing::cu_seqlens(&[100]);
-            let e = fused_call_error(r, &cu, dk, dv, tile);
-            println!("  {tile:?} on {:?} dk {dk} dv {dv}: {e}", r.arch());
-            assert_eq!(testing::invalid_arg(e), "variant");
-        }
+    for (r, dk, dv) in [(&rt80, 128, 128), (&rt, 64, 64), (&rt, 192, 384)] {
+        let cu = testing::cu_seqlens(&[100]);
+        let e = fused_call_error(r, &cu, dk, dv, ScanTile::Fused);
+        println!("  Fused on {:?} dk {dk} dv {dv}: {e}", r.arch());
+        assert_eq!(testing::invalid_arg(e), "variant");
     }
 }
 
-/// `prefill_fused_tile`'s cases on the previous fused variant (`ScanTile::FusedInline`: the
-/// prep warpgroup computes the chunk products on chip), kept until one device run compares
-/// both; removed with it.
-#[test]
-fn prefill_fused_inline_tile() {
-    let Some(rt) = testing::gpu_or_skip("prefill_fused_inline_tile") else {
-        return;
-    };
-    if rt.arch() != Arch::Sm90a {
-        println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
-        return;
-    }
-    fused_cases(&rt, ScanTile::FusedInline);
-}
-
-/// The split fused prefill's halves queued apart (`PrefillPart::Prep`, then `Scan` reading
+/// The fused prefill's halves queued apart (`PrefillPart::Prep`, then `Scan` reading
 /// the records the first left), as the bench times them: the same outputs as one call.
 #[test]
 fn prefill_fused_split_parts() {
@@ -683,11 +666,13 @@ fn prefill_fused_split_parts() {
     }
 }
 
-/// `ScanTile::Auto` where the fused prefill's CTAs fill the GPU (8 sequences x 16 value
-/// heads x 1 column tile = 128 CTAs, >= 90% of an H200's 132 SMs): Auto runs it.
+/// `ScanTile::Auto` at the fused prefill's dims (sm_90a: the fused prefill wherever it has
+/// a kernel), with its context-parallel choice: CTAs filling the GPU (8 sequences x
+/// ceil(SMs / 8) value heads, cp off) and few CTAs (one sequence of 2048 tokens, 4 value
+/// heads: cp Auto splits it, 8 segments on 132 SMs; and cp off).
 #[test]
-fn prefill_auto_fused_when_ctas_fill_the_gpu() {
-    let Some(rt) = testing::gpu_or_skip("prefill_auto_fused_when_ctas_fill_the_gpu") else {
+fn prefill_auto_fused() {
+    let Some(rt) = testing::gpu_or_skip("prefill_auto_fused") else {
         return;
     };
     let hv = (rt.sm_count() as usize).div_ceil(8);
@@ -695,6 +680,14 @@ fn prefill_auto_fused_when_ctas_fill_the_gpu() {
     c.labels = Labels::Random;
     c.l2norm = true;
     run_prefill::<bf16>(&rt, &c);
+    for (dv, cp) in [(128, ScanParallel::Auto), (256, ScanParallel::Auto), (128, ScanParallel::Off)] {
+        let mut c = Case::new("auto-fused-few", &[2048], 2, 4, 128, dv);
+        c.labels = Labels::Random;
+        c.hr = 2;
+        c.l2norm = true;
+        c.cp = cp;
+        run_prefill::<bf16>(&rt, &c);
+    }
 }
 
 /// `prefill_fused_tile`'s cases on the fused prefill's phase-timer build (it must time
@@ -708,8 +701,7 @@ fn prefill_fused_profile_build() {
         println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
         return;
     }
-    fused_cases(&rt, ScanTile::FusedProfile);
-    fused_small_cases(&rt, ScanTile::FusedSplitProfile);
+    fused_cases(&rt, ScanTile::FusedSplitProfile);
 }
 
 fn fused_cases(rt: &Runtime, tile: ScanTile) {
@@ -834,9 +826,7 @@ fn prefill_fused_small() {
         println!("skipped: the fused prefill is sm_90a only ({:?})", rt.arch());
         return;
     }
-    for tile in [ScanTile::Fused, ScanTile::FusedInline] {
-        fused_small_cases(&rt, tile);
-    }
+    fused_small_cases(&rt, ScanTile::Fused);
 }
 
 fn fused_small_cases(rt: &Runtime, tile: ScanTile) {

@@ -762,11 +762,9 @@ fn prefill_device_indices_are_checked_for_dtype_and_length_only() {
     assert_eq!(decode_workspace_bytes(65), WORKSPACE_ALIGN * 2);
 }
 
-/// The forced fused prefill (`ScanTile::Fused`, split; `FusedInline`) plans only where it
-/// has a kernel (sm_90a, dk 128, dv 128 or 256); elsewhere it is an error naming
-/// `variant`, never a silent fallback. Neither needs the W / U / P / F workspace: the split
-/// one has its per-(slot, value head) records instead, the inline one only host indices
-/// and the context-parallel states.
+/// The forced fused prefill (`ScanTile::Fused`) plans only where it has a kernel (sm_90a,
+/// dk 128, dv 128 or 256); elsewhere it is an error naming `variant`, never a silent
+/// fallback. It needs no W / U / P / F workspace: its per-(slot, value head) records instead.
 #[test]
 fn fused_prefill_variant_plans_only_where_it_has_a_kernel() {
     use natsl::ops::gdn::{fused_workspace_bytes, FUSED_RECORD_BYTES};
@@ -776,17 +774,19 @@ fn fused_prefill_variant_plans_only_where_it_has_a_kernel() {
     assert_eq!(FUSED_RECORD_BYTES, 17408);
     assert_eq!(fused_workspace_bytes(SLOTS, 4), (SLOTS * 4 * 17408).div_ceil(256) * 256);
     assert_eq!(fused_workspace_bytes(usize::MAX, 4), usize::MAX);
-    for (tile, records) in [(ScanTile::Fused, fused_workspace_bytes(SLOTS, 4)), (ScanTile::FusedInline, 0)] {
-        let fused = PrefillVariant { tile, cp: ScanParallel::Off, ..Default::default() };
-        // good_*: dk = dv = 128, host indices for h0 and committed (3 x N i32 in the workspace).
-        let ws = prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &good_inputs(), &good_outputs(), &opts, fused).unwrap();
-        assert_eq!(ws, records + host_idx, "{tile:?}");
-        let cp = PrefillVariant { cp: ScanParallel::Segments(2), ..fused };
-        let ws_cp = prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &good_inputs(), &good_outputs(), &opts, cp).unwrap();
-        assert_eq!(ws_cp - ws, natsl::ops::gdn::cp_workspace_bytes(N, 2, 4, 128, 128));
-        assert_eq!(arg_of(prefill_workspace_bytes_variant(natsl::Arch::Sm80, 132, &CU, &good_inputs(), &good_outputs(), &opts, fused).unwrap_err()), "variant");
-    }
     let fused = PrefillVariant { tile: ScanTile::Fused, cp: ScanParallel::Off, ..Default::default() };
+    // good_*: dk = dv = 128, host indices for h0 and committed (3 x N i32 in the workspace).
+    let ws = prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &good_inputs(), &good_outputs(), &opts, fused).unwrap();
+    assert_eq!(ws, fused_workspace_bytes(SLOTS, 4) + host_idx);
+    let cp = PrefillVariant { cp: ScanParallel::Segments(2), ..fused };
+    let ws_cp = prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &good_inputs(), &good_outputs(), &opts, cp).unwrap();
+    assert_eq!(ws_cp - ws, natsl::ops::gdn::cp_workspace_bytes(N, 2, 4, 128, 128));
+    // Host sizing (no runtime) serves both the fused plan and the other one (`Auto` without
+    // a driver or TMA maps): the larger of the two.
+    let other = prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &good_inputs(), &good_outputs(), &opts, PrefillVariant { tile: ScanTile::Wide, ..Default::default() }).unwrap();
+    let host = prefill_workspace_bytes_for(natsl::Arch::Sm90a, 132, &CU, &good_inputs(), &good_outputs(), &opts).unwrap();
+    let fused_auto_cp = prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &good_inputs(), &good_outputs(), &opts, PrefillVariant { tile: ScanTile::Fused, ..Default::default() }).unwrap();
+    assert!(host >= fused_auto_cp && host >= other, "{host} vs fused {fused_auto_cp}, other {other}");
     // The sm_80 path has no fused kernel.
     let e = prefill_workspace_bytes_variant(natsl::Arch::Sm80, 132, &CU, &good_inputs(), &good_outputs(), &opts, fused).unwrap_err();
     assert_eq!(arg_of(e), "variant");
@@ -805,6 +805,48 @@ fn fused_prefill_variant_plans_only_where_it_has_a_kernel() {
     // The spec helpers agree.
     assert!(fused_supported(128, 256, natsl::Arch::Sm90a) && !fused_supported(128, 256, natsl::Arch::Sm80) && !fused_supported(192, 384, natsl::Arch::Sm90a));
     assert_eq!(fused_spec(natsl_codegen::DType::Bf16, 128, 128, natsl::Arch::Sm90a).unwrap().tile, FUSED_TILE);
-    assert!(fused_smem_bytes() <= 227 * 1024);
-    assert!(natsl::ops::gdn::fused_split_smem_bytes() <= 227 * 1024);
+    assert_eq!(natsl::ops::gdn::fused_split_smem_bytes(), 200_800);
+}
+
+/// `ScanParallel::Auto` of the fused prefill through the plan (the segments show in the
+/// workspace: records, then E | A for S > 1) on the shapes of H200 run o, 132 SMs: the
+/// fused rule (`cp_auto_segments_fused`, the `fused_split*` kernels' smem) picks off, off,
+/// 4, 16, off, 4, 8 at P1, P2, P4, P5, P8, P9, natsl-340M.
+#[test]
+fn fused_prefill_auto_segments_on_the_measured_shapes() {
+    use natsl::ops::gdn::{cp_workspace_bytes, fused_workspace_bytes};
+    // (name, sequence lengths, Hqk, Hv, dv, segments)
+    type Shape = (&'static str, &'static [usize], usize, usize, usize, usize);
+    let shapes: [Shape; 7] = [
+        ("P1", &[8192; 8], 16, 16, 128, 1),
+        ("P2", &[8192; 8], 16, 32, 128, 1),
+        ("P4", &[32768], 16, 32, 128, 4),
+        ("P5", &[32768], 2, 8, 128, 16),
+        ("P8", &[2048], 16, 32, 128, 1),
+        ("P9", &[65536], 16, 32, 128, 4),
+        ("natsl-340M", &[32768], 6, 6, 256, 8),
+    ];
+    for (name, lens, hqk, hv, dv, want) in shapes {
+        let cu = testing::cu_seqlens(lens);
+        let t_all = *cu.last().unwrap() as usize;
+        let n = lens.len();
+        let slots = natsl::batch::num_slots(t_all, n);
+        let inp = GdnPrefillInputs {
+            q: t(DType::Bf16, &[t_all, hqk, 128]),
+            k: t(DType::Bf16, &[t_all, hqk, 128]),
+            v: t(DType::Bf16, &[t_all, hv, dv]),
+            g: t(DType::F32, &[t_all, hv]),
+            beta: t(DType::F32, &[t_all, hv]),
+            labels: None,
+            h0: None,
+        };
+        let out = GdnPrefillOutputs { o: tm(DType::Bf16, &[t_all, hv, dv]), committed: None, running: None, gsum_running: None };
+        let ws = |cp| prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &cu, &inp, &out, &GdnOptions::default(), PrefillVariant { tile: ScanTile::Fused, cp, ..Default::default() }).unwrap();
+        let off = ws(ScanParallel::Off);
+        assert_eq!(off, fused_workspace_bytes(slots, hv), "{name}");
+        let auto = ws(ScanParallel::Auto);
+        let got = (1..=64).find(|&s| auto == off + if s > 1 { cp_workspace_bytes(n, s, hv, 128, dv) } else { 0 });
+        println!("{name}: fused cp Auto = {got:?}");
+        assert_eq!(got, Some(want), "{name}");
+    }
 }

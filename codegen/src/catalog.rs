@@ -46,8 +46,8 @@ fn gdn_specs() -> Vec<KernelSpec> {
 /// 64-token chunks, 128 state columns per CTA, 12 warps; stages = 4 marks the unit.
 pub const GDN_FUSED_TILE: Tile = Tile::new(64, 128, 12, 4);
 
-/// The fused GDN prefill spec (entries `fused`, `fused_cp_a`, `fused_cp_c`, `cp_combine`)
-/// where it has a kernel.
+/// The fused GDN prefill spec (entries `fused_prep`, `fused_split`, `fused_split_cp_a`,
+/// `fused_split_cp_c`, `cp_combine`) where it has a kernel.
 pub fn gdn_fused_spec(dtype: DType, dk: u32, dv: u32, arch: Arch) -> Option<KernelSpec> {
     (arch == Arch::Sm90a && dk == 128 && (dv == 128 || dv == 256)).then(|| KernelSpec { tile: GDN_FUSED_TILE, ..gdn_prefill_spec(dtype, dk, dv, arch) })
 }

@@ -1,48 +1,33 @@
 // gdn/fused.cuh: the fused, warp-specialised sm_90a GDN chunk prefill (src/ops/gdn.rs
-// ScanTile::Fused / FusedInline). Two variants of one kernel template (SPLIT):
-//   split (entries fused_split, fused_split_cp_a, fused_split_cp_c; the default): the
-//        state-independent chunk products Tb = T diag(beta), P and the row factors come
-//        from the records that fused_prep (prep_grouped<..., FUSED_WS = true>, fully
-//        parallel) wrote, 17 KB per (slot, value head); one thread of WG0 bulk-copies
-//        them with chunk c's q, k, v (TMA) into 3-deep rings, so the per-chunk chain is
-//        the consumers' (the inline prep's ~10.8k cycles bound the inline variant).
-//   inline (entries fused, fused_cp_a, fused_cp_c): WG0 computes them on chip one chunk
-//        ahead, as described below. Kept only until one device run compares the two.
-// Both: the same math and rounding points as prep_grouped + scan_reg (see
-// gdn/prefill.cuh): raw q, k with the L2 norms folded into f32 factors, T by
-// prep_grouped's blocked split-bf16 inverse, bf16 T diag(beta), P, v_new.
+// ScanTile::Fused; entries fused_split, fused_split_cp_a, fused_split_cp_c). The
+// state-independent chunk products Tb = T diag(beta), P and the row factors come from the
+// records that fused_prep (prep_grouped<..., FUSED_WS = true>, fully parallel over (slot,
+// q/k head)) wrote, 17 KB per (slot, value head), with the same math and rounding points as
+// prep_grouped + scan_reg (see gdn/prefill.cuh): raw q, k with the L2 norms folded into f32
+// factors, T by prep_grouped's blocked split-bf16 inverse, bf16 T diag(beta), P, v_new.
+// (An inline variant whose prep warpgroup computed them on chip, one chunk ahead, was
+// removed after H200 run o: its ~10.8k-cycle prep chain bound it; bench/NOTES.md.)
 //
 // CTA = (128 state columns, value head, sequence); context parallelism: the scan_cp
 // segment grid with 128-column tiles. dk = 128, dv a multiple of 128. 384 threads:
-//   WG0  prep, one chunk ahead of the consumers, into a 2-deep ring of stages; its thread
-//        0 also issues the TMA loads through the tensor maps in the params: Q and K (the
-//        q/k head's 64 x dk tiles, 128B-swizzled 64-column panels) into a 3-deep ring, V
-//        (the CTA's 64 x 128 tile) into a 2-deep ring. Per chunk:
-//          gates (cumsum, in log2 units), 1 / |q|, 1 / |k| from the shared tiles,
-//          Q K^T, K K^T (wgmma m64n64, both operands in shared memory),
-//          P = scale (Q K^T / (|q_i| |k_j|)) e^{G_i - G_j} (j <= i), bf16,
-//          A = strictly_lower(beta_i e^{G_i - G_j} k_i.k_j / (|k_i| |k_j|)) (f32, smem),
-//          T = (I + A)^{-1} (level-0 substitution, split-bf16 mma merges: prep_grouped),
-//          Tb = T diag(beta) (bf16; zero for context-parallel identity tiles: U = 0),
-//          W = T diag(beta e^G / |k|) K (wgmma, T from registers, K MN-major),
-//          fq = scale e^G / |q|, fk = e^{G_L - G} / |k|, G_L and the chunk's label.
+//   WG0  thread 0 issues, once the consumers released chunk c - 3 (pempty), chunk c's TMA
+//        loads through the tensor maps in the params (Q and K: the q/k head's 64 x dk
+//        tiles, 128B-swizzled 64-column panels; V: the CTA's 64 x 128 tile) and one bulk
+//        copy of its record, into 3-deep rings of all three (one ring index c % 3). The
+//        rest of WG0 only zeroes V for identity tiles, then exits.
 //   WG1, WG2  consumers, 64 state columns each. The state lives transposed in wgmma
 //        accumulators, S^T (64 columns x dk, f32, 64 registers), so its bf16 packing is
 //        directly the A operand of the products that read it (no smem copy):
-//          D   = -V^T Tb^T + S^T W^T          = -v_new^T   (V^T: A MN-major from smem)
+//          Y   = S^T K^T,  X = Y diag(fe)     (fe = e^G / |k|: W S = (S^T K^T diag(fe)) Tb^T)
+//          D   = -V^T Tb^T + X Tb^T           = -v_new^T   (V^T: A MN-major from smem)
 //          O   = S^T Q^T                      = (Q S)^T
 //          S^T = e^{G_L} S^T + (v_new^T diag(fk)) K        (A = v_new^T from registers;
 //                ATTN chunk: A = 0, so the update is a pure decay and no wgmma is conditional)
 //          O   = diag(fq) O + v_new^T P^T, stored through movmatrix.trans.
-//        Per chunk two commit groups and two waits: (D, O) then (S^T, O += ...).
 //
-// mbarriers: qkfull / vfull (1 arrival + TMA bytes), pfull (128: every prep thread, after
-// fence.proxy.async of its generic writes), pempty (256: every consumer thread, after its
-// last wgmma of the chunk was waited on). Chunk c uses Q/K slot c % 3 (parity (c / 3) & 1),
-// V slot and prep stage c % 2 (parity (c / 2) & 1). Once the consumers released chunk
-// c - 2 (pempty), the prep writes stage c % 2 and thread 0 loads chunk c + 1's Q/K and
-// chunk c's V (those slots last held chunk c - 2): Q/K land while chunk c is prepared, V
-// while the consumers finish chunk c - 1.
+// mbarriers: qkfull / vfull / pfull (1 arrival + TMA / bulk-copy bytes; vfull of an identity
+// tile a plain arrive), pempty (256: every consumer thread, after its last wgmma of the
+// chunk was waited on). Chunk c uses slot c % 3 of every ring (parity (c / 3) & 1).
 //
 // Rows past a sequence's end in its last partial chunk hold the next sequence's tokens
 // (or TMA zeros past the tensor): beta = g = 0 there, so those rows of A, T diag(beta),
@@ -60,48 +45,38 @@ namespace gdn {
 #if NATSL_SM90A
 
 // Shared-memory map (bytes from the 1024-aligned base); mirrored by
-// src/ops/gdn.rs fused_smem_bytes. SPLIT (entries fused_split*): the prep stage is the
-// fused_prep record as bulk-copied (Tb | P | F), no inverse scratch, and with the prep
-// reduced to TMA issue every ring is 3 deep (one index c % 3 for all of them).
-template <bool SPLIT>
-struct FusedLayoutT {
+// src/ops/gdn.rs fused_split_smem_bytes. The record stage is the fused_prep record as
+// bulk-copied (Tb | P | F); every ring is 3 deep (one index c % 3 for all of them).
+struct FusedLayout {
     static constexpr int PANEL = 64 * 128;          // one [64][64] sw128 panel
-    static constexpr int QKS = 3, VS = SPLIT ? 3 : 2, PS = SPLIT ? 3 : 2;  // ring depths
+    static constexpr int QKS = 3, VS = 3, PS = 3;   // ring depths
     static constexpr int QK_STAGE = 4 * PANEL;      // Q (2 panels) | K (2 panels), dk = 128
     static constexpr int V_STAGE = 2 * PANEL;       // the CTA's 128 value columns
-    // Prep stage: (inline prep: 2 panels, unused since the consumers form W S) |
-    // Tb [64][64] | P [64][64] | F (fq[64], fk[64], G_L, label, fe[64]).
-    static constexpr int P_TB = SPLIT ? 0 : 2 * PANEL, P_P = P_TB + PANEL, P_F = P_P + PANEL;
+    // Record stage: Tb [64][64] | P [64][64] | F (fq[64], fk[64], G_L, label, fe[64]).
+    static constexpr int P_TB = 0, P_P = P_TB + PANEL, P_F = P_P + PANEL;
     static constexpr int P_STAGE = P_F + 1024;
     static constexpr int QK = 0;
     static constexpr int V = QK + QKS * QK_STAGE;
     static constexpr int PR = V + VS * V_STAGE;
-    static constexpr int LDA = C + 4;               // f32 inverse scratch [64][68] (inline prep only)
-    static constexpr int SA = PR + PS * P_STAGE;
-    static constexpr int SM = SA + (SPLIT ? 0 : C * LDA * 4);   // 2 x [invq | invk | G log2 | beta | beta e^G]
-    static constexpr int BAR = SM + (SPLIT ? 0 : 2 * 5 * C * 4);
+    static constexpr int BAR = PR + PS * P_STAGE;
     static constexpr int NBAR = QKS + VS + 2 * PS;
     static constexpr int BYTES = BAR + NBAR * 8 + 1024;  // + alignment slack
-    static_assert(!SPLIT || (P_STAGE == FREC_BYTES && P_TB == FREC_TB && P_P == FREC_P && P_F == FREC_F), "split stage = fused_prep record");
+    static_assert(P_STAGE == FREC_BYTES && P_TB == FREC_TB && P_P == FREC_P && P_F == FREC_F, "stage = fused_prep record");
     static_assert(PR % 1024 == 0 && P_STAGE % 1024 == 0, "wgmma panels 1024-aligned");
 };
-using FusedLayout = FusedLayoutT<false>;
 
-// Registers after setmaxnreg: 128 * (120 + 2 * 192) = 64512, the CTA's allocation at
-// launch (384 threads at the 168 of __launch_bounds__(384, 1)). Below 192 the consumers'
-// wgmma are serialised for want of registers (ptxas C7512); the prep spills below ~112.
-constexpr int kFusedPrepRegs = 120;
-constexpr int kFusedConsumerRegs = 192;
-// Split: the prep warpgroup only issues copies (one thread), so the consumers take the rest.
-constexpr int kSplitPrepRegs = 40;
-constexpr int kSplitConsumerRegs = 232;
-static_assert(kSplitPrepRegs + 2 * kSplitConsumerRegs == kFusedPrepRegs + 2 * kFusedConsumerRegs, "64512 registers");
-constexpr int kFusedPrepBar = 1;  // named barrier of the prep warpgroup (128 threads)
+// Registers after setmaxnreg: 128 * (40 + 2 * 232) = 64512, the CTA's allocation at launch
+// (384 threads at the 168 of __launch_bounds__(384, 1)). WG0 only issues copies (one
+// thread), so the consumers take the rest (below 192 ptxas serialises their wgmma, C7512).
+constexpr int kFusedPrepRegs = 40;
+constexpr int kFusedConsumerRegs = 232;
+static_assert(128 * (kFusedPrepRegs + 2 * kFusedConsumerRegs) == 64512, "64512 registers");
+constexpr int kFusedPrepBar = 1;  // named barrier of WG0 (128 threads)
 
 // Phase timer (NATSL_GDN_FUSED_PROFILE: profile units only, tile stages odd, never shipped):
 // clock64 at phase boundaries, by thread 0 of each warpgroup, for the CTAs (0, h < 4, 0) and
-// chunks < 64, into natsl_gdn_fused_prof[cta][chunk][32] (slots 0..15 prep, 16 + 8 cw + e
-// consumer warpgroup cw), then per CTA (start clock, start globaltimer, end clock, end
+// chunks < 64, into natsl_gdn_fused_prof[cta][chunk][32] (slots 0..15 WG0: 0, 1 and 14
+// stamped; 16 + 8 cw + e consumer warpgroup cw), then per CTA (start clock, start globaltimer, end clock, end
 // globaltimer). src/bench/gdn.rs fused_profile reads it back and prints the table.
 #if NATSL_GDN_FUSED_PROFILE
 constexpr int kProfCtas = 4, kProfChunks = 64, kProfEv = 32;
@@ -193,13 +168,13 @@ __device__ __forceinline__ bool fused_work(const NatslGdnPrefillParams& p, Fused
     return true;
 }
 
-// SPLIT: the state-independent chunk products (Tb, P, F) come from fused_prep's records
-// through the stage ring; otherwise the prep warpgroup computes them (inline prep).
-template <typename T, int DK, int DV, int MODE, bool SPLIT>
+// The state-independent chunk products (Tb, P, F) come from fused_prep's records through
+// the stage ring.
+template <typename T, int DK, int DV, int MODE>
 __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
     static_assert(DK == 128 && DV % 128 == 0, "fused prefill: dk 128, dv a multiple of 128");
-    using L = FusedLayoutT<SPLIT>;
-    constexpr int PANEL = L::PANEL, LDA = L::LDA;
+    using L = FusedLayout;
+    constexpr int PANEL = L::PANEL;
     const NatslGdnPrefillParams& p = fp.base;
     extern __shared__ __align__(128) unsigned char smem_raw[];  // aligned to 1024 below
     const u32 raw_addr = smem_u32(smem_raw);
@@ -237,7 +212,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         for (int s = 0; s < L::VS; ++s) mbar_init(vfull(s), 1);
 #pragma unroll
         for (int s = 0; s < L::PS; ++s) {
-            mbar_init(pfull(s), SPLIT ? 1 : 128);
+            mbar_init(pfull(s), 1);
             mbar_init(pempty(s), 256);
         }
         mbar_init_fence();
@@ -249,8 +224,8 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
     const int lane = tid & 31, g = lane >> 2, tq = lane & 3;
     const int Hv = p.num_v_heads;
     if (wg == 0) {
-        // ------------------------------------------------------------ prep (+ TMA issue)
-        reg_dealloc<SPLIT ? kSplitPrepRegs : kFusedPrepRegs>();
+        // ------------------------------------------------------------ TMA / record issue
+        reg_dealloc<kFusedPrepRegs>();
         const int h = blockIdx.y, hq = h / (Hv / p.num_qk_heads);
         // Thread 0 issues the TMA loads: Q/K of chunk cc into slot cc % QKS, V into cc % VS.
         auto issue_qk = [&](int cc) {
@@ -270,307 +245,37 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
 #pragma unroll
             for (int pn = 0; pn < 2; ++pn) tma_load_3d(va + pn * PANEL, &fp.tma_v, vfull(s), geo(4) + pn * 64, h, geo(0) + cc * C);
         };
-        if constexpr (SPLIT) {
-            // Identity tiles: V never loaded, every slot zero (vfull: a plain arrive).
-            if (geo(5) != 0) {
-                for (int i = threadIdx.x; i < L::VS * L::V_STAGE / 16; i += 128) *reinterpret_cast<uint4*>(smem + L::V + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
-                fence_proxy_async();
-                named_bar_sync(kFusedPrepBar, 128);
-            }
-            if (tid != 0) return;
-            tma_prefetch_desc(&fp.tma_q);
-            tma_prefetch_desc(&fp.tma_k);
-            tma_prefetch_desc(&fp.tma_v);
-            // Record of chunk c: slot geo(3) + c, value head h.
-            const unsigned char* rec = reinterpret_cast<const unsigned char*>(p.ws_fused) + ((i64)geo(3) * Hv + h) * FREC_BYTES;
-#pragma unroll 1
-            for (int c = 0; c < geo(2); ++c) {
-                // One ring index: chunk c's Q/K, V and record slots last held chunk c - 3.
-                const int s = c % L::PS;
-                NATSL_FUSED_PROF(c, 0);
-                if (c >= L::PS) mbar_wait(pempty(s), ((c / L::PS) & 1) ^ 1);
-                NATSL_FUSED_PROF(c, 1);
-                issue_qk(c);
-                if (geo(5) != 0) mbar_arrive(vfull(s));
-                else issue_v(c);
-                mbar_arrive_expect_tx(pfull(s), FREC_BYTES);
-                bulk_load(sbase + L::PR + s * L::P_STAGE, rec + (i64)c * Hv * FREC_BYTES, FREC_BYTES, pfull(s));
-                NATSL_FUSED_PROF(c, 14);
-            }
-            return;
-        } else {
-            if (tid == 0 && geo(2) > 0) {
-                tma_prefetch_desc(&fp.tma_q);
-                tma_prefetch_desc(&fp.tma_k);
-                tma_prefetch_desc(&fp.tma_v);
-                issue_qk(0);
-            }
-            float* sA = reinterpret_cast<float*>(smem + L::SA);
-            const int hr = p.labels ? h / (Hv / p.num_r_heads) : 0;
-            float gn[2], bn[2];  // raw gates of the next chunk (lane: tokens 2 lane, 2 lane + 1)
-            // Identity tiles: V never loaded, both slots zero (vfull: a plain arrive).
-            if (geo(5) != 0) {
-                for (int i = threadIdx.x; i < L::VS * L::V_STAGE / 16; i += 128) *reinterpret_cast<uint4*>(smem + L::V + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
-                fence_proxy_async();
-                named_bar_sync(kFusedPrepBar, 128);
-            }
-            if (geo(2) > 0) prep_load_gates<T>(p, geo(0), min(C, geo(1)), h, gn, bn);
-#pragma unroll 1
-            for (int c = 0; c < geo(2); ++c) {
-                // Thread indices read afresh (see prep_fresh_tid): the swizzled smem offsets
-                // derived from them are recomputed per chunk, not hoisted and kept live (spills).
-                NATSL_FUSED_PROF(c, 0);
-                const int pt = prep_fresh_tid(), pw = pt >> 5, m0 = pw * 16;
-                const int lane = pt & 31, g = lane >> 2, tq = lane & 3;
-                const int ln = min(C, geo(1) - c * C);
-                const int sq = c % L::QKS, sp = c % L::PS;
-                float* sm = reinterpret_cast<float*>(smem + L::SM) + (c & 1) * 5 * C;
-                float* sInvQ = sm;
-                float* sInvK = sm + C;
-                float* sG2 = sm + 2 * C;  // cumulative gate, log2 units
-                float* sB = sm + 3 * C;   // beta
-                float* sE = sm + 4 * C;   // beta e^G
-                // The chunk's label (read early: used at the end).
-                int label = NATSL_LABEL_GDN;
-                if (pt == 0 && ln == C && p.labels) label = read_label(p.labels, (i64)(geo(3) + c) * p.num_r_heads + hr, p.faults);
-                // Gates of chunk c: every warp scans them itself; the next chunk's are loaded now.
-                float gx[2] = {gn[0], gn[1]};
-                const float bx[2] = {bn[0], bn[1]};
-                if (c + 1 < geo(2)) prep_load_gates<T>(p, geo(0) + (c + 1) * C, min(C, geo(1) - (c + 1) * C), h, gn, bn);
-                prep_warp_cumsum(gx[0], gx[1]);
-                const float gl = __shfl_sync(0xffffffffu, gx[1], 31);
-                if (pw == 0) {
-                    *reinterpret_cast<float2*>(sG2 + 2 * lane) = make_float2(gx[0] * PREP_LOG2E, gx[1] * PREP_LOG2E);
-                    *reinterpret_cast<float2*>(sB + 2 * lane) = make_float2(bx[0], bx[1]);
-                    *reinterpret_cast<float2*>(sE + 2 * lane) = make_float2(bx[0] * __expf(gx[0]), bx[1] * __expf(gx[1]));
-                }
-                // Consumers done with chunk c - 2: this chunk's prep stage, the Q/K slot of chunk
-                // c + 1 and the V slot of chunk c are free (each last held chunk c - 2).
-                if (c >= L::PS) mbar_wait(pempty(sp), ((c / L::PS) & 1) ^ 1);
-                NATSL_FUSED_PROF(c, 1);
-                if (pt == 0) {
-                    if (c + 1 < geo(2)) issue_qk(c + 1);
-                    if (geo(5) != 0) mbar_arrive(vfull(c % L::VS));
-                    else issue_v(c);
-                }
-                mbar_wait(qkfull(sq), (c / L::QKS) & 1);
-                NATSL_FUSED_PROF(c, 2);
-                const unsigned char* sQ = smem + L::QK + sq * L::QK_STAGE;
-                const unsigned char* sK = sQ + (DK / 64) * PANEL;
-                const unsigned long long qd = wg_desc(smem_u32(sQ)), kd = wg_desc(smem_u32(sK));
-                // Q K^T, issued before the norms so that it runs under them (then K K^T: one
-                // 64 x 64 accumulator at a time keeps the prep within its registers).
-                float qk[8][4];
-#pragma unroll
-                for (int i = 0; i < 8; ++i)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) qk[i][e] = 0.f;
-                wg_hold<8>(qk);
-                wg_fence();
-#pragma unroll
-                for (int ks = 0; ks < DK / 16; ++ks) {
-                    const u32 off = (ks >> 2) * PANEL + (ks & 3) * 32;
-                    wgmma_ss<T, 64, 0>(qk, wg_desc_add(qd, off), wg_desc_add(kd, off), ks > 0);
-                }
-                wg_commit();
-                // 1 / |q| (threads 0..63: row pt) and 1 / |k| (64..127: row pt - 64).
-                {
-                    const int row = pt & (C - 1);
-                    const unsigned char* rb = (pt < C ? sQ : sK) + row * 128;
-                    float ss[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                    for (int pn = 0; pn < DK / 64; ++pn)
-#pragma unroll
-                        for (int ch = 0; ch < 8; ++ch) {
-                            float x[8];
-                            const vec8 v = *reinterpret_cast<const vec8*>(rb + pn * PANEL + ((ch ^ (row & 7)) << 4));
-                            unpack8<T>(v, x);
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) ss[e % 4] = fmaf(x[e], x[e], ss[e % 4]);
-                        }
-                    const float inv = p.l2norm ? rsqrtf(((ss[0] + ss[1]) + (ss[2] + ss[3])) + 1e-6f) : 1.f;
-                    (pt < C ? sInvQ : sInvK)[row] = inv;
-                }
-                named_bar_sync(kFusedPrepBar, 128);  // norms and gates visible
-                NATSL_FUSED_PROF(c, 3);
-                wg_wait<0>();
-                wg_hold<8>(qk);
-                NATSL_FUSED_PROF(c, 4);
-                unsigned char* st = smem + L::PR + sp * L::P_STAGE;
-                const float gi0 = sG2[m0 + g], gi1 = sG2[m0 + g + 8];
-                // P (every tile: the consumers read all of it; zero above the diagonal).
-                {
-                    const float r0 = p.scale * sInvQ[m0 + g], r1 = p.scale * sInvQ[m0 + g + 8];
-                    unsigned char* sP = st + L::P_P;
-#pragma unroll
-                    for (int nt = 0; nt < 8; ++nt) {
-                        const int j = nt * 8 + tq * 2;
-                        u32 wv[2] = {0u, 0u};
-                        if (nt / 2 <= pw) {
-                            const float2 ck = *reinterpret_cast<const float2*>(sInvK + j);
-                            const float2 gj = *reinterpret_cast<const float2*>(sG2 + j);
-#pragma unroll
-                            for (int hf = 0; hf < 2; ++hf) {
-                                const int i = m0 + g + hf * 8;
-                                const float gi = hf ? gi1 : gi0, r = hf ? r1 : r0;
-                                const float d0 = j <= i ? fast_exp2(gi - gj.x) : 0.f;
-                                const float d1 = j + 1 <= i ? fast_exp2(gi - gj.y) : 0.f;
-                                wv[hf] = pack2<T>(qk[nt][hf * 2] * (r * ck.x) * d0, qk[nt][hf * 2 + 1] * (r * ck.y) * d1);
-                            }
-                        }
-#pragma unroll
-                        for (int hf = 0; hf < 2; ++hf) *reinterpret_cast<u32*>(sP + 2 * sw128<64>(m0 + g + hf * 8, j)) = wv[hf];
-                    }
-                }
-                NATSL_FUSED_PROF(c, 5);
-                // K K^T, then A = strictly_lower(beta_i e^{G_i - G_j} k_i.k_j / (|k_i| |k_j|)) into sA.
-                {
-                    float kk[8][4];
-#pragma unroll
-                    for (int i = 0; i < 8; ++i)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) kk[i][e] = 0.f;
-                    wg_hold<8>(kk);
-                    wg_fence();
-#pragma unroll
-                    for (int ks = 0; ks < DK / 16; ++ks) {
-                        const unsigned long long dkk = wg_desc_add(kd, (ks >> 2) * PANEL + (ks & 3) * 32);
-                        wgmma_ss<T, 64, 0>(kk, dkk, dkk, ks > 0);
-                    }
-                    wg_commit();
-                    wg_wait<0>();
-                    wg_hold<8>(kk);
-                    NATSL_FUSED_PROF(c, 6);
-                    const float ri0 = sB[m0 + g] * sInvK[m0 + g], ri1 = sB[m0 + g + 8] * sInvK[m0 + g + 8];
-#pragma unroll
-                    for (int nt = 0; nt < 8; ++nt) {
-                        if (nt / 2 > pw) continue;  // A is never read above the diagonal blocks
-                        const int j = nt * 8 + tq * 2;
-                        const float2 gj = *reinterpret_cast<const float2*>(sG2 + j);
-                        const float2 ck = *reinterpret_cast<const float2*>(sInvK + j);
-#pragma unroll
-                        for (int hf = 0; hf < 2; ++hf) {
-                            const int i = m0 + g + hf * 8;
-                            const float gi = hf ? gi1 : gi0, ri = hf ? ri1 : ri0;
-                            const float a0 = j < i ? ri * fast_exp2(gi - gj.x) * (ck.x * kk[nt][hf * 2]) : 0.f;
-                            const float a1 = j + 1 < i ? ri * fast_exp2(gi - gj.y) * (ck.y * kk[nt][hf * 2 + 1]) : 0.f;
-                            *reinterpret_cast<float2*>(sA + i * LDA + j) = make_float2(a0, a1);
-                        }
-                    }
-                }
-                named_bar_sync(kFusedPrepBar, 128);
-                NATSL_FUSED_PROF(c, 7);
-                // Level 0: thread pt < 64 solves column m of the inverse of diagonal block pt / 16.
-                {
-                    const int m = pt % 16, o = (pt / 16) * 16;
-                    float t[16];
-                    if (pt < C) {
-#pragma unroll
-                        for (int i = 0; i < 16; ++i) {
-                            float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-                            for (int j = 0; j < i; j += 4) {
-                                const float4 a = *reinterpret_cast<const float4*>(sA + (o + i) * LDA + o + j);
-                                s0 = fmaf(a.x, t[j], s0);
-                                if (j + 1 < i) s1 = fmaf(a.y, t[j + 1], s1);
-                                if (j + 2 < i) s0 = fmaf(a.z, t[j + 2], s0);
-                                if (j + 3 < i) s1 = fmaf(a.w, t[j + 3], s1);
-                            }
-                            t[i] = i == m ? 1.f : -(s0 + s1);
-                        }
-                    }
-                    named_bar_sync(kFusedPrepBar, 128);  // the diagonal blocks of A are read
-                    if (pt < C) {
-#pragma unroll
-                        for (int i = 0; i < 16; ++i) sA[(o + i) * LDA + o + m] = t[i];
-                    }
-                }
-                named_bar_sync(kFusedPrepBar, 128);  // diagonal inverses D0..D3 in sA
-                NATSL_FUSED_PROF(c, 8);
-                if (pw < 2) {
-                    // Level 1: T[o+16.., o..] = -(D_hi A[o+16.., o..]) D_lo, o = 32 pw.
-                    const int o = pw * 32;
-                    float y[2][4];
-                    strip_lmr<2, 2, LDA>(y, sA, 1, o + 16, o + 16, o + 16, o, 0, o, o);
-                    __syncwarp();  // all lanes have read A[o+16.., o..]
-#pragma unroll
-                    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                        for (int hf = 0; hf < 2; ++hf) {
-                            const int r = o + 16 + g + hf * 8, cc = o + nt * 8 + tq * 2;
-                            *reinterpret_cast<float2*>(sA + r * LDA + cc) = make_float2(y[nt][hf * 2], y[nt][hf * 2 + 1]);
-                        }
-                }
-                named_bar_sync(kFusedPrepBar, 128);  // T[0:32, 0:32] and T[32:64, 32:64] complete
-                NATSL_FUSED_PROF(c, 9);
-                {
-                    // Level 2: T[32:64, 0:32] = -(T[32:64, 32:64] A[32:64, 0:32]) T[0:32, 0:32].
-                    const int s = pw & 1, hc = pw >> 1;
-                    float y[2][4];
-                    strip_lmr<4, 2, LDA>(y, sA, s + 1, 32 + 16 * s, 32, 32, 0, hc, 0, 16 * hc);
-                    named_bar_sync(kFusedPrepBar, 128);
-#pragma unroll
-                    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                        for (int hf = 0; hf < 2; ++hf) {
-                            const int r = 32 + 16 * s + g + hf * 8, cc = 16 * hc + nt * 8 + tq * 2;
-                            *reinterpret_cast<float2*>(sA + r * LDA + cc) = make_float2(y[nt][hf * 2], y[nt][hf * 2 + 1]);
-                        }
-                }
-                named_bar_sync(kFusedPrepBar, 128);  // T complete (f32, lower block triangle)
-                NATSL_FUSED_PROF(c, 10);
-
-                // This warp's 16 rows of Tb = T diag(beta) to the stage (the consumers form
-                // both U = Tb V and W S = (S K^T diag(e^G / |k|)) Tb: the prep computes no W).
-                {
-                    unsigned char* sTB = st + L::P_TB;
-#pragma unroll
-                    for (int kb = 0; kb < 4; ++kb) {
-                        u32 tb[4] = {0u, 0u, 0u, 0u};
-                        const int c0 = 16 * kb + 2 * tq;
-                        if (kb <= pw) {
-                            const float* p0 = sA + (m0 + g) * LDA + c0;
-                            const float* p1 = p0 + 8 * LDA;
-                            const float2 x0 = *reinterpret_cast<const float2*>(p0), x1 = *reinterpret_cast<const float2*>(p1);
-                            const float2 x2 = *reinterpret_cast<const float2*>(p0 + 8), x3 = *reinterpret_cast<const float2*>(p1 + 8);
-                            const float2 bl = *reinterpret_cast<const float2*>(sB + c0), bh = *reinterpret_cast<const float2*>(sB + c0 + 8);
-                            tb[0] = pack2<T>(x0.x * bl.x, x0.y * bl.y);
-                            tb[1] = pack2<T>(x1.x * bl.x, x1.y * bl.y);
-                            tb[2] = pack2<T>(x2.x * bh.x, x2.y * bh.y);
-                            tb[3] = pack2<T>(x3.x * bh.x, x3.y * bh.y);
-                        }
-                        *reinterpret_cast<u32*>(sTB + 2 * sw128<64>(m0 + g, c0)) = tb[0];
-                        *reinterpret_cast<u32*>(sTB + 2 * sw128<64>(m0 + g + 8, c0)) = tb[1];
-                        *reinterpret_cast<u32*>(sTB + 2 * sw128<64>(m0 + g, c0 + 8)) = tb[2];
-                        *reinterpret_cast<u32*>(sTB + 2 * sw128<64>(m0 + g + 8, c0 + 8)) = tb[3];
-                    }
-                }
-                NATSL_FUSED_PROF(c, 11);
-                // Row factors (warp 0: tokens 2 lane, 2 lane + 1), G_L and the label.
-                if (pw == 0) {
-                    float* F = reinterpret_cast<float*>(st + L::P_F);
-                    const float2 iq = *reinterpret_cast<const float2*>(sInvQ + 2 * lane);
-                    const float2 ik = *reinterpret_cast<const float2*>(sInvK + 2 * lane);
-                    *reinterpret_cast<float2*>(F + 2 * lane) = make_float2(p.scale * __expf(gx[0]) * iq.x, p.scale * __expf(gx[1]) * iq.y);
-                    *reinterpret_cast<float2*>(F + C + 2 * lane) = make_float2(__expf(gl - gx[0]) * ik.x, __expf(gl - gx[1]) * ik.y);
-                    // fe = e^G / |k|: the column factors of the consumers' S^T K^T.
-                    *reinterpret_cast<float2*>(F + 3 * C + 2 * lane) = make_float2(__expf(gx[0]) * ik.x, __expf(gx[1]) * ik.y);
-                    if (lane == 0) {
-                        F[2 * C] = gl;
-                        F[2 * C + 1] = __int_as_float(label);
-                    }
-                }
-                (void)ln;
-                fence_proxy_async();  // generic writes of P, Tb before the consumers' wgmma reads
-                mbar_arrive(pfull(sp));
-                NATSL_FUSED_PROF(c, 14);
-            }
-            return;
+        // Identity tiles: V never loaded, every slot zero (vfull: a plain arrive).
+        if (geo(5) != 0) {
+            for (int i = threadIdx.x; i < L::VS * L::V_STAGE / 16; i += 128) *reinterpret_cast<uint4*>(smem + L::V + 16 * i) = make_uint4(0u, 0u, 0u, 0u);
+            fence_proxy_async();
+            named_bar_sync(kFusedPrepBar, 128);
         }
+        if (tid != 0) return;
+        tma_prefetch_desc(&fp.tma_q);
+        tma_prefetch_desc(&fp.tma_k);
+        tma_prefetch_desc(&fp.tma_v);
+        // Record of chunk c: slot geo(3) + c, value head h.
+        const unsigned char* rec = reinterpret_cast<const unsigned char*>(p.ws_fused) + ((i64)geo(3) * Hv + h) * FREC_BYTES;
+#pragma unroll 1
+        for (int c = 0; c < geo(2); ++c) {
+            // One ring index: chunk c's Q/K, V and record slots last held chunk c - 3.
+            const int s = c % L::PS;
+            NATSL_FUSED_PROF(c, 0);
+            if (c >= L::PS) mbar_wait(pempty(s), ((c / L::PS) & 1) ^ 1);
+            NATSL_FUSED_PROF(c, 1);
+            issue_qk(c);
+            if (geo(5) != 0) mbar_arrive(vfull(s));
+            else issue_v(c);
+            mbar_arrive_expect_tx(pfull(s), FREC_BYTES);
+            bulk_load(sbase + L::PR + s * L::P_STAGE, rec + (i64)c * Hv * FREC_BYTES, FREC_BYTES, pfull(s));
+            NATSL_FUSED_PROF(c, 14);
+        }
+        return;
     }
 
     // ---------------------------------------------------------------- consumers
-    reg_alloc<SPLIT ? kSplitConsumerRegs : kFusedConsumerRegs>();
+    reg_alloc<kFusedConsumerRegs>();
     FusedWork w;
     fused_work<MODE, DK, DV>(p, w);
     const int cw = wg - 1;  // 64 state columns: col0 + 64 cw ..
@@ -613,7 +318,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
 #pragma unroll 1
     for (int c = 0; c < geo(2); ++c) {
         NATSL_FUSED_PROF(c, 16 + 8 * cw);
-        const int lane = prep_fresh_tid() & 31, g = lane >> 2, tq = lane & 3;  // afresh, as in the prep
+        const int lane = prep_fresh_tid() & 31, g = lane >> 2, tq = lane & 3;  // afresh (prep_fresh_tid)
         const int ln = min(C, geo(1) - c * C);
         const bool complete = ln == C, last = c == geo(2) - 1;
         const int sq = c % L::QKS, sv = c % L::VS, sp = c % L::PS;
@@ -737,7 +442,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
         wg_hold<8>(oq);
         fused_hold_a<4>(va);
         fused_hold_a<4>(vka);
-        mbar_arrive(pempty(sp));  // Q/K, V and the prep stage of chunk c are read
+        mbar_arrive(pempty(sp));  // Q/K, V and the record stage of chunk c are read
         NATSL_FUSED_PROF(c, 21 + 8 * cw);
 
         if (want_o) {
@@ -760,7 +465,7 @@ __device__ void gdn_fused(const NatslGdnFusedParams& fp) {
     if (cw == 0 && ct == 0) NATSL_FUSED_PROF_EDGE(1);
 
     // The end of the (segment of the) sequence: whether its last chunk is complete, and
-    // its G_L (still in the last prep stage: the prep writes no stage after it).
+    // its G_L (still in the last record stage: no copy lands after it).
     const int nch_end = geo(2);
     const bool last_complete = nch_end == 0 || geo(1) == nch_end * C;
     const float glast_final = last_complete ? 0.f : reinterpret_cast<const float*>(smem + L::PR + ((nch_end - 1) % L::PS) * L::P_STAGE + L::P_F)[2 * C];

@@ -21,10 +21,9 @@
 //       reads raw q, k and applies the row factors to its f32 accumulators / v_new,
 //       so it does no per-row normalisation work of its own:
 //         o = diag(fq) (Q S) + P v_new,   S' = e^{G_L} S + K^T (diag(fk) v_new).
-// fused (gdn/fused.cuh, sm_90a, dk 128): the scan warp-specialised with the state in
-//       wgmma accumulators; split (ScanTile::Fused): prep_grouped<FUSED_WS> (entry
-//       fused_prep) writes only Tb = T diag(beta), P and F per chunk, the fused kernel
-//       copies them in; inline (ScanTile::FusedInline): its prep warpgroup computes them.
+// fused (gdn/fused.cuh, sm_90a, dk 128; ScanTile::Fused): prep_grouped<FUSED_WS> (entry
+//       fused_prep) writes only Tb = T diag(beta), P and F per chunk; the scan,
+//       warp-specialised with the state in wgmma accumulators, copies them in.
 #pragma once
 #include "gdn/prep.cuh"
 #include "gdn/scan.cuh"

@@ -1,5 +1,5 @@
 // GDN prefill entry points (see gdn/prefill.cuh, gdn/fused.cuh). Spec macros come from natsl-codegen.
-// Tile stages >= 4 marks a fused unit (ScanTile::Fused, FusedProfile): there only the fused
+// Tile stages >= 4 marks a fused unit (ScanTile::Fused, FusedSplitProfile): there only the fused
 // entries and cp_combine have bodies; in every other unit the fused entries are empty stubs
 // (as on sm_80), so the entry list is the same everywhere and the host never launches a stub.
 // stages = 4 + profile (src/ops/gdn.rs fused_tile): the kernel is 4, its phase-timer build 5.
@@ -69,38 +69,12 @@ extern "C" __global__ void __launch_bounds__(NATSL_THREADS, 1) NATSL_KERNEL(scan
 #endif
 }
 
-// The fused sm_90a prefill (gdn/fused.cuh): 384 threads (prep + TMA issue, two consumer
-// warpgroups); the plain scan and the two context-parallel passes (cp_combine between
-// them). The params are a __grid_constant__: TMA reads its maps there.
-// fused, fused_cp_a, fused_cp_c: the inline prep (ScanTile::FusedInline, one launch).
-extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused)(const __grid_constant__ NatslGdnFusedParams p) {
-#if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
-    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_SCAN, false>(p);
-#else
-    (void)p;
-#endif
-}
-
-extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_cp_a)(const __grid_constant__ NatslGdnFusedParams p) {
-#if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
-    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_A, false>(p);
-#else
-    (void)p;
-#endif
-}
-
-extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_cp_c)(const __grid_constant__ NatslGdnFusedParams p) {
-#if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
-    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_C, false>(p);
-#else
-    (void)p;
-#endif
-}
-
-// The split fused prefill (ScanTile::Fused): fused_prep, fully parallel over (slot, q/k
-// head), writes the per-chunk records (Tb, P, F) to base.ws_fused; the fused_split*
-// entries then only copy them into their stage ring.
-// 5 CTAs per SM (96 registers, no spills; 6 spill): prep_grouped's 4 minus W, U and V.
+// The fused sm_90a prefill (ScanTile::Fused; gdn/fused.cuh): fused_prep, fully parallel over
+// (slot, q/k head), writes the per-chunk records (Tb, P, F) to base.ws_fused; the fused_split*
+// entries (384 threads: TMA / record issue, two consumer warpgroups; the plain scan and the
+// two context-parallel passes, cp_combine between them) copy them into their stage ring.
+// Their params are a __grid_constant__: TMA reads its maps there.
+// fused_prep: 5 CTAs per SM (96 registers, no spills; 6 spill): prep_grouped's 4 minus W, U and V.
 extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS, 5)
 NATSL_KERNEL(fused_prep)(const NatslGdnPrefillParams p) {
 #if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
@@ -112,7 +86,7 @@ NATSL_KERNEL(fused_prep)(const NatslGdnPrefillParams p) {
 
 extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_split)(const __grid_constant__ NatslGdnFusedParams p) {
 #if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
-    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_SCAN, true>(p);
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_SCAN>(p);
 #else
     (void)p;
 #endif
@@ -120,7 +94,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_split)(c
 
 extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_split_cp_a)(const __grid_constant__ NatslGdnFusedParams p) {
 #if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
-    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_A, true>(p);
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_A>(p);
 #else
     (void)p;
 #endif
@@ -128,7 +102,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_split_cp
 
 extern "C" __global__ void __launch_bounds__(384, 1) NATSL_KERNEL(fused_split_cp_c)(const __grid_constant__ NatslGdnFusedParams p) {
 #if NATSL_SM90A && NATSL_GDN_FUSED_UNIT
-    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_C, true>(p);
+    natsl::gdn::gdn_fused<NATSL_DTYPE, NATSL_DK, NATSL_DV, natsl::gdn::MODE_CP_C>(p);
 #else
     (void)p;
 #endif

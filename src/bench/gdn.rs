@@ -146,27 +146,23 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         }
     }
     // Candidate defaults, end to end (prep + scan, context parallelism Auto), and the fused
-    // sm_90a candidate (ScanTile::Fused: one launch) where it has a kernel: with its own
-    // context-parallel choice (Auto) and without (off).
+    // sm_90a prefill (ScanTile::Fused: fused_prep, then the fused kernel; Auto's pick where
+    // it has a kernel) with its own context-parallel choice (Auto) and without (off).
     let fused = fused_supported(dk, dv, rt.arch());
     let mut cands = vec![(PrepKernel::Grouped, ScanTile::Auto, ScanParallel::Auto, "grouped"), (PrepKernel::Compact, ScanTile::Reg, ScanParallel::Auto, "compact+reg"), (PrepKernel::Grouped, ScanTile::Reg, ScanParallel::Auto, "grouped+reg")];
     if fused_only {
         cands.clear();
     }
-    // `fused` = split (fused_prep, then the fused kernel; Auto's pick), `fused inline` = the
-    // previous one-launch variant (A/B until one device run; the loser is removed).
     if fused {
         cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Auto, "fused"));
         cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Off, "fused cp off"));
-        cands.push((PrepKernel::Grouped, ScanTile::FusedInline, ScanParallel::Auto, "fused inline"));
-        cands.push((PrepKernel::Grouped, ScanTile::FusedInline, ScanParallel::Off, "fused inline cp off"));
     }
     let cands: Vec<(PrepKernel, ScanTile, ScanParallel, String)> = cands.into_iter().map(|(p, t, c, n)| (p, t, c, n.to_string())).collect();
     for (prep, tile, cp, tag) in cands {
         let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, cp, ..Default::default() })).unwrap();
         recs.push(Record::new(rt, "gdn_prefill", s.name.clone(), format!("{variant} {tag}"), &tm, flops, bytes));
     }
-    // The split fused prefill's halves (cp off): fused_prep alone, the fused kernel alone
+    // The fused prefill's halves (cp off): fused_prep alone, the fused kernel alone
     // (reading the records the rows above left).
     if fused {
         for (part, tag) in [(PrefillPart::Prep, "fused prep only"), (PrefillPart::Scan, "fused scan only")] {
@@ -191,13 +187,9 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             rows.clear();
         }
         if fused {
-            // The fused prefill's three cp passes ("scan only": split, without fused_prep;
-            // inline, the whole thing).
+            // The fused prefill's three cp passes ("scan only": without fused_prep).
             for k in [2, 4, 8, 16] {
                 rows.push((ScanParallel::Segments(k), format!("fused cp{k}"), ScanTile::Fused));
-            }
-            for k in [4, 16] {
-                rows.push((ScanParallel::Segments(k), format!("fused inline cp{k}"), ScanTile::FusedInline));
             }
         }
         for (sp, tag, tile) in rows {
@@ -299,24 +291,14 @@ fn bench_decode(rt: &Runtime, b: usize, hqk: usize, hv: usize, d: usize, commit:
     )
 }
 
-/// Phase names of the fused kernel's timer slots (cuda/gdn/fused.cuh NATSL_FUSED_PROF): prep
-/// slot k ends phase k (from slot k - 1), consumer slots 16 + 8 cw + e likewise.
+/// Phase names of the fused kernel's timer slots (cuda/gdn/fused.cuh NATSL_FUSED_PROF): copy
+/// thread slot k ends phase k (from the latest stamped slot before k; unnamed slots are not
+/// stamped), consumer slots 16 + 8 cw + e likewise.
 const PREP_PHASES: [&str; 15] = [
     "(loop top)",
-    "gates, label, pempty wait",
-    "TMA issue, qkfull wait",
-    "QK^T issue, norms, bar",
-    "QK^T wait",
-    "P (exp2, bf16, stores)",
-    "KK^T issue + wait",
-    "A (exp2, f32 stores), bar",
-    "level 0 subst., 2 bars",
-    "level 1 merge, bar",
-    "level 2 merge, 2 bars",
-    "Tb fragments",
-    "(unused: was W panel 0)",
-    "(unused: was W panel 1)",
-    "F, fence, pfull arrive",
+    "pempty wait",
+    "", "", "", "", "", "", "", "", "", "", "", "",
+    "TMA + record copies issued",
 ];
 const CONS_PHASES: [&str; 7] = [
     "(loop top)",
@@ -328,17 +310,16 @@ const CONS_PHASES: [&str; 7] = [
     "pempty, O stores",
 ];
 
-/// One launch of the fused prefill's phase-timer build (ScanTile::FusedProfile, cp off) and its table: median / mean cycles of each phase over chunks 2..64 of the
-/// sampled CTAs (blockIdx (0, h < 4, 0)), the loop period, the prep -> consumer hand-over.
+/// One launch of the fused prefill's phase-timer build (ScanTile::FusedSplitProfile, cp off;
+/// fused_prep is not timed) and its table: median / mean cycles of each phase over chunks
+/// 2..64 of the sampled CTAs (blockIdx (0, h < 4, 0)), the loop period, the copy thread ->
+/// consumer hand-over.
 #[allow(clippy::too_many_arguments)]
 fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs, out: &mut GdnPrefillOutputs, opts: &GdnOptions, ws: &mut GdnWorkspace, dv: usize) {
     const CTAS: usize = 4;
     const CH: usize = 64;
     const EV: usize = 32;
-    // The inline variant's build, then the split one's (its prep rows: slot 1 = pempty
-    // wait, 14 = copies issued; fused_prep is not timed).
-    for (tile, tag) in [(ScanTile::FusedProfile, "inline"), (ScanTile::FusedSplitProfile, "split")] {
-    let pv = PrefillVariant { tile, cp: ScanParallel::Off, ..Default::default() };
+    let pv = PrefillVariant { tile: ScanTile::FusedSplitProfile, cp: ScanParallel::Off, ..Default::default() };
     // Twice: the first compiles and warms the caches; the third launch is recorded.
     for _ in 0..2 {
         gdn_prefill_variant(rt, batch, inp, out, opts, ws, pv).unwrap();
@@ -361,7 +342,7 @@ fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs
     let x: Vec<u64> = bytes.chunks_exact(8).take(n).map(|b| u64::from_le_bytes(b.try_into().unwrap())).collect();
     let ev = |cta: usize, c: usize, s: usize| x[(cta * CH + c) * EV + s];
     let hdr = |cta: usize, i: usize| x[CTAS * CH * EV + cta * 4 + i];
-    println!("== fused profile ({tag}): {name} (one launch, cp off, host wall {wall:.3} ms)");
+    println!("== fused profile: {name} (one launch, cp off, host wall {wall:.3} ms)");
     let mut ghz = Vec::new();
     for cta in 0..CTAS {
         let (c0, g0, c1, g1) = (hdr(cta, 0), hdr(cta, 1), hdr(cta, 2), hdr(cta, 3));
@@ -382,7 +363,7 @@ fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs
     let table = |title: &str, base: usize, names: &[&str]| {
         println!("   {title:<34} {:>8} {:>8}", "median", "mean");
         let mut tot = 0.0;
-        for k in 1..names.len() {
+        for k in (1..names.len()).filter(|&k| !names[k].is_empty()) {
             let mut d = Vec::new();
             for cta in 0..CTAS {
                 for c in 2..CH {
@@ -409,11 +390,11 @@ fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs
         let (md, mean, cnt) = stat(per);
         println!("   {:<34} {md:>8.0} {mean:>8.0}   (sum of phases {tot:.0}; {cnt} samples)", "loop period");
     };
-    table("prep [cycles]", 0, &PREP_PHASES);
+    table("copy thread [cycles]", 0, &PREP_PHASES);
     table("consumer wg1 [cycles]", 16, &CONS_PHASES);
     table("consumer wg2 [cycles]", 24, &CONS_PHASES);
-    // Hand-over: prep's pfull arrive (slot 14) -> consumer wg1 past its pfull wait (slot 17);
-    // and how long before wg1 reached chunk c the prep had it ready (< 0: wg1 waited).
+    // Hand-over: the copy thread's issue of chunk c (slot 14) -> consumer wg1 past its pfull
+    // wait (slot 17); and how long before wg1 reached chunk c the copies were issued.
     let (mut d, mut lead) = (Vec::new(), Vec::new());
     for cta in 0..CTAS {
         for c in 2..CH {
@@ -427,12 +408,11 @@ fn fused_profile(rt: &Runtime, name: &str, batch: &Batch, inp: &GdnPrefillInputs
         }
     }
     let (md, mean, _) = stat(d);
-    println!("   {:<34} {md:>8.0} {mean:>8.0}", "pfull arrive -> wg1 past wait");
+    println!("   {:<34} {md:>8.0} {mean:>8.0}", "copies issued -> wg1 past pfull");
     let (md, mean, _) = stat(lead);
-    println!("   {:<34} {md:>8.0} {mean:>8.0}   (< 0: the consumers wait for the prep)", "wg1 loop top - pfull arrive");
+    println!("   {:<34} {md:>8.0} {mean:>8.0}   (< 0: issued after wg1 reached the chunk)", "wg1 loop top - copies issued");
     if let Some(f) = ghz.first() {
         println!("   (clock {f:.3} GHz: 1 us = {:.0} cycles)", f * 1e3);
-    }
     }
 }
 

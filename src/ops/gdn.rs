@@ -3,7 +3,9 @@
 //! - [`gdn_prefill`]: packed varlen prefill. Two launches on the runtime's stream:
 //!   `prep` (chunk-local WY transform, parallel over chunks x value heads, into a
 //!   workspace) then `scan` (sequential over the chunks of a sequence, parallel over
-//!   sequences x value heads x dv tiles, state in f32 registers).
+//!   sequences x value heads x dv tiles, state in f32 registers). On sm_90a at dk 128,
+//!   dv 128 / 256 the two are `fused_prep` (per-chunk records) and the fused,
+//!   warp-specialised scan with the state in wgmma accumulators (`ScanTile::Fused`).
 //! - [`gdn_decode`]: 1..=8 tokens per sequence on an f32 state pool updated in
 //!   place, with the chunk-boundary commit. No host sync: capturable in a CUDA graph.
 //!
@@ -115,8 +117,8 @@ pub struct GdnPrefillOutputs<'a> {
 
 /// Device scratch of the prefill, reusable across calls: natsl's own (grown on
 /// demand) or the caller's ([`GdnWorkspace::from_scratch`]; size from
-/// [`prefill_workspace_bytes`]). Holds W, U, P, the row factors, host indices and
-/// the context-parallel states.
+/// [`prefill_workspace_bytes`]). Holds W, U, P and the row factors (the fused prefill:
+/// its per-chunk records), host indices and the context-parallel states.
 #[derive(Debug, Default)]
 pub struct GdnWorkspace {
     pub scratch: Scratch,
@@ -442,10 +444,10 @@ pub fn reg_scan_smem_bytes(dk: usize, bv: usize, warps: usize) -> usize {
 }
 
 /// Dynamic shared memory of a scan tile (stages 1 / 2: `scan_smem_bytes`; 3: the
-/// register-state scan).
+/// register-state scan; fused: the `fused_split*` kernels).
 fn tile_smem_bytes(dk: usize, t: natsl_codegen::spec::Tile) -> usize {
     if is_fused_tile(t) {
-        fused_smem_bytes()
+        fused_split_smem_bytes()
     } else if t.stages == 3 {
         reg_scan_smem_bytes(dk, t.block_n as usize, t.warps as usize)
     } else {
@@ -553,8 +555,10 @@ impl PrepKernel {
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScanTile {
-    /// Where the default tile would give at most one CTA per SM (and no context
-    /// parallelism): the register-state scan at dk = 128, else the narrow tile.
+    /// The fused prefill (`Fused`) wherever it has a kernel and TMA maps describe q, k, v;
+    /// elsewhere, where the default tile would give at most one CTA per SM (and no context
+    /// parallelism): the register-state scan at dk = 128, else the narrow tile; else the
+    /// default tile.
     #[default]
     Auto,
     /// The catalog's default tile.
@@ -583,36 +587,26 @@ pub enum ScanTile {
     /// An invalid tile for the launch's dims falls back to `Reg`'s choice.
     RegWith { block_n: u32, warps: u32 },
     /// The fused, warp-specialised sm_90a prefill in cuda/gdn/fused.cuh (tile stages = 4
-    /// marks it; where `Auto` picks a fused prefill it runs `FusedInline` for now), split:
-    /// `fused_prep` (prep_grouped's math, fully parallel over (slot, q/k head), 4 CTAs per
-    /// SM) writes per (slot, value head) a 17 KB record of the state-independent chunk
-    /// products (T diag(beta) and P, bf16 / f16 64 x 64, and the f32 row factors, gate
-    /// and label) to the workspace; then per CTA (128 state columns, value head,
-    /// sequence) one thread bulk-copies chunk c's record and TMA-loads its q, k, v into a
-    /// 3-deep ring while two consumer warpgroups run the state update (forming U and W S
-    /// from T diag(beta)) and outputs with the state in wgmma accumulators. dk = 128 with
-    /// dv = 128 or 256, sm_90a only: anything else is an error (`InvalidArgument` naming
-    /// `variant`), as is a q / k / v view no TMA map describes. Context parallelism as for
-    /// the other tiles (`fused_split_cp_a`, `cp_combine`, `fused_split_cp_c`, all reading
-    /// the same records); the prep kernel choice is ignored, `PrefillPart::Prep` queues
-    /// `fused_prep` alone and `PrefillPart::Scan` the fused launches alone.
-    /// Not yet run on a device (2026-12-04): selectable only, `Auto` runs `FusedInline`
-    /// until one run checks and compares both; the loser is then removed.
+    /// marks it; what `Auto` runs wherever it has a kernel): `fused_prep` (prep_grouped's
+    /// math, fully parallel over (slot, q/k head), 5 CTAs per SM) writes per (slot, value
+    /// head) a 17 KB record of the state-independent chunk products (T diag(beta) and P,
+    /// bf16 / f16 64 x 64, and the f32 row factors, gate and label) to the workspace; then
+    /// per CTA (128 state columns, value head, sequence) one thread bulk-copies chunk c's
+    /// record and TMA-loads its q, k, v into a 3-deep ring while two consumer warpgroups run
+    /// the state update (forming U and W S from T diag(beta)) and outputs with the state in
+    /// wgmma accumulators. dk = 128 with dv = 128 or 256, sm_90a only: anything else is an
+    /// error (`InvalidArgument` naming `variant`), as is a q / k / v view no TMA map
+    /// describes. Context parallelism as for the other tiles (`fused_split_cp_a`,
+    /// `cp_combine`, `fused_split_cp_c`, all reading the same records; `ScanParallel::Auto`
+    /// has its own threshold here, see `cp_auto_segments_fused`); the prep kernel choice is
+    /// ignored, `PrefillPart::Prep` queues `fused_prep` alone and `PrefillPart::Scan` the
+    /// fused launches alone. (The inline variant, whose prep warpgroup computed those
+    /// products on chip, was removed after H200 run o: it tied at P1 and lost everywhere
+    /// else, bench/NOTES.md session 10.)
     Fused,
-    /// The previous fused prefill (entries `fused`, `fused_cp_a`, `fused_cp_c`): one
-    /// launch, its prep warpgroup computing chunk c + 1's P, T diag(beta) and row factors
-    /// on chip (the ~10.8k-cycle chain that bound it: bench/NOTES.md, session 5); no
-    /// workspace but host indices and cp states. `PrefillPart::Prep` queues nothing,
-    /// `PrefillPart::Scan` the whole launch. What `Auto` runs where it picks the fused
-    /// prefill, until `Fused` is measured against it.
-    FusedInline,
-    /// `Fused` as its phase-timer build (NATSL_GDN_FUSED_PROFILE: clock64 at phase
-    /// boundaries into a module global, read by `bench::gdn::fused_profile`). Tile stages
-    /// 5; never shipped.
-    #[doc(hidden)]
-    FusedProfile,
-    /// `Fused` (split) on the phase-timer build: its consumers' phases, the copy thread's
-    /// pempty waits. Never shipped.
+    /// `Fused` on the phase-timer build (NATSL_GDN_FUSED_PROFILE, tile stages 5: clock64 at
+    /// phase boundaries into a module global, read by `bench::gdn::fused_profile`): its
+    /// consumers' phases, the copy thread's pempty waits. Never shipped.
     #[doc(hidden)]
     FusedSplitProfile,
 }
@@ -653,16 +647,9 @@ pub fn reg_scan_spec(wide: natsl_codegen::spec::KernelSpec, dk: usize, few: bool
 /// Tile of the fused prefill (`ScanTile::Fused`): see [`catalog::GDN_FUSED_TILE`].
 pub const FUSED_TILE: natsl_codegen::spec::Tile = catalog::GDN_FUSED_TILE;
 
-/// The tile of the fused prefill's phase-timer build (`ScanTile::FusedProfile`).
+/// The tile of the fused prefill's phase-timer build (`ScanTile::FusedSplitProfile`).
 #[doc(hidden)]
 pub const FUSED_PROFILE_TILE: natsl_codegen::spec::Tile = natsl_codegen::spec::Tile::new(64, 128, 12, 5);
-
-/// Whether a fused variant is the split one (`fused_prep` then `fused_split*`). Auto's
-/// fused pick stays the inline kernel, the one measured and checked on a device, until a
-/// device run has checked and timed the split (it was built when no device was lent).
-fn fused_split(tile: ScanTile) -> bool {
-    matches!(tile, ScanTile::Fused | ScanTile::FusedSplitProfile)
-}
 
 /// Whether `t` is a fused tile (stages >= 4 marks the unit in prefill_entry.cu).
 fn is_fused_tile(t: natsl_codegen::spec::Tile) -> bool {
@@ -675,38 +662,32 @@ pub fn fused_supported(dk: usize, dv: usize, arch: natsl_codegen::Arch) -> bool 
     catalog::gdn_fused_spec(natsl_codegen::DType::Bf16, dk as u32, dv as u32, arch).is_some()
 }
 
-/// Whether `ScanTile::Auto` runs the fused prefill: it has a kernel for the dims, its
-/// CTAs (sequence, value head, 128 columns) fill at least 90% of the SMs, and TMA maps
-/// describe q, k and v. (Without a driver, for sizing on the host: no; that plan's
-/// W | U | P | F workspace, 41-58 KB per slot and value head, exceeds the split fused
-/// plan's 17 KB records, so a workspace sized there serves both.)
-fn fused_auto(arch: natsl_codegen::Arch, sm: usize, d: &GdnDims, inp: &GdnPrefillInputs) -> bool {
+/// Whether `ScanTile::Auto` runs the fused prefill: it has a kernel for the dims, a driver
+/// is present and TMA maps describe q, k and v. H200 run o (graph replays, ms; Auto before
+/// = the inline fused kernel at P1-P3, prep + scan elsewhere): the fused prefill ties or wins
+/// on every measured shape: P1 0.742 / 0.777 (one launch timed twice) vs the inline
+/// 0.734-0.753 (within noise), P2 1.398 vs 1.449, P3 2.579 vs 2.876, P4 cp4 1.231 vs 1.701, P5 cp16 0.456 vs
+/// 0.680, P8 0.1242 vs 0.1244, P9 cp4 2.387 vs 3.369, natsl-340M cp8 0.477 vs 0.824. (Without
+/// a driver, e.g. sizing on the host: no; `prefill_workspace_bytes_for` then sizes for both.)
+fn fused_auto(arch: natsl_codegen::Arch, d: &GdnDims, inp: &GdnPrefillInputs) -> bool {
     fused_supported(d.dk, d.dv, arch)
-        && 10 * d.seqs * d.hv * (d.dv / 128) >= 9 * sm
         && crate::runtime::driver_present()
         && tma::encode_thd("q", &inp.q, CHUNK as u32).is_ok()
         && tma::encode_thd("k", &inp.k, CHUNK as u32).is_ok()
         && tma::encode_thd("v", &inp.v, CHUNK as u32).is_ok()
 }
 
-/// The spec of the fused prefill (`ScanTile::Fused`, entries `fused`, `fused_cp_a`,
-/// `fused_cp_c`, `cp_combine`); `None` where [`fused_supported`] says no.
+/// The spec of the fused prefill (`ScanTile::Fused`, entries `fused_prep`, `fused_split`,
+/// `fused_split_cp_a`, `fused_split_cp_c`, `cp_combine`); `None` where [`fused_supported`]
+/// says no.
 pub fn fused_spec(dtype: natsl_codegen::DType, dk: u32, dv: u32, arch: natsl_codegen::Arch) -> Option<natsl_codegen::spec::KernelSpec> {
     catalog::gdn_fused_spec(dtype, dk, dv, arch)
 }
 
-/// Dynamic shared memory of the fused prefill (mirror of `FusedLayout::BYTES` in
-/// cuda/gdn/fused.cuh): Q/K ring 3 x 32 KB, V ring 2 x 16 KB, prep stages 2 x 33 KB
-/// (W, T diag(beta), P, row factors), the f32 inverse scratch, 2 x 5 x 64 f32, 9
-/// mbarriers, 1 KB alignment slack. Fixed for dk = 128 (the only dk it serves).
-pub fn fused_smem_bytes() -> usize {
-    const PANEL: usize = 64 * 128;
-    let bar = 3 * 4 * PANEL + 2 * 2 * PANEL + 2 * (4 * PANEL + 1024) + CHUNK * (CHUNK + 4) * 4 + 2 * 5 * CHUNK * 4;
-    bar + 9 * 8 + 1024
-}
-
-/// Dynamic shared memory of the split fused prefill (`FusedLayoutT<true>::BYTES`): Q/K,
-/// V and record rings 3 deep (3 x 32 KB, 3 x 16 KB, 3 x 17 KB), 12 mbarriers, 1 KB slack.
+/// Dynamic shared memory of the fused prefill's `fused_split*` kernels (mirror of
+/// `FusedLayout::BYTES` in cuda/gdn/fused.cuh): Q/K, V and record rings 3 deep (3 x 32 KB,
+/// 3 x 16 KB, 3 x 17 KB), 12 mbarriers, 1 KB alignment slack. Fixed for dk = 128 (the only
+/// dk it serves).
 pub fn fused_split_smem_bytes() -> usize {
     const PANEL: usize = 64 * 128;
     3 * 4 * PANEL + 3 * 2 * PANEL + 3 * FUSED_RECORD_BYTES + 12 * 8 + 1024
@@ -752,21 +733,24 @@ pub enum ScanParallel {
     /// Split every sequence into this many segments (at most its chunk count;
     /// 0 or 1: off).
     Segments(usize),
-    /// The segment count of a wave model of the three launches where it predicts
-    /// >= 2x over the plain scan, else off (see `cp_auto_segments`). Forces the wide
-    /// tile under `ScanTile::Auto` when it splits.
+    /// The segment count of a wave model of the three launches where it predicts at
+    /// least 2x over the plain scan (the fused prefill: 1.25x, see
+    /// `cp_auto_segments_fused`), else off (see `cp_auto_segments`). Where `ScanTile::Auto`
+    /// does not run the fused prefill, a split forces the wide tile.
     #[default]
     Auto,
 }
 
 /// Segments the scan of this launch uses (<= 1: the plain scan). `nchs`: chunks per
-/// sequence; `bv`, `smem`: the scan tile's column width and dynamic smem.
+/// sequence; `bv`, `smem`: the scan tile's column width and dynamic smem (the fused
+/// prefill: its `fused_split*` kernels'); `fused`: the fused prefill's Auto rule.
 #[allow(clippy::too_many_arguments)]
-fn cp_segments(cp: ScanParallel, nchs: &[usize], hv: usize, dk: usize, dv: usize, bv: usize, smem: usize, sm: usize) -> usize {
+fn cp_segments(cp: ScanParallel, fused: bool, nchs: &[usize], hv: usize, dk: usize, dv: usize, bv: usize, smem: usize, sm: usize) -> usize {
     let max_chunks = nchs.iter().copied().max().unwrap_or(1).max(1);
     let s = match cp {
         ScanParallel::Off => 1,
         ScanParallel::Segments(s) => s,
+        ScanParallel::Auto if fused => cp_auto_segments_fused(nchs, hv, dk, dv, bv, smem, sm),
         ScanParallel::Auto => cp_auto_segments(nchs, hv, dk, dv, bv, smem, sm),
     };
     s.min(max_chunks).max(1)
@@ -800,6 +784,32 @@ pub fn cp_geometry(nch: usize, segments: usize) -> (usize, usize) {
 /// (The previous rule, S = SMs / CTAs, gave P5 8 (0.620) and 340M 5 (0.927).)
 #[doc(hidden)]
 pub fn cp_auto_segments(nchs: &[usize], hv: usize, dk: usize, dv: usize, bv: usize, smem: usize, sm: usize) -> usize {
+    cp_model_segments(nchs, hv, dk, dv, bv, smem, sm, &mut (2..=64), 2.0)
+}
+
+/// `ScanParallel::Auto` for the fused prefill (`fused_split_cp_a`, `cp_combine`,
+/// `fused_split_cp_c`; `bv` = 128, `smem` = [`fused_split_smem_bytes`]): the same wave
+/// model, its best S where it predicts >= 1.25x over the plain fused kernel, S a power of
+/// two. H200 run o (end to end with fused_prep, graph replays, ms):
+///   P4 (1 x 32768, 16/32):  off 1.668, cp2 1.642, cp4 1.231, cp8 1.226, cp16 1.323 -> 4
+///   P9 (1 x 65536, 16/32):  off 3.305, cp4 2.387, cp8 2.407, cp16 2.548            -> 4
+///   P5 (1 x 32768, 2/8):    off 1.427, cp4 0.780, cp8 0.481, cp16 0.456            -> 16
+///   natsl-340M (6, 128/256):           cp4 0.792, cp8 0.477, cp16 0.534            -> 8
+///   P1, P2 (8 x 8192): no model gain; P8 (1 x 2048): 1.19x at cp4, below 1.25    -> off
+/// The fused cp passes keep their per-chunk step: at P4 / P9 a 1.32x model gain (cp4) was
+/// 1.36-1.38x real, where the older scans need 2x in the model (`cp_auto_segments`).
+/// Powers of two only: the counts measured; over all of 2..=64 wave quantisation puts the
+/// model's optimum on unmeasured counts (P4 / P9: 5, 1.63x; P8: 3, 1.36x).
+#[doc(hidden)]
+pub fn cp_auto_segments_fused(nchs: &[usize], hv: usize, dk: usize, dv: usize, bv: usize, smem: usize, sm: usize) -> usize {
+    cp_model_segments(nchs, hv, dk, dv, bv, smem, sm, &mut (1..=6).map(|e| 1usize << e), 1.25)
+}
+
+/// The wave model of `cp_auto_segments` over the candidate counts `cands` (increasing):
+/// the cheapest S (ties: fewer segments) where it predicts >= `min_gain` x over the plain
+/// scan, else 1.
+#[allow(clippy::too_many_arguments)]
+fn cp_model_segments(nchs: &[usize], hv: usize, dk: usize, dv: usize, bv: usize, smem: usize, sm: usize, cands: &mut dyn Iterator<Item = usize>, min_gain: f64) -> usize {
     // 228 KiB of smem per SM (H100 / H200; A100 has 164: fewer slots, so this errs
     // towards more segments there), 1 KiB reserved per CTA; 128-thread CTAs at
     // <= 255 registers: at most 2 per SM by registers.
@@ -811,7 +821,7 @@ pub fn cp_auto_segments(nchs: &[usize], hv: usize, dk: usize, dv: usize, bv: usi
     let max_chunks = nchs.iter().copied().max().unwrap_or(0);
     let plain = (max_chunks * waves(Sat(nchs.len()) * hv * tv)).0;
     let mut best = (plain as f64, 1usize);
-    for s in 2..=64.min(max_chunks) {
+    for s in cands.take_while(|&s| s <= max_chunks) {
         let (mut ca, mut cc, mut crit, mut segs_max) = (Sat(0), Sat(0), 0usize, 1usize);
         for &nch in nchs.iter().filter(|&&c| c > 0) {
             let (sl, segs) = cp_geometry(nch, s);
@@ -821,7 +831,7 @@ pub fn cp_auto_segments(nchs: &[usize], hv: usize, dk: usize, dv: usize, bv: usi
             segs_max = segs_max.max(segs);
         }
         let cost = (crit * (waves(ca) + waves(cc))).0 as f64 + 1.5 * segs_max.saturating_sub(2) as f64;
-        if cost < best.0 * 0.999 && (best.1 > 1 || 2.0 * cost <= plain as f64) {
+        if cost < best.0 * 0.999 && (best.1 > 1 || min_gain * cost <= plain as f64) {
             best = (cost, s);
         }
     }
@@ -854,12 +864,12 @@ struct Plan {
     d: GdnDims,
     scale: f32,
     spec: natsl_codegen::spec::KernelSpec,
-    /// The split fused prefill (`fused_prep`, then the `fused_split*` entries).
-    split: bool,
+    /// The fused prefill (`fused_prep`, then the `fused_split*` entries).
+    fused: bool,
     segments: usize,
     prep_smem: u32,
     scan_smem: u32,
-    /// Byte offsets in the workspace: W | U | P | G (split fused: the records), then
+    /// Byte offsets in the workspace: W | U | P | G (fused: the records), then
     /// host indices, then E | A.
     idx_off: usize,
     cp_off: usize,
@@ -900,11 +910,11 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
     let wide_ctas = d.seqs * d.hv * (d.dv / wide.tile.block_n as usize);
     let sm = sm_count as usize;
     let nchs: Vec<usize> = cu_seqlens.windows(2).map(|w| ((w[1] - w[0]) as usize).div_ceil(CHUNK)).collect();
-    let cp_of = |t: natsl_codegen::spec::Tile| cp_segments(cp, &nchs, d.hv, d.dk, d.dv, t.block_n as usize, tile_smem_bytes(d.dk, t), sm);
+    let cp_of = |t: natsl_codegen::spec::Tile| cp_segments(cp, is_fused_tile(t), &nchs, d.hv, d.dk, d.dv, t.block_n as usize, tile_smem_bytes(d.dk, t), sm);
     let cp_wide = cp_of(wide.tile);
     let fused_tile_v = match tile {
-        ScanTile::Fused | ScanTile::FusedInline => Some(FUSED_TILE),
-        ScanTile::FusedProfile | ScanTile::FusedSplitProfile => Some(FUSED_PROFILE_TILE),
+        ScanTile::Fused => Some(FUSED_TILE),
+        ScanTile::FusedSplitProfile => Some(FUSED_PROFILE_TILE),
         _ => None,
     };
     if fused_tile_v.is_some() && !fused_supported(d.dk, d.dv, arch) {
@@ -914,22 +924,20 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
         ));
     }
     let spec = match (tile, narrow) {
-        (ScanTile::Fused | ScanTile::FusedInline | ScanTile::FusedProfile | ScanTile::FusedSplitProfile, _) => natsl_codegen::spec::KernelSpec {
+        (ScanTile::Fused | ScanTile::FusedSplitProfile, _) => natsl_codegen::spec::KernelSpec {
             tile: fused_tile_v.expect("fused"),
             ..fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("checked above")
         },
         (ScanTile::Narrow, Some(s)) => s,
         (ScanTile::Reg, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, None),
         (ScanTile::RegWith { block_n, warps }, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, Some((block_n, warps))),
+        // The fused prefill wherever it has a kernel (and TMA maps of q, k, v): it ties or
+        // wins on every measured shape (H200 run o, `fused_auto`), with its own cp choice.
+        (ScanTile::Auto, _) if fused_auto(arch, &d, inp) => fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("fused_auto checked it"),
         // Few CTAs and no context parallelism: at dk = 128 the register-state scan
         // (n32w4), else the narrow tile. H200 run i, scan only: P4 1.13 vs 1.21 ms,
         // P7 0.288 vs 0.389, P8 0.075 vs 0.081, P9 2.25 vs 2.38. (With many CTAs the
         // wide tile stays ahead: P1 0.649 vs reg n128w8 0.691, P3 2.55 vs 2.72.)
-        // Enough (sequence, value head, 128 columns) CTAs to fill the SMs: the fused
-        // prefill. H200 run j (graph replays, ms): P1 0.739 vs 1.261, P2 1.450 vs 2.405.
-        // Fewer CTAs: its per-chunk chain (prep-bound, ~11k cycles; phase timer) loses even
-        // with context parallelism: P4 cp4 2.26 vs 1.71, P8 0.216 vs 0.126.
-        (ScanTile::Auto, _) if fused_auto(arch, sm, &d, inp) => fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("fused_auto checked it"),
         (ScanTile::Auto, Some(s)) if wide_ctas <= sm && cp_wide <= 1 => {
             if d.dk == 128 {
                 reg_scan_spec(wide, d.dk, true, None)
@@ -949,20 +957,15 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
         cp_of(spec.tile)
     };
     let ns = crate::batch::num_slots(d.tokens, d.seqs);
-    // The split fused prefill: its records; the inline one keeps W, U, P, F on chip.
+    // The fused prefill: its records instead of W, U, P, F.
     let fused = is_fused_tile(spec.tile);
-    let split = fused && fused_split(tile);
-    let idx_off = match (fused, split) {
-        (true, true) => fused_workspace_bytes(ns, d.hv),
-        (true, false) => 0,
-        _ => workspace_bytes(ns, d.hv, d.dk, d.dv),
-    };
+    let idx_off = if fused { fused_workspace_bytes(ns, d.hv) } else { workspace_bytes(ns, d.hv, d.dk, d.dv) };
     let cp_off = idx_off + if has_host_index(inp, out) { align(3 * d.seqs * 4) } else { 0 };
     let ws_bytes = cp_off + if segments > 1 { cp_workspace_bytes(d.seqs, segments, d.hv, d.dk, d.dv) } else { 0 };
     // fused_prep is prep_grouped's code (same smem).
-    let prep_smem = prep_kernel_smem_bytes(d.dk, d.dv, if split { PrepKernel::Grouped } else { prep }) as u32;
-    let scan_smem = if split { fused_split_smem_bytes() } else { tile_smem_bytes(d.dk, spec.tile) } as u32;
-    Ok(Plan { d, scale, spec, split, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes })
+    let prep_smem = prep_kernel_smem_bytes(d.dk, d.dv, if fused { PrepKernel::Grouped } else { prep }) as u32;
+    let scan_smem = tile_smem_bytes(d.dk, spec.tile) as u32;
+    Ok(Plan { d, scale, spec, fused, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes })
 }
 
 /// Bytes of workspace a [`gdn_prefill`] call with these arguments needs on `rt`
@@ -974,9 +977,16 @@ pub fn prefill_workspace_bytes(rt: &Runtime, cu_seqlens: &[i32], inp: &GdnPrefil
 }
 
 /// [`prefill_workspace_bytes`] for a device of `sm_count` SMs on code path `arch`
-/// (no runtime needed: for sizing on the host).
+/// (no runtime needed: for sizing on the host). Where the fused prefill has a kernel,
+/// the larger of its plan and the other one (which `Auto` runs without a driver or TMA
+/// maps): the two take different workspaces and context-parallel segments.
 pub fn prefill_workspace_bytes_for(arch: natsl_codegen::Arch, sm_count: u32, cu_seqlens: &[i32], inp: &GdnPrefillInputs, out: &GdnPrefillOutputs, opts: &GdnOptions) -> Result<usize> {
-    Ok(plan(None, arch, sm_count, cu_seqlens, inp, out, opts, PrefillVariant::default())?.ws_bytes)
+    let auto = plan(None, arch, sm_count, cu_seqlens, inp, out, opts, PrefillVariant::default())?;
+    if !fused_supported(auto.d.dk, auto.d.dv, arch) {
+        return Ok(auto.ws_bytes);
+    }
+    let fused = plan(None, arch, sm_count, cu_seqlens, inp, out, opts, PrefillVariant { tile: ScanTile::Fused, ..Default::default() })?;
+    Ok(auto.ws_bytes.max(fused.ws_bytes))
 }
 
 /// [`prefill_workspace_bytes_for`] with the paths of `v`: the plan of a forced variant
@@ -1005,22 +1015,11 @@ fn prefill_launch(
     let run_prep = v.part != Some(PrefillPart::Scan);
     let run_scan = v.part != Some(PrefillPart::Prep);
     let ctx = super::launch_context(rt, Some(batch))?;
-    let Plan { d, scale, spec, split, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes } = plan(Some(ctx), rt.arch(), rt.sm_count(), batch.cu_seqlens(), inp, out, opts, v)?;
+    let Plan { d, scale, spec, fused, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes } = plan(Some(ctx), rt.arch(), rt.sm_count(), batch.cu_seqlens(), inp, out, opts, v)?;
     let tile = spec.tile;
-    // The fused prefill: split = fused_prep (records) then fused_split*; inline = one
-    // kernel doing the prep's work on chip.
-    let fused = is_fused_tile(tile);
-    let run_prep = run_prep && (!fused || split);
-    let f_prep = match (fused, split) {
-        (true, true) => Some(rt.function(&spec, "fused_prep", prep_smem)?),
-        (true, false) => None,
-        _ => Some(rt.function(&spec, v.prep.entry(), prep_smem)?),
-    };
-    let (e_scan, e_cp_a, e_cp_c) = match (fused, split) {
-        (true, true) => ("fused_split", "fused_split_cp_a", "fused_split_cp_c"),
-        (true, false) => ("fused", "fused_cp_a", "fused_cp_c"),
-        _ => ("scan", "scan_cp_a", "scan_cp_c"),
-    };
+    // The fused prefill: fused_prep (records) then fused_split*.
+    let f_prep = rt.function(&spec, if fused { "fused_prep" } else { v.prep.entry() }, prep_smem)?;
+    let (e_scan, e_cp_a, e_cp_c) = if fused { ("fused_split", "fused_split_cp_a", "fused_split_cp_c") } else { ("scan", "scan_cp_a", "scan_cp_c") };
     let s = rt.stream();
     // Context parallelism: (scan_cp_a, cp_combine, scan_cp_c) instead of scan.
     let f_scan = if segments > 1 {
@@ -1043,7 +1042,7 @@ fn prefill_launch(
     } else {
         None
     };
-    // Workspace: W | U | P | G (split fused: records) | host indices | E | A, each 256-byte aligned.
+    // Workspace: W | U | P | G (fused: records) | host indices | E | A, each 256-byte aligned.
     let wsb = ws.scratch.ptr(rt, ws_bytes)?;
     let (cp_e, cp_a) = if segments > 1 {
         let rows = d.seqs * segments * d.hv;
@@ -1143,7 +1142,7 @@ fn prefill_launch(
         ws_u: ws_u as *mut _,
         ws_p: ws_p as *mut _,
         ws_g: ws_g as *mut f32,
-        ws_fused: if split { wsb as *mut _ } else { std::ptr::null_mut() },
+        ws_fused: if fused { wsb as *mut _ } else { std::ptr::null_mut() },
         cp_segments: segments as i32,
         ws_cp_e: cp_e as *mut f32,
         ws_cp_a: cp_a as *mut f32,
@@ -1169,8 +1168,8 @@ fn prefill_launch(
     unsafe {
         if run_prep {
             // Grouped (and fused_prep): one CTA per (slot, q/k head); Compact per (slot, value head).
-            let prep_heads = if v.prep == PrepKernel::Grouped || split { d.hqk } else { d.hv };
-            s.launch_builder(f_prep.as_ref().expect("prep entry")).arg(&p).launch(LaunchConfig {
+            let prep_heads = if v.prep == PrepKernel::Grouped || fused { d.hqk } else { d.hv };
+            s.launch_builder(&f_prep).arg(&p).launch(LaunchConfig {
                 grid_dim: (ns as u32, prep_heads as u32, 1),
                 block_dim: (PREP_THREADS, 1, 1),
                 shared_mem_bytes: prep_smem,

@@ -137,8 +137,7 @@ impl Choice {
             ScanTile::Reg => "reg".into(),
             ScanTile::RegWith { block_n, warps } => format!("reg n{block_n}w{warps}"),
             ScanTile::Fused => "fused".into(),
-            ScanTile::FusedInline => "fused inline".into(),
-            ScanTile::FusedProfile | ScanTile::FusedSplitProfile => "profile".into(),
+            ScanTile::FusedSplitProfile => "profile".into(),
         };
         let prep = match v.prep {
             PrepKernel::Grouped => "grouped",
@@ -161,7 +160,6 @@ impl Choice {
             "narrow" => ScanTile::Narrow,
             "reg" => ScanTile::Reg,
             "fused" => ScanTile::Fused,
-            "fused inline" => ScanTile::FusedInline,
             t => {
                 let (n, w) = t.strip_prefix("reg n")?.split_once('w')?;
                 ScanTile::RegWith { block_n: n.parse().ok()?, warps: w.parse().ok()? }
@@ -422,7 +420,7 @@ pub(crate) fn gdn_prefill(rt: &Runtime, cu_seqlens: &[i32], inp: &GdnPrefillInpu
     })
     .and_then(|c| c.gdn_variant());
     let Some(v) = tuned else { return PrefillVariant::default() };
-    let fused = matches!(v.tile, ScanTile::Fused | ScanTile::FusedInline);
+    let fused = matches!(v.tile, ScanTile::Fused);
     let tma_ok = || ["q", "k", "v"].iter().zip([&inp.q, &inp.k, &inp.v]).all(|(a, t)| crate::tma::encode_thd(a, t, crate::CHUNK as u32).is_ok());
     let plan_ok = crate::ops::gdn::prefill_workspace_bytes_variant(rt.arch(), rt.sm_count(), cu_seqlens, inp, out, opts, v).is_ok();
     if plan_ok && (!fused || tma_ok()) {

@@ -249,11 +249,10 @@ fn gdn_candidates(m: &Model, arch: Arch) -> Vec<PrefillVariant> {
     for cp in [ScanParallel::Off, ScanParallel::Segments(8)] {
         c.push(v(ScanTile::RegWith { block_n: 64, warps: 8 }, cp, g));
     }
-    // The fused prefill: the inline kernel (measured on a device); the split one
-    // (`ScanTile::Fused`) joins once a device run has checked it (bench/NOTES.md).
+    // The fused prefill (split: fused_prep, then the fused scan) at several cp counts.
     if gdn::fused_supported(m.dk, m.dv, arch) {
         for cp in [ScanParallel::Auto, ScanParallel::Off, ScanParallel::Segments(4), ScanParallel::Segments(16)] {
-            c.push(v(ScanTile::FusedInline, cp, g));
+            c.push(v(ScanTile::Fused, cp, g));
         }
     }
     c

@@ -24,7 +24,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn fused_choice() -> Choice {
-    Choice::gdn(PrefillVariant { tile: ScanTile::FusedInline, prep: PrepKernel::Grouped, cp: ScanParallel::Segments(4), part: None })
+    Choice::gdn(PrefillVariant { tile: ScanTile::Fused, prep: PrepKernel::Grouped, cp: ScanParallel::Segments(4), part: None })
 }
 
 #[test]
@@ -32,7 +32,7 @@ fn choices_round_trip_through_their_names() {
     let variants = [
         PrefillVariant::default(),
         PrefillVariant { tile: ScanTile::RegWith { block_n: 64, warps: 8 }, prep: PrepKernel::Compact, cp: ScanParallel::Off, part: None },
-        PrefillVariant { tile: ScanTile::FusedInline, cp: ScanParallel::Segments(16), ..Default::default() },
+        PrefillVariant { tile: ScanTile::Fused, cp: ScanParallel::Segments(16), ..Default::default() },
         PrefillVariant { tile: ScanTile::Narrow, ..Default::default() },
     ];
     for v in variants {

@@ -52,7 +52,7 @@ typedef struct NatslGdnPrefillParams {
     void* ws_u;                 /* workspace [num_slots, Hv, 64, dv] activation dtype: U = T diag(beta) V */
     void* ws_p;                 /* workspace [num_slots, Hv, 64, 64] activation dtype: scale (Q K^T o decay), lower incl. diagonal */
     float* ws_g;                /* workspace [num_slots, Hv, 3, 64] f32 row factors: scale e^G / |q|, e^(G_last - G) / |k|, G (cumulative g inside the chunk; pads repeat the last) */
-    void* ws_fused;             /* split fused prefill only (entries fused_prep -> fused_split*): [num_slots, Hv] records of NATSL_GDN_FREC_BYTES: T diag(beta) and P ([64][64] activation dtype each, 128B-swizzled rows), then f32 fq[64], fk[64], (G_last, label), fe[64] = e^G / |k| */
+    void* ws_fused;             /* fused prefill only (entries fused_prep -> fused_split*): [num_slots, Hv] records of NATSL_GDN_FREC_BYTES: T diag(beta) and P ([64][64] activation dtype each, 128B-swizzled rows), then f32 fq[64], fk[64], (G_last, label), fe[64] = e^G / |k| */
     /* Context parallelism (entries scan_cp_a, cp_combine, scan_cp_c only; the plain scan ignores these). */
     int cp_segments;            /* S: each sequence of nch chunks splits into ceil(nch / ceil(nch / S)) segments of ceil(nch / S) chunks */
     float* ws_cp_e;             /* workspace [N, S, Hv, dk, dv] f32: segment offsets E, then true segment end states */
@@ -61,15 +61,13 @@ typedef struct NatslGdnPrefillParams {
 } NatslGdnPrefillParams;
 
 /*
- * The fused sm_90a prefill (entries fused, fused_cp_a, fused_cp_c; ScanTile::Fused in
- * src/ops/gdn.rs): one launch, grid (dv / 128, num_v_heads, num_seqs) (context
+ * The fused sm_90a prefill (entries fused_split, fused_split_cp_a, fused_split_cp_c;
+ * ScanTile::Fused in src/ops/gdn.rs): grid (dv / 128, num_v_heads, num_seqs) (context
  * parallelism: the scan_cp grid with 128-column tiles). q, k, v are read by TMA through
  * the maps below (3-D (dim, head, token) tensors, 64 x 1 x 64 boxes, 128-byte swizzle);
- * base.ws_w, ws_u, ws_p, ws_g are unused. Entries fused, fused_cp_a, fused_cp_c (the
- * inline prep: the WY quantities never leave the SM) ignore base.ws_fused; the split
- * entries fused_split, fused_split_cp_a, fused_split_cp_c bulk-copy the records that the
+ * base.ws_w, ws_u, ws_p, ws_g are unused. The entries bulk-copy the records that the
  * parallel fused_prep kernel (grid (num_slots, Hqk), 128 threads, NatslGdnPrefillParams)
- * wrote there, one per chunk, into their stage ring.
+ * wrote to base.ws_fused, one per chunk, into their stage ring.
  * Taken as a __grid_constant__ (the maps must stay in parameter space).
  */
 typedef struct NatslGdnFusedParams {
