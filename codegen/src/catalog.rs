@@ -7,7 +7,9 @@ use crate::spec::*;
 const ARCHES: [Arch; 2] = [Arch::Sm80, Arch::Sm90a];
 const DTYPES: [DType; 2] = [DType::Bf16, DType::F16];
 
-/// Router: 256 threads per CTA, one 64-token chunk per CTA row of work.
+/// Router: 64-token chunks. The tile names the unit only (`m64n0w8s1`: kept from the
+/// removed blocked pool's 256-thread CTAs, so symbols and cache keys stay); the two
+/// kernels' CTA sizes are TILE_THREADS / TILE_SELECT_THREADS in cuda/router/router.cuh.
 pub const ROUTER_TILE: Tile = Tile::new(64, 0, 8, 1);
 
 /// The router spec for a dtype, policy class and arch.
