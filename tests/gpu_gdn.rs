@@ -311,12 +311,8 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
         }
     }
     let h0d = testing::upload::<f32>(rt, &h0_pool).unwrap();
-    // Every check runs once per prep kernel (outputs re-poisoned for each); the fused
-    // kernel has no separate prep (once).
     let mut failures = Vec::new();
-    let preps: &[PrepKernel] = if matches!(c.tile, ScanTile::Fused | ScanTile::FusedInline | ScanTile::FusedProfile | ScanTile::FusedSplitProfile) { &[PrepKernel::Grouped] } else { &[PrepKernel::Compact, PrepKernel::Grouped] };
-    for &prep in preps {
-        println!("  prep kernel {prep:?}");
+    {
         let mut od = testing::poisoned::<T>(rt, t * c.hv * c.dv).unwrap();
         let mut comd = testing::poisoned::<f32>(rt, rows * sd).unwrap();
         let mut rund = testing::poisoned::<f32>(rt, n * sd).unwrap();
@@ -393,7 +389,7 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
             let t1 = std::time::Instant::now();
             let parts: &[Option<PrefillPart>] = if c.parts { &[Some(PrefillPart::Prep), Some(PrefillPart::Scan)] } else { &[None] };
             for &part in parts {
-                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { tile: c.tile, prep, cp: c.cp, part }).unwrap();
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { tile: c.tile, cp: c.cp, part }).unwrap();
             }
             rt.synchronize().unwrap();
             println!(
@@ -471,11 +467,7 @@ fn run_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case) {
                 &want.gsum_running[..gs.len().min(8)]
             ));
         }
-        failures.extend(
-            rep.failures
-                .into_iter()
-                .map(|f| format!("[prep {prep:?}] {f}")),
-        );
+        failures.extend(rep.failures);
     }
     // Every index of these cases is in range and every label valid: no fault may be recorded.
     let faults = rt.device_faults().unwrap();

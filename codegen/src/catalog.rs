@@ -96,7 +96,7 @@ pub fn gdn_decode_tile(dk: u32, dv: u32) -> Tile {
     }
 }
 
-/// The GDN prefill spec (entries `prep_compact`, `prep_grouped`, `scan`, and the context-parallel
+/// The GDN prefill spec (entries `prep_grouped`, `scan`, and the context-parallel
 /// `scan_cp_a`, `cp_combine`, `scan_cp_c`); labels are read at run time.
 pub fn gdn_prefill_spec(dtype: DType, dk: u32, dv: u32, arch: Arch) -> KernelSpec {
     KernelSpec { op: Op::GdnPrefill, dtype, dims: HeadDims { dk, dv }, chunk: 64, tile: gdn_prefill_tile(dk, dv), sparsity: Sparsity::Dense, arch }

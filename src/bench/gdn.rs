@@ -106,18 +106,17 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         bytes,
     )];
     if split {
-        for (part, prep, tag) in [
-            (PrefillPart::Scan, PrepKernel::Compact, "scan"),
-            (PrefillPart::Prep, PrepKernel::Compact, "prep compact"),
-            (PrefillPart::Prep, PrepKernel::Grouped, "prep grouped"),
-            // (The removed substitution / blocked preps and Staged / Full scan tiles: runs d, f.)
-            // (bench/NOTES.md), slower everywhere; their rows are gone.
+        for (part, tag) in [
+            (PrefillPart::Scan, "scan"),
+            (PrefillPart::Prep, "prep grouped"),
+            // (The removed substitution / blocked / compact preps and Staged / Full scan
+            // tiles, runs d, f, i (bench/NOTES.md), were slower everywhere; their rows are gone.)
             // Experimental: state in registers only (ScanTile::Reg, scan_reg): its own
             // tile choice (dk 128: n32w4 for <= 1 default CTA per SM, else n128w8), and
             // the two alternatives at dk 128 (n64w8: dk-half pairs, 64 columns; n32w4).
-            (PrefillPart::Scan, PrepKernel::Compact, "scan reg"),
-            (PrefillPart::Scan, PrepKernel::Compact, "scan reg n64w8"),
-            (PrefillPart::Scan, PrepKernel::Compact, "scan reg n32w4"),
+            (PrefillPart::Scan, "scan reg"),
+            (PrefillPart::Scan, "scan reg n64w8"),
+            (PrefillPart::Scan, "scan reg n32w4"),
         ] {
             let tile = match tag {
                 "scan reg" => ScanTile::Reg,
@@ -126,7 +125,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
                 _ => ScanTile::Auto,
             };
             let tm = time_it(rt, 3, 10, |_| {
-                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, part: Some(part), ..Default::default() })
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { tile, part: Some(part), ..Default::default() })
             })
             .unwrap();
             recs.push(Record::new(
@@ -144,21 +143,20 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
     // sm_90a candidate (ScanTile::Fused: one launch) where it has a kernel: with its own
     // context-parallel choice (Auto) and without (off).
     let fused = fused_supported(dk, dv, rt.arch());
-    let mut cands = vec![(PrepKernel::Grouped, ScanTile::Auto, ScanParallel::Auto, "grouped"), (PrepKernel::Compact, ScanTile::Reg, ScanParallel::Auto, "compact+reg"), (PrepKernel::Grouped, ScanTile::Reg, ScanParallel::Auto, "grouped+reg")];
+    let mut cands = vec![(ScanTile::Auto, ScanParallel::Auto, "grouped"), (ScanTile::Reg, ScanParallel::Auto, "grouped+reg")];
     if fused_only {
         cands.clear();
     }
     // `fused` = split (fused_prep, then the fused kernel; Auto's pick), `fused inline` = the
     // previous one-launch variant (A/B until one device run; the loser is removed).
     if fused {
-        cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Auto, "fused"));
-        cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Off, "fused cp off"));
-        cands.push((PrepKernel::Grouped, ScanTile::FusedInline, ScanParallel::Auto, "fused inline"));
-        cands.push((PrepKernel::Grouped, ScanTile::FusedInline, ScanParallel::Off, "fused inline cp off"));
+        cands.push((ScanTile::Fused, ScanParallel::Auto, "fused"));
+        cands.push((ScanTile::Fused, ScanParallel::Off, "fused cp off"));
+        cands.push((ScanTile::FusedInline, ScanParallel::Auto, "fused inline"));
+        cands.push((ScanTile::FusedInline, ScanParallel::Off, "fused inline cp off"));
     }
-    let cands: Vec<(PrepKernel, ScanTile, ScanParallel, String)> = cands.into_iter().map(|(p, t, c, n)| (p, t, c, n.to_string())).collect();
-    for (prep, tile, cp, tag) in cands {
-        let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, cp, ..Default::default() })).unwrap();
+    for (tile, cp, tag) in cands {
+        let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { tile, cp, ..Default::default() })).unwrap();
         recs.push(Record::new(rt, "gdn_prefill", s.name.clone(), format!("{variant} {tag}"), &tm, flops, bytes));
     }
     // The split fused prefill's halves (cp off): fused_prep alone, the fused kernel alone
@@ -171,7 +169,6 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         }
     }
     if cp {
-        let prep = PrepKernel::default();
         let mut rows = vec![
             (ScanParallel::Auto, "cp auto".to_string(), ScanTile::Auto),
             (ScanParallel::Segments(4), "cp4".into(), ScanTile::Auto),
@@ -197,7 +194,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         }
         for (sp, tag, tile) in rows {
             let full = time_it(rt, 3, 10, |_| {
-                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, cp: sp, tile, ..Default::default() })
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { cp: sp, tile, ..Default::default() })
             })
             .unwrap();
             recs.push(Record::new(
@@ -210,7 +207,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
                 bytes,
             ));
             let scan = time_it(rt, 3, 10, |_| {
-                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, cp: sp, tile, part: Some(PrefillPart::Scan), ..Default::default() })
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { cp: sp, tile, part: Some(PrefillPart::Scan), ..Default::default() })
             })
             .unwrap();
             recs.push(Record::new(

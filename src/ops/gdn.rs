@@ -404,19 +404,13 @@ pub fn validate_prefill_in(
     })
 }
 
-/// Dynamic shared memory of the default prep kernel.
-pub fn prep_smem_bytes(dk: usize, dv: usize) -> usize {
-    prep_kernel_smem_bytes(dk, dv, PrepKernel::default())
-}
-
-/// Dynamic shared memory of a prep kernel (mirror of `prep_compact_smem_bytes` /
-/// `prep_grouped_smem_bytes`): R0 = max(Q, A f32), R1 = K, then 4 (5) x 64 f32.
-#[doc(hidden)]
-pub fn prep_kernel_smem_bytes(dk: usize, _dv: usize, kernel: PrepKernel) -> usize {
+/// Dynamic shared memory of the prep kernel (`prep_grouped`, and `fused_prep`; mirror
+/// of `prep_grouped_smem_bytes`): R0 = max(Q, A f32), R1 = K, then 5 x 64 f32.
+/// Saturates at `usize::MAX`.
+pub fn prep_smem_bytes(dk: usize, _dv: usize) -> usize {
     let dk = Sat(dk);
     let r0 = (CHUNK * (dk + PAD) * 2).max(Sat(CHUNK * (CHUNK + 4) * 4));
-    let rows = if kernel == PrepKernel::Grouped { 5 } else { 4 };
-    (r0 + CHUNK * (dk + PAD) * 2 + rows * CHUNK * 4).0
+    (r0 + CHUNK * (dk + PAD) * 2 + 5 * CHUNK * 4).0
 }
 
 /// Dynamic shared memory of the scan kernel (mirror of `scan_smem_bytes`).
@@ -486,7 +480,6 @@ pub fn gdn_prefill(
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrefillVariant {
     pub tile: ScanTile,
-    pub prep: PrepKernel,
     pub cp: ScanParallel,
     /// Queue only one of the two launches (`None`: both).
     pub part: Option<PrefillPart>,
@@ -504,39 +497,6 @@ pub fn gdn_prefill_variant(
     v: PrefillVariant,
 ) -> Result<()> {
     prefill_launch(rt, batch, inp, out, opts, ws, v)
-}
-
-/// Which prep kernel writes the workspace (tests and benches force each; [`gdn_prefill`]
-/// uses the default). Both write the same workspace. (The per-column substitution and
-/// the first blocked kernel, runs d-f: P1 1.335 / 1.047 ms, were removed.)
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PrepKernel {
-    /// Entry `prep_compact`: the blocked inverse with two smem regions
-    /// (Q -> A/T -> V chunks, K -> V chunks), T kept as scaled bf16 mma fragments in
-    /// registers, W, U and P stored from the accumulators: 35 KB at dk = dv = 128
-    /// (6 CTAs/SM). H200: P1 0.653 ms, P3 2.51, P9 1.25, natsl-760M 0.259 (blocked 0.432).
-    Compact,
-    /// Entry `prep_grouped`: one CTA per (chunk slot, q/k head) serving its Hv / Hqk
-    /// value heads in turn (grid (slots, Hqk)). q, k are loaded and Q K^T computed once
-    /// per group (P of every value head from the same accumulators); the L2 norms come
-    /// from the diagonals of Q Q^T and K K^T and are folded into the f32 factors
-    /// (q, k are never rescaled in smem). Per value head: K K^T, A, Compact's blocked
-    /// inverse, W, U. Smem as Compact (+256 B); 128 registers: 4 CTAs/SM.
-    /// The default: faster than Compact at every measured shape (H200 run i, prep only:
-    /// P1 0.639 vs 0.717 ms, P3 2.19 vs 2.64, P4 0.559 vs 0.639, P9 1.08 vs 1.25,
-    /// natsl-760M 0.232 vs 0.264).
-    #[default]
-    Grouped,
-}
-
-impl PrepKernel {
-    fn entry(self) -> &'static str {
-        match self {
-            PrepKernel::Compact => "prep_compact",
-            PrepKernel::Grouped => "prep_grouped",
-        }
-    }
 }
 
 /// Scan tile choice (tests force each path; [`gdn_prefill`] uses `Auto`).
@@ -584,7 +544,7 @@ pub enum ScanTile {
     /// dv = 128 or 256, sm_90a only: anything else is an error (`InvalidArgument` naming
     /// `variant`), as is a q / k / v view no TMA map describes. Context parallelism as for
     /// the other tiles (`fused_split_cp_a`, `cp_combine`, `fused_split_cp_c`, all reading
-    /// the same records); the prep kernel choice is ignored, `PrefillPart::Prep` queues
+    /// the same records); `PrefillPart::Prep` queues
     /// `fused_prep` alone and `PrefillPart::Scan` the fused launches alone.
     /// Not yet run on a device (2026-12-04): selectable only, `Auto` runs `FusedInline`
     /// until one run checks and compares both; the loser is then removed.
@@ -879,7 +839,7 @@ fn has_host_index(inp: &GdnPrefillInputs, out: &GdnPrefillOutputs) -> bool {
 
 #[allow(clippy::too_many_arguments)]
 fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seqlens: &[i32], inp: &GdnPrefillInputs, out: &GdnPrefillOutputs, opts: &GdnOptions, v: PrefillVariant) -> Result<Plan> {
-    let PrefillVariant { tile, prep, cp, .. } = v;
+    let PrefillVariant { tile, cp, .. } = v;
     let d = validate_prefill_in(ctx, cu_seqlens, inp, out, opts)?;
     let scale = resolve_scale(opts, d.dk)?;
     let wide = catalog::gdn_prefill_spec(d.dtype, d.dk as u32, d.dv as u32, arch);
@@ -950,7 +910,7 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
     let cp_off = idx_off + if has_host_index(inp, out) { align(3 * d.seqs * 4) } else { 0 };
     let ws_bytes = cp_off + if segments > 1 { cp_workspace_bytes(d.seqs, segments, d.hv, d.dk, d.dv) } else { 0 };
     // fused_prep is prep_grouped's code (same smem).
-    let prep_smem = prep_kernel_smem_bytes(d.dk, d.dv, if split { PrepKernel::Grouped } else { prep }) as u32;
+    let prep_smem = prep_smem_bytes(d.dk, d.dv) as u32;
     let scan_smem = if split { fused_split_smem_bytes() } else { tile_smem_bytes(d.dk, spec.tile) } as u32;
     Ok(Plan { d, scale, spec, split, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes })
 }
@@ -996,7 +956,7 @@ fn prefill_launch(
     let f_prep = match (fused, split) {
         (true, true) => Some(rt.function(&spec, "fused_prep", prep_smem)?),
         (true, false) => None,
-        _ => Some(rt.function(&spec, v.prep.entry(), prep_smem)?),
+        _ => Some(rt.function(&spec, "prep_grouped", prep_smem)?),
     };
     let (e_scan, e_cp_a, e_cp_c) = match (fused, split) {
         (true, true) => ("fused_split", "fused_split_cp_a", "fused_split_cp_c"),
@@ -1150,10 +1110,9 @@ fn prefill_launch(
     // value and stay inside those bounds.
     unsafe {
         if run_prep {
-            // Grouped (and fused_prep): one CTA per (slot, q/k head); Compact per (slot, value head).
-            let prep_heads = if v.prep == PrepKernel::Grouped || split { d.hqk } else { d.hv };
+            // prep_grouped (and fused_prep): one CTA per (slot, q/k head).
             s.launch_builder(f_prep.as_ref().expect("prep entry")).arg(&p).launch(LaunchConfig {
-                grid_dim: (ns as u32, prep_heads as u32, 1),
+                grid_dim: (ns as u32, d.hqk as u32, 1),
                 block_dim: (PREP_THREADS, 1, 1),
                 shared_mem_bytes: prep_smem,
             })?;
