@@ -40,7 +40,7 @@ struct Case {
     /// Range of g (log-decay).
     g_lo: f64,
     seed: u64,
-    /// Scan tile (forced wide / narrow, or the production choice).
+    /// Scan tile (forced, or the production choice).
     tile: ScanTile,
     /// Context parallelism of the scan (forced segments, or off).
     cp: ScanParallel,
@@ -495,8 +495,8 @@ fn prefill_ragged_plain_gdn_every_head_dim_pair() {
     for_arches("prefill_ragged_plain_gdn_every_head_dim_pair", |rt| {
         for (dk, dv) in [(64, 64), (128, 128), (256, 256), (128, 256), (192, 384)] {
             let mut c = Case::new("plain", &RAGGED, 1, 2, dk, dv);
-            // Both scan tiles where dk = 128 ships two.
-            for tile in [ScanTile::Wide, ScanTile::Narrow] {
+            // Both scan tiles of Auto's choice where dk = 128 has two (wide, register-state).
+            for tile in [ScanTile::Wide, ScanTile::Reg] {
                 c.tile = tile;
                 run_prefill::<bf16>(rt, &c);
                 if dk != 128 {
@@ -878,7 +878,7 @@ fn prefill_f16_and_bf16_gva_labels_l2norm() {
             c.hr = 2;
             c.l2norm = true;
             c.seed = 7;
-            for tile in [ScanTile::Wide, ScanTile::Narrow] {
+            for tile in [ScanTile::Wide, ScanTile::Reg] {
                 c.tile = tile;
                 run_prefill::<bf16>(rt, &c);
             }
@@ -936,7 +936,7 @@ fn prefill_cp_segments_single_sequence() {
             c.hr = 1;
             c.seed = 11 + segs as u64;
             c.cp = ScanParallel::Segments(segs);
-            for tile in [ScanTile::Wide, ScanTile::Narrow] {
+            for tile in [ScanTile::Wide, ScanTile::Reg] {
                 c.tile = tile;
                 run_prefill::<bf16>(rt, &c);
             }

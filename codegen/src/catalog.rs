@@ -35,7 +35,6 @@ fn gdn_specs() -> Vec<KernelSpec> {
         for dtype in DTYPES {
             for (dk, dv) in GDN_DIMS {
                 v.push(gdn_prefill_spec(dtype, dk, dv, arch));
-                v.extend(gdn_prefill_narrow_spec(dtype, dk, dv, arch));
                 v.push(gdn_decode_spec(dtype, dk, dv, arch));
                 v.extend(gdn_fused_spec(dtype, dk, dv, arch));
             }
@@ -67,21 +66,6 @@ pub fn gdn_prefill_tile(dk: u32, dv: u32) -> Tile {
         (256, _) => Tile::new(64, 64, 8, 1),
         _ => Tile::new(64, 64, 4, 1),
     }
-}
-
-/// Narrow GDN prefill scan tile (32 state columns per CTA: twice the CTAs) for
-/// launches with few (sequence, value head) pairs, where the default tile leaves SMs
-/// idle; `None` where the default tile is already the narrow one.
-pub fn gdn_prefill_narrow_tile(dk: u32, dv: u32) -> Option<Tile> {
-    match (dk, dv) {
-        (128, _) => Some(Tile::new(64, 32, 4, 1)),
-        _ => None,
-    }
-}
-
-/// The narrow-tile GDN prefill spec (see [`gdn_prefill_narrow_tile`]).
-pub fn gdn_prefill_narrow_spec(dtype: DType, dk: u32, dv: u32, arch: Arch) -> Option<KernelSpec> {
-    gdn_prefill_narrow_tile(dk, dv).map(|tile| KernelSpec { tile, ..gdn_prefill_spec(dtype, dk, dv, arch) })
 }
 
 /// GDN decode tile: 64 state columns per CTA and 4 warps up to dk = 128, else 32

@@ -503,14 +503,13 @@ pub fn gdn_prefill_variant(
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScanTile {
-    /// Where the default tile would give at most one CTA per SM (and no context
-    /// parallelism): the register-state scan at dk = 128, else the narrow tile.
+    /// The fused prefill where its CTAs fill the SMs; else, where the default tile would
+    /// give at most one CTA per SM (and no context parallelism), the register-state scan
+    /// at dk = 128; else the catalog's default tile.
     #[default]
     Auto,
     /// The catalog's default tile.
     Wide,
-    /// The narrow tile where the catalog has one (else the default).
-    Narrow,
     /// Experimental (JIT on first use; tile stages = 3 marks it): `scan_reg` in
     /// cuda/gdn/scan.cuh. The state stays in f32 registers only, transposed (value
     /// columns x dk) in the accumulator layout whose bf16 packing is the A operand of
@@ -674,12 +673,11 @@ pub fn fused_workspace_bytes(num_slots: usize, hv: usize) -> usize {
     (Sat(b.0.div_ceil(256)) * 256).0
 }
 
-/// Every spec a default [`gdn_prefill`] can pick at (dk, dv), by shape: the wide
-/// tile, the narrow tile, and at dk = 128 the register-state n32w4 tile.
+/// Every spec a default [`gdn_prefill`] can pick at (dk, dv), by shape, besides the
+/// fused prefill: the wide tile, and at dk = 128 the register-state n32w4 tile.
 pub fn prefill_specs(dtype: natsl_codegen::DType, dk: u32, dv: u32, arch: natsl_codegen::Arch) -> Vec<natsl_codegen::spec::KernelSpec> {
     let wide = catalog::gdn_prefill_spec(dtype, dk, dv, arch);
     let mut v = vec![wide];
-    v.extend(catalog::gdn_prefill_narrow_spec(dtype, dk, dv, arch));
     if dk == 128 {
         v.push(reg_scan_spec(wide, 128, true, None));
     }
@@ -844,9 +842,8 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
     let scale = resolve_scale(opts, d.dk)?;
     let wide = catalog::gdn_prefill_spec(d.dtype, d.dk as u32, d.dv as u32, arch);
     // The scan runs one CTA per (sequence, value head, dv tile), sequentially over the
-    // chunks: with at most one wide CTA per SM (e.g. one long sequence), halving the
-    // tile doubles the CTAs (each re-reads Q, K, W, P: more L2 traffic, same HBM).
-    let narrow = catalog::gdn_prefill_narrow_spec(d.dtype, d.dk as u32, d.dv as u32, arch);
+    // chunks: with at most one wide CTA per SM (e.g. one long sequence), a narrower tile
+    // gives more CTAs (each re-reads Q, K, W, P: more L2 traffic, same HBM).
     let wide_ctas = d.seqs * d.hv * (d.dv / wide.tile.block_n as usize);
     let sm = sm_count as usize;
     let nchs: Vec<usize> = cu_seqlens.windows(2).map(|w| ((w[1] - w[0]) as usize).div_ceil(CHUNK)).collect();
@@ -863,31 +860,25 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
             format!("the fused prefill (ScanTile::Fused) runs dk 128 with dv 128 or 256 on sm_90a, not dk {} / dv {} on {arch:?}", d.dk, d.dv),
         ));
     }
-    let spec = match (tile, narrow) {
-        (ScanTile::Fused | ScanTile::FusedInline | ScanTile::FusedProfile | ScanTile::FusedSplitProfile, _) => natsl_codegen::spec::KernelSpec {
+    let spec = match tile {
+        ScanTile::Fused | ScanTile::FusedInline | ScanTile::FusedProfile | ScanTile::FusedSplitProfile => natsl_codegen::spec::KernelSpec {
             tile: fused_tile_v.expect("fused"),
             ..fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("checked above")
         },
-        (ScanTile::Narrow, Some(s)) => s,
-        (ScanTile::Reg, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, None),
-        (ScanTile::RegWith { block_n, warps }, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, Some((block_n, warps))),
-        // Few CTAs and no context parallelism: at dk = 128 the register-state scan
-        // (n32w4), else the narrow tile. H200 run i, scan only: P4 1.13 vs 1.21 ms,
-        // P7 0.288 vs 0.389, P8 0.075 vs 0.081, P9 2.25 vs 2.38. (With many CTAs the
-        // wide tile stays ahead: P1 0.649 vs reg n128w8 0.691, P3 2.55 vs 2.72.)
+        ScanTile::Reg => reg_scan_spec(wide, d.dk, wide_ctas <= sm, None),
+        ScanTile::RegWith { block_n, warps } => reg_scan_spec(wide, d.dk, wide_ctas <= sm, Some((block_n, warps))),
+        // Few CTAs and no context parallelism, dk = 128: the register-state scan (n32w4).
+        // H200 run i, scan only, vs the 32-column split-scan tile (since removed): P4 1.13
+        // vs 1.21 ms, P7 0.288 vs 0.389, P8 0.075 vs 0.081, P9 2.25 vs 2.38; but P6 0.567
+        // vs 0.448 (bench/NOTES.md, cleanup). (With many CTAs the wide tile stays ahead:
+        // P1 0.649 vs reg n128w8 0.691, P3 2.55 vs 2.72.)
         // Enough (sequence, value head, 128 columns) CTAs to fill the SMs: the fused
         // prefill. H200 run j (graph replays, ms): P1 0.739 vs 1.261, P2 1.450 vs 2.405.
         // Fewer CTAs: its per-chunk chain (prep-bound, ~11k cycles; phase timer) loses even
         // with context parallelism: P4 cp4 2.26 vs 1.71, P8 0.216 vs 0.126.
-        (ScanTile::Auto, _) if fused_auto(arch, sm, &d, inp) => fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("fused_auto checked it"),
-        (ScanTile::Auto, Some(s)) if wide_ctas <= sm && cp_wide <= 1 => {
-            if d.dk == 128 {
-                reg_scan_spec(wide, d.dk, true, None)
-            } else {
-                s
-            }
-        }
-        _ => wide,
+        ScanTile::Auto if fused_auto(arch, sm, &d, inp) => fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("fused_auto checked it"),
+        ScanTile::Auto if d.dk == 128 && wide_ctas <= sm && cp_wide <= 1 => reg_scan_spec(wide, d.dk, true, None),
+        ScanTile::Auto | ScanTile::Wide => wide,
     };
     // The register-state tiles where a warp holds 128 dk rows run the plain scan only
     // (`reg_plain_only`).
