@@ -790,3 +790,32 @@ fn fused_prefill_variant_plans_only_where_it_has_a_kernel() {
     assert!(fused_smem_bytes() <= 227 * 1024);
     assert!(natsl::ops::gdn::fused_split_smem_bytes() <= 227 * 1024);
 }
+
+/// The forced register-state scan (`ScanTile::Reg`) plans at dk 128 (both code paths,
+/// with and without context parallelism) and is an error naming `variant` at another dk,
+/// never a silent fallback.
+#[test]
+fn reg_scan_variant_plans_only_at_dk_128() {
+    use natsl::ops::gdn::{reg_scan_spec, REG_SCAN_TILE};
+    let opts = GdnOptions::default();
+    for arch in [natsl::Arch::Sm80, natsl::Arch::Sm90a] {
+        for cp in [ScanParallel::Off, ScanParallel::Segments(2)] {
+            let v = PrefillVariant { tile: ScanTile::Reg, cp, ..Default::default() };
+            prefill_workspace_bytes_variant(arch, 132, &CU, &good_inputs(), &good_outputs(), &opts, v).unwrap();
+        }
+    }
+    let mut i = good_inputs();
+    i.q = t(DType::Bf16, &[T, 2, 64]);
+    i.k = t(DType::Bf16, &[T, 2, 64]);
+    i.v = t(DType::Bf16, &[T, 4, 64]);
+    i.h0 = None;
+    let mut o = good_outputs();
+    o.o = tm(DType::Bf16, &[T, 4, 64]);
+    o.committed = None;
+    o.running = None;
+    let v = PrefillVariant { tile: ScanTile::Reg, ..Default::default() };
+    assert_eq!(arg_of(prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &i, &o, &opts, v).unwrap_err()), "variant");
+    let wide = |dk, dv| natsl_codegen::catalog::gdn_prefill_spec(natsl_codegen::DType::Bf16, dk, dv, natsl::Arch::Sm90a);
+    assert_eq!(reg_scan_spec(wide(128, 256)).unwrap().tile, REG_SCAN_TILE);
+    assert!(reg_scan_spec(wide(64, 64)).is_none() && reg_scan_spec(wide(192, 384)).is_none());
+}

@@ -111,19 +111,15 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
             (PrefillPart::Prep, "prep grouped"),
             // (The removed substitution / blocked / compact preps and Staged / Full scan
             // tiles, runs d, f, i (bench/NOTES.md), were slower everywhere; their rows are gone.)
-            // Experimental: state in registers only (ScanTile::Reg, scan_reg): its own
-            // tile choice (dk 128: n32w4 for <= 1 default CTA per SM, else n128w8), and
-            // the two alternatives at dk 128 (n64w8: dk-half pairs, 64 columns; n32w4).
+            // The register-state scan (ScanTile::Reg, scan_reg n32w4, dk 128 only). (Its
+            // n128w8 / n64w8 tiles, rows `scan reg` at many CTAs and `scan reg n64w8`, were
+            // removed after run i; `scan reg n32w4` is now `scan reg`.)
             (PrefillPart::Scan, "scan reg"),
-            (PrefillPart::Scan, "scan reg n64w8"),
-            (PrefillPart::Scan, "scan reg n32w4"),
         ] {
-            let tile = match tag {
-                "scan reg" => ScanTile::Reg,
-                "scan reg n64w8" => ScanTile::RegWith { block_n: 64, warps: 8 },
-                "scan reg n32w4" => ScanTile::RegWith { block_n: 32, warps: 4 },
-                _ => ScanTile::Auto,
-            };
+            if tag == "scan reg" && dk != 128 {
+                continue;
+            }
+            let tile = if tag == "scan reg" { ScanTile::Reg } else { ScanTile::Auto };
             let tm = time_it(rt, 3, 10, |_| {
                 gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { tile, part: Some(part), ..Default::default() })
             })
@@ -143,7 +139,10 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
     // sm_90a candidate (ScanTile::Fused: one launch) where it has a kernel: with its own
     // context-parallel choice (Auto) and without (off).
     let fused = fused_supported(dk, dv, rt.arch());
-    let mut cands = vec![(ScanTile::Auto, ScanParallel::Auto, "grouped"), (ScanTile::Reg, ScanParallel::Auto, "grouped+reg")];
+    let mut cands = vec![(ScanTile::Auto, ScanParallel::Auto, "grouped")];
+    if dk == 128 {
+        cands.push((ScanTile::Reg, ScanParallel::Auto, "grouped+reg"));
+    }
     if fused_only {
         cands.clear();
     }
@@ -163,7 +162,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
     // (reading the records the rows above left).
     if fused {
         for (part, tag) in [(PrefillPart::Prep, "fused prep only"), (PrefillPart::Scan, "fused scan only")] {
-            let v = PrefillVariant { tile: ScanTile::Fused, cp: ScanParallel::Off, part: Some(part), ..Default::default() };
+            let v = PrefillVariant { tile: ScanTile::Fused, cp: ScanParallel::Off, part: Some(part) };
             let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, v)).unwrap();
             recs.push(Record::new(rt, "gdn_prefill", s.name.clone(), format!("{variant} {tag}"), &tm, flops, bytes));
         }
@@ -181,6 +180,9 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         ];
         if fused_only {
             rows.clear();
+        }
+        if dk != 128 {
+            rows.retain(|r| r.2 != ScanTile::Reg);
         }
         if fused {
             // The fused prefill's three cp passes ("scan only": split, without fused_prep;
@@ -207,7 +209,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
                 bytes,
             ));
             let scan = time_it(rt, 3, 10, |_| {
-                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { cp: sp, tile, part: Some(PrefillPart::Scan), ..Default::default() })
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { cp: sp, tile, part: Some(PrefillPart::Scan) })
             })
             .unwrap();
             recs.push(Record::new(

@@ -424,15 +424,11 @@ pub fn scan_smem_bytes(dk: usize, bv: usize, stages: usize) -> usize {
 
 /// Dynamic shared memory of the register-state scan (`ScanTile::Reg`, tile stages = 3;
 /// mirror of `scan_reg_smem_bytes`): two operand stages with F, plus the dk-half
-/// exchange where two warps share 16 value columns (12 float4 per thread), or where a
-/// warp holds 128 dk rows the A fragments of the old state and of v_new^T diag(fk)
-/// (8 + 4 uint4 per thread).
+/// exchange of the two warps sharing 16 value columns (12 float4 per thread).
 #[doc(hidden)]
 pub fn reg_scan_smem_bytes(dk: usize, bv: usize, warps: usize) -> usize {
-    let ks = (Sat(warps) * 16).0 / bv.max(1);
-    let xchg = if ks == 2 || dk / ks.max(1) == 128 { Sat(warps) * (12 * 32 * 16) } else { Sat(0) };
     let (dk, bv) = (Sat(dk), Sat(bv));
-    (2 * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD) + 6 * CHUNK) * 2 + xchg).0
+    (2 * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD) + 6 * CHUNK) * 2 + Sat(warps) * (12 * 32 * 16)).0
 }
 
 /// Dynamic shared memory of a scan tile (stages 1 / 2: `scan_smem_bytes`; 3: the
@@ -510,27 +506,17 @@ pub enum ScanTile {
     Auto,
     /// The catalog's default tile.
     Wide,
-    /// Experimental (JIT on first use; tile stages = 3 marks it): `scan_reg` in
-    /// cuda/gdn/scan.cuh. The state stays in f32 registers only, transposed (value
-    /// columns x dk) in the accumulator layout whose bf16 packing is the A operand of
-    /// the next chunk's W S / Q S, so no smem state copy and no CTA-wide v_new
-    /// exchange: per chunk one __syncthreads (two operand stages) and, where two warps
-    /// hold the dk halves of 16 value columns, one 64-thread named barrier between
-    /// them. dk = 128: 32 columns / 4 warps (dk halves) where the default tile gives
-    /// at most one CTA per SM (P4, P9), else 128 columns / 8 warps (a warp per 16
-    /// columns x all 128 dk rows; 204 KB smem, one CTA per SM; Q, K, W, P read once per
-    /// head: the L2 -> SM traffic that bounds P1-P3; plain scan only, the launches it
-    /// serves never split); dk = 64: 64 columns / 4 warps; other dk: the default tile.
-    /// Context parallelism supported on the n32w4 / n64w8 / dk-64 tiles.
+    /// The register-state scan (JIT on first use; tile stages = 3 marks it): `scan_reg`
+    /// in cuda/gdn/scan.cuh, dk = 128 only, 32 value columns / 4 warps (Auto's pick where
+    /// the default tile gives at most one CTA per SM). The state stays in f32 registers
+    /// only, transposed (value columns x dk) in the accumulator layout whose bf16 packing
+    /// is the A operand of the next chunk's W S / Q S, so no smem state copy and no
+    /// CTA-wide v_new exchange: per chunk one __syncthreads (two operand stages) and one
+    /// 64-thread named barrier between the two warps holding the dk halves of 16 value
+    /// columns. Context parallelism as for the other tiles. Another dk is an error
+    /// (`InvalidArgument` naming `variant`). (Its other tiles, n128w8 / n64w4 / n64w8 at
+    /// dk 128 and n64w4 at dk 64, were removed: bench/NOTES.md, cleanup.)
     Reg,
-    /// `Reg` with a forced tile: `block_n` value columns (a multiple of 16) and `warps`,
-    /// with warps * 16 / block_n (1 or 2) warps per 16 columns, each holding dk / that
-    /// many dk rows (64 or 128). E.g. at dk = 128: n32w4 and n64w8 (dk halves, pair
-    /// exchange), n64w4 and n128w8 (a warp holds all 128 dk rows: no exchange; n128w8
-    /// reads Q, K, W, P once per 128 columns: half the L2 -> SM traffic of n64; these
-    /// two run the plain scan only, no context parallelism).
-    /// An invalid tile for the launch's dims falls back to `Reg`'s choice.
-    RegWith { block_n: u32, warps: u32 },
     /// The fused, warp-specialised sm_90a prefill in cuda/gdn/fused.cuh (tile stages = 4
     /// marks it; where `Auto` picks a fused prefill it runs `FusedInline` for now), split:
     /// `fused_prep` (prep_grouped's math, fully parallel over (slot, q/k head), 4 CTAs per
@@ -566,37 +552,15 @@ pub enum ScanTile {
     FusedSplitProfile,
 }
 
-/// Register-state tiles whose warps hold 128 dk rows (n64w4 / n128w8 at dk = 128: the
-/// LATE_O path of `scan_reg`) run the plain scan only: their context-parallel entries
-/// are trap stubs.
-fn reg_plain_only(dk: usize, t: natsl_codegen::spec::Tile) -> bool {
-    t.stages == 3 && t.block_n >= 16 && dk / (t.warps as usize / (t.block_n as usize / 16)).max(1) == 128
-}
+/// The tile of the register-state scan (`ScanTile::Reg`): 32 value columns, 4 warps
+/// (two per 16 columns, each holding 64 of the 128 dk rows); stages = 3 marks it.
+pub const REG_SCAN_TILE: natsl_codegen::spec::Tile = natsl_codegen::spec::Tile::new(64, 32, 4, 3);
 
-/// Whether `(bv, warps)` is a valid register-state scan tile at (dk, dv).
-fn reg_tile_ok(dk: usize, dv: usize, bv: usize, warps: usize) -> bool {
-    // >= 2 warps (the F copy needs 48 threads), <= 15 column groups (named barriers 1..15).
-    if bv == 0 || bv % 16 != 0 || bv / 16 > 15 || dv % bv != 0 || !(2..=16).contains(&warps) || warps % (bv / 16) != 0 {
-        return false;
-    }
-    let ks = warps / (bv / 16);
-    (ks == 1 || ks == 2) && dk % ks == 0 && (dk / ks) % 16 == 0 && dk / ks <= 128 && reg_scan_smem_bytes(dk, bv, warps) <= 227 * 1024
-}
-
-/// The `ScanTile::Reg` spec (see there): `few` = the default tile gives at most one
-/// CTA per SM; `force`: a `RegWith` tile (used where valid at these dims).
+/// The `ScanTile::Reg` spec for the prefill spec `wide` (see there); `None` where its dk
+/// is not 128.
 #[doc(hidden)]
-pub fn reg_scan_spec(wide: natsl_codegen::spec::KernelSpec, dk: usize, few: bool, force: Option<(u32, u32)>) -> natsl_codegen::spec::KernelSpec {
-    use natsl_codegen::spec::Tile;
-    let dv = wide.dims.dv as usize;
-    let tile = match (force, dk, few) {
-        (Some((bv, w)), _, _) if reg_tile_ok(dk, dv, bv as usize, w as usize) => Tile::new(64, bv, w, 3),
-        (_, 128, true) => Tile::new(64, 32, 4, 3),
-        (_, 128, false) => Tile::new(64, 128, 8, 3),
-        (_, 64, _) => Tile::new(64, 64, 4, 3),
-        _ => return wide,
-    };
-    natsl_codegen::spec::KernelSpec { tile, ..wide }
+pub fn reg_scan_spec(wide: natsl_codegen::spec::KernelSpec) -> Option<natsl_codegen::spec::KernelSpec> {
+    (wide.dims.dk == 128).then_some(natsl_codegen::spec::KernelSpec { tile: REG_SCAN_TILE, ..wide })
 }
 
 /// Tile of the fused prefill (`ScanTile::Fused`): see [`catalog::GDN_FUSED_TILE`].
@@ -678,9 +642,7 @@ pub fn fused_workspace_bytes(num_slots: usize, hv: usize) -> usize {
 pub fn prefill_specs(dtype: natsl_codegen::DType, dk: u32, dv: u32, arch: natsl_codegen::Arch) -> Vec<natsl_codegen::spec::KernelSpec> {
     let wide = catalog::gdn_prefill_spec(dtype, dk, dv, arch);
     let mut v = vec![wide];
-    if dk == 128 {
-        v.push(reg_scan_spec(wide, 128, true, None));
-    }
+    v.extend(reg_scan_spec(wide));
     v
 }
 
@@ -865,8 +827,7 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
             tile: fused_tile_v.expect("fused"),
             ..fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("checked above")
         },
-        ScanTile::Reg => reg_scan_spec(wide, d.dk, wide_ctas <= sm, None),
-        ScanTile::RegWith { block_n, warps } => reg_scan_spec(wide, d.dk, wide_ctas <= sm, Some((block_n, warps))),
+        ScanTile::Reg => reg_scan_spec(wide).ok_or_else(|| Error::invalid("variant", format!("the register-state scan (ScanTile::Reg) runs dk 128, not dk {}", d.dk)))?,
         // Few CTAs and no context parallelism, dk = 128: the register-state scan (n32w4).
         // H200 run i, scan only, vs the 32-column split-scan tile (since removed): P4 1.13
         // vs 1.21 ms, P7 0.288 vs 0.389, P8 0.075 vs 0.081, P9 2.25 vs 2.38; but P6 0.567
@@ -877,18 +838,10 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
         // Fewer CTAs: its per-chunk chain (prep-bound, ~11k cycles; phase timer) loses even
         // with context parallelism: P4 cp4 2.26 vs 1.71, P8 0.216 vs 0.126.
         ScanTile::Auto if fused_auto(arch, sm, &d, inp) => fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("fused_auto checked it"),
-        ScanTile::Auto if d.dk == 128 && wide_ctas <= sm && cp_wide <= 1 => reg_scan_spec(wide, d.dk, true, None),
+        ScanTile::Auto if d.dk == 128 && wide_ctas <= sm && cp_wide <= 1 => reg_scan_spec(wide).expect("dk 128"),
         ScanTile::Auto | ScanTile::Wide => wide,
     };
-    // The register-state tiles where a warp holds 128 dk rows run the plain scan only
-    // (`reg_plain_only`).
-    let segments = if reg_plain_only(d.dk, spec.tile) {
-        1
-    } else if spec == wide {
-        cp_wide
-    } else {
-        cp_of(spec.tile)
-    };
+    let segments = if spec == wide { cp_wide } else { cp_of(spec.tile) };
     let ns = crate::batch::num_slots(d.tokens, d.seqs);
     // The split fused prefill: its records; the inline one keeps W, U, P, F on chip.
     let fused = is_fused_tile(spec.tile);
