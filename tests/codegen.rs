@@ -20,9 +20,10 @@ fn symbols_are_stable_and_readable() {
     let s = catalog::router_spec(DType::Bf16, Sparsity::Dense, Arch::Sm90a);
     assert_eq!(s.symbol(), "natsl_router_bf16_c64_m64n0w8s1_dense_sm90a");
     let u = emit(&s).unwrap();
-    // Pool + score, then select (the fused entries `route` / `tile_route` were removed).
-    assert_eq!(u.entries, vec!["score".to_string(), "select".to_string(), "tile_score".to_string(), "tile_select".to_string()]);
-    assert_eq!(u.symbol("score"), "natsl_router_bf16_c64_m64n0w8s1_dense_sm90a_score");
+    // Pool + score, then select (the fused entries `route` / `tile_route` and the blocked
+    // pool's `score` / `select` were removed).
+    assert_eq!(u.entries, vec!["tile_score".to_string(), "tile_select".to_string()]);
+    assert_eq!(u.symbol("tile_score"), "natsl_router_bf16_c64_m64n0w8s1_dense_sm90a_tile_score");
     let k = catalog::router_spec(DType::F16, Sparsity::TopK(8), Arch::Sm80);
     assert_eq!(k.symbol(), "natsl_router_f16_c64_m64n0w8s1_top8_sm80");
     assert!(emit(&k).unwrap().source.contains("#define NATSL_TOPK 8"));

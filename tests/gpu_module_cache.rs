@@ -17,7 +17,7 @@ fn compiling_one_unit_does_not_block_calls_of_other_units() {
     let loaded = catalog::router_spec(DType::Bf16, Sparsity::Dense, arch);
     rt.function(&loaded, "tile_score", 0).unwrap();
     // The register-state scan tile is JIT-only (never embedded by `aot`): a cold NVRTC compile.
-    let cold = reg_scan_spec(catalog::gdn_prefill_spec(DType::Bf16, 128, 128, arch), 128, true, None);
+    let cold = reg_scan_spec(catalog::gdn_prefill_spec(DType::Bf16, 128, 128, arch)).unwrap();
     assert!(!catalog::shipped().contains(&natsl::KernelSpec { arch, ..cold }));
     let rt2 = rt.clone();
     let compiling = std::thread::spawn(move || {

@@ -2,7 +2,7 @@
 //! Skips with `skipped: no CUDA device` when there is no GPU.
 
 use half::{bf16, f16};
-use natsl::ops::router::{route, route_into, PoolKernel, RouterOptions, RouterOutput, RouterPolicy};
+use natsl::ops::router::{route, route_into, RouterOptions, RouterOutput, RouterPolicy};
 use natsl::reference::{self as r, router as rr};
 use natsl::testing::{self, TestElem};
 use natsl::{Arch, Batch, Runtime, TensorRef};
@@ -13,11 +13,10 @@ struct Case {
     hr: usize,
     policy: RouterPolicy,
     compile_time_k: bool,
-    d_split: Option<usize>,
 }
 
 /// Run one case for element type T; returns the number of near-tie label flips.
-fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: u64, round: fn(f64) -> f64, pool: PoolKernel) -> usize {
+fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: u64, round: fn(f64) -> f64) -> usize {
     let mut rng = testing::rng(seed);
     let cu = testing::cu_seqlens(&case.lens);
     let t = *cu.last().unwrap() as usize;
@@ -41,7 +40,7 @@ fn check<T: TestElem + natsl::tensor::Element>(rt: &Runtime, case: &Case, seed: 
     out.attn_list = testing::poisoned::<i32>(rt, ns * hr).unwrap();
     out.attn_count = testing::poisoned::<i32>(rt, batch.num_seqs() * hr).unwrap();
     out.logits = Some(testing::poisoned::<f32>(rt, ns * hr * 2).unwrap());
-    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k, d_split: case.d_split, pool };
+    let opts = RouterOptions { policy: case.policy, round_mean: true, compile_time_k: case.compile_time_k };
     // Twice on the same outputs: the completion counters must be back at zero after a call.
     route_into(rt, &batch, &TensorRef::new(&xd, &[t, d]), &TensorRef::new(&wd, &[2 * hr, d]), &opts, &mut out).unwrap();
     out.labels = testing::poisoned::<u8>(rt, ns * hr).unwrap();
@@ -125,20 +124,19 @@ fn cases() -> Vec<Case> {
     let ragged = vec![1, 63, 64, 65, 200, 1000, 4113];
     let mut v = Vec::new();
     for &(d, hr) in &[(1024, 6), (1536, 6), (4096, 64), (8192, 16), (104, 3)] {
-        v.push(Case { lens: ragged.clone(), d, hr, policy: RouterPolicy::Argmax, compile_time_k: false, d_split: None });
+        v.push(Case { lens: ragged.clone(), d, hr, policy: RouterPolicy::Argmax, compile_time_k: false });
     }
     let long = vec![130, 700, 2048, 5000];
-    v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::TopK(2), compile_time_k: false, d_split: None });
-    v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::TopK(2), compile_time_k: true, d_split: None });
-    v.push(Case { lens: long.clone(), d: 1536, hr: 64, policy: RouterPolicy::KeepFraction(0.3), compile_time_k: false, d_split: None });
-    v.push(Case { lens: long.clone(), d: 2048, hr: 6, policy: RouterPolicy::KeepFraction(1.0), compile_time_k: false, d_split: None });
-    // Tuning knob: forced D splits (uneven last split at 5).
-    v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::Argmax, compile_time_k: false, d_split: Some(5) });
-    v.push(Case { lens: long, d: 4096, hr: 8, policy: RouterPolicy::KeepFraction(0.5), compile_time_k: false, d_split: Some(1) });
-    // Enough chunk slots that the streaming pool's persistent CTAs walk several items each
-    // (with gap slots between sequences), and a tile stream crossing item boundaries.
-    v.push(Case { lens: vec![1, 20000, 63, 64, 20001, 130], d: 256, hr: 6, policy: RouterPolicy::Argmax, compile_time_k: false, d_split: None });
-    v.push(Case { lens: vec![70, 33000], d: 1024, hr: 6, policy: RouterPolicy::KeepFraction(0.25), compile_time_k: false, d_split: None });
+    v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::TopK(2), compile_time_k: false });
+    v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::TopK(2), compile_time_k: true });
+    v.push(Case { lens: long.clone(), d: 1536, hr: 64, policy: RouterPolicy::KeepFraction(0.3), compile_time_k: false });
+    v.push(Case { lens: long.clone(), d: 2048, hr: 6, policy: RouterPolicy::KeepFraction(1.0), compile_time_k: false });
+    v.push(Case { lens: long.clone(), d: 1024, hr: 6, policy: RouterPolicy::Argmax, compile_time_k: false });
+    v.push(Case { lens: long, d: 4096, hr: 8, policy: RouterPolicy::KeepFraction(0.5), compile_time_k: false });
+    // Many chunk slots (with gap slots between sequences) and sequences of > 512 chunks
+    // (several block-wide passes of the select).
+    v.push(Case { lens: vec![1, 20000, 63, 64, 20001, 130], d: 256, hr: 6, policy: RouterPolicy::Argmax, compile_time_k: false });
+    v.push(Case { lens: vec![70, 33000], d: 1024, hr: 6, policy: RouterPolicy::KeepFraction(0.25), compile_time_k: false });
     v
 }
 
@@ -146,11 +144,9 @@ fn run_all(rt: &Runtime, tag: &str) {
     let mut flips = 0;
     let mut labels = 0;
     for (i, case) in cases().iter().enumerate() {
-        for pool in [PoolKernel::Blocked, PoolKernel::Tile] {
-            labels += case.lens.iter().map(|l| r::n_chunks(*l)).sum::<usize>() * case.hr * 2;
-            flips += check::<bf16>(rt, case, 100 + i as u64, rr::round_bf16, pool);
-            flips += check::<f16>(rt, case, 200 + i as u64, rr::round_f16, pool);
-        }
+        labels += case.lens.iter().map(|l| r::n_chunks(*l)).sum::<usize>() * case.hr * 2;
+        flips += check::<bf16>(rt, case, 100 + i as u64, rr::round_bf16);
+        flips += check::<f16>(rt, case, 200 + i as u64, rr::round_f16);
     }
     println!("{tag}: {} near-tie label flips out of {labels} labels", flips);
     assert!(flips * 1000 <= labels, "too many near-tie flips");
@@ -183,19 +179,16 @@ fn router_strided_x_view() {
     let batch = Batch::new(&rt, &cu).unwrap();
     let xd = testing::upload::<bf16>(&rt, &xw).unwrap();
     let wd = testing::upload::<bf16>(&rt, &w).unwrap();
-    for pool in [PoolKernel::Blocked, PoolKernel::Tile] {
-        let mut out = RouterOutput::alloc(&rt, &batch, hr, d, true).unwrap();
-        let opts = RouterOptions { pool, ..Default::default() };
-        route_into(&rt, &batch, &TensorRef::strided(&xd, &[t, d], &[stride, 1]), &TensorRef::new(&wd, &[2 * hr, d]), &opts, &mut out).unwrap();
-        let logits = testing::download(&rt, out.logits.as_ref().unwrap()).unwrap();
-        let used: Vec<usize> = (0..2).flat_map(|n| {
-            let base = r::slot_base(&cu, n);
-            (0..r::n_chunks([100, 200][n])).flat_map(move |c| (0..hr * 2).map(move |j| (base + c) * hr * 2 + j))
-        }).collect();
-        let lo: Vec<f64> = used.iter().map(|&i| logits[i]).collect();
-        let lr: Vec<f64> = used.iter().map(|&i| reference.logits[i]).collect();
-        testing::assert_close("strided router logits", &lo, &lr, 2e-3);
-    }
+    let mut out = RouterOutput::alloc(&rt, &batch, hr, d, true).unwrap();
+    route_into(&rt, &batch, &TensorRef::strided(&xd, &[t, d], &[stride, 1]), &TensorRef::new(&wd, &[2 * hr, d]), &RouterOptions::default(), &mut out).unwrap();
+    let logits = testing::download(&rt, out.logits.as_ref().unwrap()).unwrap();
+    let used: Vec<usize> = (0..2).flat_map(|n| {
+        let base = r::slot_base(&cu, n);
+        (0..r::n_chunks([100, 200][n])).flat_map(move |c| (0..hr * 2).map(move |j| (base + c) * hr * 2 + j))
+    }).collect();
+    let lo: Vec<f64> = used.iter().map(|&i| logits[i]).collect();
+    let lr: Vec<f64> = used.iter().map(|&i| reference.logits[i]).collect();
+    testing::assert_close("strided router logits", &lo, &lr, 2e-3);
 }
 
 /// `route` sizes its outputs from validated arguments only: a w_score claiming 2^40

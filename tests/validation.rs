@@ -2,7 +2,7 @@
 //! argument. Runs without a GPU: validation needs only shapes (views over fake
 //! device addresses are never dereferenced).
 
-use natsl::ops::router::{validate, PoolKernel, RouterOptions, RouterPolicy};
+use natsl::ops::router::{validate, RouterOptions, RouterPolicy};
 use natsl::{testing, DType, SeqLayout, TensorRef};
 
 fn fake(dtype: DType, shape: &[usize], strides: &[usize], avail: usize) -> TensorRef<'static> {
@@ -38,11 +38,7 @@ fn router_accepts_a_good_call() {
     let plan = validate(&l, &x, &w, &RouterOptions::default()).unwrap();
     assert_eq!(plan.num_heads, 6);
     assert_eq!(plan.d_model, 1024);
-    // The tiled pool is the default and validates like the blocked one.
-    assert_eq!(RouterOptions::default().pool, PoolKernel::Tile);
-    let blocked = RouterOptions { pool: PoolKernel::Blocked, ..Default::default() };
-    assert_eq!(validate(&l, &x, &w, &blocked).unwrap(), plan);
-    let bad = RouterOptions { pool: PoolKernel::Tile, policy: RouterPolicy::TopK(5), ..Default::default() };
+    let bad = RouterOptions { policy: RouterPolicy::TopK(5), ..Default::default() };
     assert_eq!(arg_of(validate(&l, &x, &w, &bad).unwrap_err()), "policy");
 }
 

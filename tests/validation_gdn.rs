@@ -604,33 +604,15 @@ fn gdn_nvrtc_quick() {
     assert!(failures.is_empty(), "spills: {failures:?}");
 }
 
-/// The default prep kernel is Grouped; Compact's smem fits 6 CTAs per SM at
-/// dk = dv = 128 (its launch bounds ask for up to 6) and every pair fits one SM.
+/// The prep (prep_grouped: one CTA per q/k head) has two smem regions (R0 = max(Q,
+/// f32 A), R1 = K) and five 64 x f32 arrays, and fits 4 CTAs per SM (its launch bounds
+/// ask for 4) at every catalog head-dim pair up to dk = 128.
 #[test]
 fn prep_kernel_smem() {
-    use natsl::ops::gdn::{prep_kernel_smem_bytes, prep_smem_bytes, PrepKernel};
+    use natsl::ops::gdn::prep_smem_bytes;
     for (dk, dv) in natsl_codegen::catalog::GDN_DIMS {
         let (dk, dv) = (dk as usize, dv as usize);
-        let compact = prep_kernel_smem_bytes(dk, dv, PrepKernel::Compact);
-        assert_eq!(prep_kernel_smem_bytes(dk, dv, PrepKernel::Grouped), prep_smem_bytes(dk, dv), "the default is Grouped");
-        assert!(compact <= 227 * 1024, "dk {dk} dv {dv}: {compact} B");
-        if (dk, dv) == (128, 128) {
-            assert!(6 * (compact + 1024) <= 228 * 1024, "{compact} B: fewer than 6 CTAs/SM");
-        }
-    }
-}
-
-/// The grouped prep (one CTA per q/k head, PrepKernel::Grouped) has Compact's two
-/// regions plus one more 64 x f32 gate array, and fits 4 CTAs per SM (its launch
-/// bounds ask for 4) at every catalog head-dim pair up to dk = 128.
-#[test]
-fn prep_kernel_smem_grouped() {
-    use natsl::ops::gdn::{prep_kernel_smem_bytes, PrepKernel};
-    for (dk, dv) in natsl_codegen::catalog::GDN_DIMS {
-        let (dk, dv) = (dk as usize, dv as usize);
-        let cmp = prep_kernel_smem_bytes(dk, dv, PrepKernel::Compact);
-        let grp = prep_kernel_smem_bytes(dk, dv, PrepKernel::Grouped);
-        assert_eq!(grp, cmp + 64 * 4, "dk {dk} dv {dv}");
+        let grp = prep_smem_bytes(dk, dv);
         let r0 = (64 * (dk + 8) * 2).max(64 * 68 * 4);
         assert_eq!(grp, r0 + 64 * (dk + 8) * 2 + 5 * 64 * 4, "dk {dk} dv {dv}");
         // V goes through R0 in chunks of min(dk, dv) columns.
@@ -849,4 +831,33 @@ fn fused_prefill_auto_segments_on_the_measured_shapes() {
         println!("{name}: fused cp Auto = {got:?}");
         assert_eq!(got, Some(want), "{name}");
     }
+}
+
+/// The forced register-state scan (`ScanTile::Reg`) plans at dk 128 (both code paths,
+/// with and without context parallelism) and is an error naming `variant` at another dk,
+/// never a silent fallback.
+#[test]
+fn reg_scan_variant_plans_only_at_dk_128() {
+    use natsl::ops::gdn::{reg_scan_spec, REG_SCAN_TILE};
+    let opts = GdnOptions::default();
+    for arch in [natsl::Arch::Sm80, natsl::Arch::Sm90a] {
+        for cp in [ScanParallel::Off, ScanParallel::Segments(2)] {
+            let v = PrefillVariant { tile: ScanTile::Reg, cp, ..Default::default() };
+            prefill_workspace_bytes_variant(arch, 132, &CU, &good_inputs(), &good_outputs(), &opts, v).unwrap();
+        }
+    }
+    let mut i = good_inputs();
+    i.q = t(DType::Bf16, &[T, 2, 64]);
+    i.k = t(DType::Bf16, &[T, 2, 64]);
+    i.v = t(DType::Bf16, &[T, 4, 64]);
+    i.h0 = None;
+    let mut o = good_outputs();
+    o.o = tm(DType::Bf16, &[T, 4, 64]);
+    o.committed = None;
+    o.running = None;
+    let v = PrefillVariant { tile: ScanTile::Reg, ..Default::default() };
+    assert_eq!(arg_of(prefill_workspace_bytes_variant(natsl::Arch::Sm90a, 132, &CU, &i, &o, &opts, v).unwrap_err()), "variant");
+    let wide = |dk, dv| natsl_codegen::catalog::gdn_prefill_spec(natsl_codegen::DType::Bf16, dk, dv, natsl::Arch::Sm90a);
+    assert_eq!(reg_scan_spec(wide(128, 256)).unwrap().tile, REG_SCAN_TILE);
+    assert!(reg_scan_spec(wide(64, 64)).is_none() && reg_scan_spec(wide(192, 384)).is_none());
 }

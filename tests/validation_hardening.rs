@@ -504,7 +504,7 @@ fn size_helpers_saturate_instead_of_overflowing() {
     assert_eq!(gdn::cp_workspace_bytes(usize::MAX, 64, 64, 256, 256), usize::MAX);
     assert_eq!(gdn::scan_smem_bytes(usize::MAX, 64, 1), usize::MAX);
     assert_eq!(gdn::reg_scan_smem_bytes(usize::MAX, 32, usize::MAX), usize::MAX);
-    assert_eq!(gdn::prep_kernel_smem_bytes(usize::MAX, 1, gdn::PrepKernel::Grouped), usize::MAX);
+    assert_eq!(gdn::prep_smem_bytes(usize::MAX, 1), usize::MAX);
     assert_eq!(sparse::prefill_ws_grid(usize::MAX, usize::MAX, usize::MAX), u64::MAX);
     // The context-parallel segment model on absurd inputs: an answer, no panic.
     let s = gdn::cp_auto_segments(&[usize::MAX, 3, 1 << 40], usize::MAX, usize::MAX, usize::MAX, 1, usize::MAX, usize::MAX);

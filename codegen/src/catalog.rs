@@ -7,7 +7,9 @@ use crate::spec::*;
 const ARCHES: [Arch; 2] = [Arch::Sm80, Arch::Sm90a];
 const DTYPES: [DType; 2] = [DType::Bf16, DType::F16];
 
-/// Router: 256 threads per CTA, one 64-token chunk per CTA row of work.
+/// Router: 64-token chunks. The tile names the unit only (`m64n0w8s1`: kept from the
+/// removed blocked pool's 256-thread CTAs, so symbols and cache keys stay); the two
+/// kernels' CTA sizes are TILE_THREADS / TILE_SELECT_THREADS in cuda/router/router.cuh.
 pub const ROUTER_TILE: Tile = Tile::new(64, 0, 8, 1);
 
 /// The router spec for a dtype, policy class and arch.
@@ -33,7 +35,6 @@ fn gdn_specs() -> Vec<KernelSpec> {
         for dtype in DTYPES {
             for (dk, dv) in GDN_DIMS {
                 v.push(gdn_prefill_spec(dtype, dk, dv, arch));
-                v.extend(gdn_prefill_narrow_spec(dtype, dk, dv, arch));
                 v.push(gdn_decode_spec(dtype, dk, dv, arch));
                 v.extend(gdn_fused_spec(dtype, dk, dv, arch));
             }
@@ -67,21 +68,6 @@ pub fn gdn_prefill_tile(dk: u32, dv: u32) -> Tile {
     }
 }
 
-/// Narrow GDN prefill scan tile (32 state columns per CTA: twice the CTAs) for
-/// launches with few (sequence, value head) pairs, where the default tile leaves SMs
-/// idle; `None` where the default tile is already the narrow one.
-pub fn gdn_prefill_narrow_tile(dk: u32, dv: u32) -> Option<Tile> {
-    match (dk, dv) {
-        (128, _) => Some(Tile::new(64, 32, 4, 1)),
-        _ => None,
-    }
-}
-
-/// The narrow-tile GDN prefill spec (see [`gdn_prefill_narrow_tile`]).
-pub fn gdn_prefill_narrow_spec(dtype: DType, dk: u32, dv: u32, arch: Arch) -> Option<KernelSpec> {
-    gdn_prefill_narrow_tile(dk, dv).map(|tile| KernelSpec { tile, ..gdn_prefill_spec(dtype, dk, dv, arch) })
-}
-
 /// GDN decode tile: 64 state columns per CTA and 4 warps up to dk = 128, else 32
 /// (the state slice lives in registers: 16 float4 per thread at dk = 128).
 /// H200 2026-11-28, 16/32 heads, d128, n64w4 vs n32w4: B32 37.1 vs 38.1 us, B128
@@ -94,7 +80,7 @@ pub fn gdn_decode_tile(dk: u32, dv: u32) -> Tile {
     }
 }
 
-/// The GDN prefill spec (entries `prep_compact`, `prep_grouped`, `scan`, and the context-parallel
+/// The GDN prefill spec (entries `prep_grouped`, `scan`, and the context-parallel
 /// `scan_cp_a`, `cp_combine`, `scan_cp_c`); labels are read at run time.
 pub fn gdn_prefill_spec(dtype: DType, dk: u32, dv: u32, arch: Arch) -> KernelSpec {
     KernelSpec { op: Op::GdnPrefill, dtype, dims: HeadDims { dk, dv }, chunk: 64, tile: gdn_prefill_tile(dk, dv), sparsity: Sparsity::Dense, arch }

@@ -13,8 +13,7 @@
 //       factors F = (fq, fk, G) to the workspace, with
 //         fq_i = scale e^{G_i} / |q_i|,  fk_j = e^{G_L - G_j} / |k_j|  (norms: l2norm only)
 //       T blockwise on the tensor cores (16x16 diagonal solves, split-bf16 merges);
-//       prep_compact: one CTA per (slot, value head); prep_grouped (default): one
-//       per (slot, q/k head) serving its value heads.
+//       prep_grouped: one CTA per (slot, q/k head) serving its value heads.
 // scan: one CTA per (sequence, value head, dv tile); the dk x BV state slice stays
 //       in f32 registers, a bf16/f16 copy in smem feeds the tensor cores (scan_reg:
 //       the transposed state itself is the mma A operand, no smem copy). The scan

@@ -15,20 +15,8 @@
 #include "gdn/prefill.cuh"
 #include "gdn/fused.cuh"
 
-
-// W, U, P, F of one (chunk slot, value head): blocked inverse in two smem regions, T in
-// registers (PrepKernel::Compact).
-extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS, (natsl::gdn::prep_compact_min_ctas<NATSL_DK, NATSL_DV>()))
-NATSL_KERNEL(prep_compact)(const NatslGdnPrefillParams p) {
-#if NATSL_GDN_FUSED_UNIT
-    (void)p;
-#else
-    natsl::gdn::prep_compact<NATSL_DTYPE, NATSL_DK, NATSL_DV>(p);
-#endif
-}
-
-// Same outputs as prep_compact; one CTA per (chunk slot, q/k head) serving its
-// Hv / Hqk value heads (Q K^T, q/k loads and norms once per group; PrepKernel::Grouped).
+// W, U, P, F of every value head of one (chunk slot, q/k head): Q K^T, q/k loads and
+// norms once per group, the blocked inverse per value head (gdn/prep.cuh).
 extern "C" __global__ void __launch_bounds__(natsl::gdn::PREP_THREADS, (natsl::gdn::prep_grouped_min_ctas<NATSL_DK, NATSL_DV>()))
 NATSL_KERNEL(prep_grouped)(const NatslGdnPrefillParams p) {
 #if NATSL_GDN_FUSED_UNIT

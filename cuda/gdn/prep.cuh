@@ -13,7 +13,7 @@ constexpr int PREP_THREADS = 128;
 
 // ---------------------------------------------------------------- blocked inverse
 
-// Blocked inversion helpers (prep_compact, prep_grouped): f32 smem operands split into bf16
+// Blocked inversion helpers (prep_grouped, the fused prep): f32 smem operands split into bf16
 // hi + lo halves, three mma per product (lo*lo dropped): ~16 mantissa bits.
 __device__ __forceinline__ void split2(float a, float b, u32& hi, u32& lo) {
     hi = pack2<bf16>(a, b);
@@ -97,360 +97,34 @@ __device__ __forceinline__ void strip_lmr(float (*y)[4], const float* s, int KL,
         for (int e = 0; e < 4; ++e) y[i][e] = -y[i][e];
 }
 
-// ---------------------------------------------------------------- prep_compact
-//
-// COMPACT prep (PrepKernel::Compact): the blocked inversion with two smem regions
-// only, so that 6 CTAs fit on an SM at dk = dv = 128 (35 KB vs 61 KB):
-//   R0: Q -> A / T (f32) -> V column chunks 0, 2, ..
-//   R1: K                -> V column chunks 1, 3, ..
-// Each warp keeps its 16 rows of T as bf16 mma A fragments in registers, scaled by
-// diag(beta e^G) (for W) and diag(beta) (for U): K and V are never rescaled in smem,
-// blocks of T above the diagonal are skipped, and W, U and P go straight from the
-// accumulators to global memory. V is loaded once T is in registers (its latency
-// overlaps W); the other CTAs on the SM cover what is left.
+// Region R0 of the prep's smem (see prep_grouped): max(Q, the f32 A / T tile).
 template <int DK>
-constexpr int prep_compact_r0() {
+constexpr int prep_r0() {
     return (C * (DK + PAD) * 2 > C * (C + 4) * 4) ? C * (DK + PAD) * 2 : C * (C + 4) * 4;
-}
-template <int DK, int DV>
-constexpr int prep_compact_smem_bytes() {
-    return prep_compact_r0<DK>() + C * (DK + PAD) * 2 + 4 * C * 4;
-}
-// CTAs per SM the launch bounds ask for (228 KB of smem, 1 KB reserved per CTA).
-template <int DK, int DV>
-constexpr int prep_compact_min_ctas() {
-    return (233472 / (prep_compact_smem_bytes<DK, DV>() + 1024)) < 6 ? (233472 / (prep_compact_smem_bytes<DK, DV>() + 1024)) : 6;
-}
-
-// Y (16 rows of this warp) = Tf X for smem X [64][ldx] (row-major, tokens x cols),
-// cols [c0, c0 + NCOLS), k-blocks kb <= KB only; stored to global rows of dst (ld).
-template <typename T, int NCOLS>
-__device__ __forceinline__ void prep_tx_store(const u32 (*tf)[4], int kbmax, const T* sX, int ldx, int c0, T* dst, int ld,
-                                              int m0) {
-    const int lane = threadIdx.x % 32;
-#pragma unroll 1
-    for (int nb = 0; nb < NCOLS; nb += 32) {
-        float acc[4][4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
-#pragma unroll
-        for (int kb = 0; kb < 4; ++kb) {
-            if (kb <= kbmax) {
-#pragma unroll
-                for (int nt = 0; nt < 4; nt += 2) {
-                    u32 b[4];
-                    frag_b2_kn(b, sX, ldx * 2, kb * 16, (c0 + nb + nt * 8) * 2);
-                    mma_16816<T>(acc[nt], tf[kb], b);
-                    mma_16816<T>(acc[nt + 1], tf[kb], b + 2);
-                }
-            }
-        }
-        const int r = m0 + lane / 4;
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-            const int cc = c0 + nb + nt * 8 + (lane % 4) * 2;
-            *reinterpret_cast<u32*>(dst + (i64)r * ld + cc) = pack2<T>(acc[nt][0], acc[nt][1]);
-            *reinterpret_cast<u32*>(dst + (i64)(r + 8) * ld + cc) = pack2<T>(acc[nt][2], acc[nt][3]);
-        }
-    }
-}
-
-template <typename T, int DK, int DV>
-__device__ void prep_compact(const NatslGdnPrefillParams& p) {
-    constexpr int NT = PREP_THREADS;
-    constexpr int LDK = DK + PAD, LDA = C + 4;
-    constexpr int R0 = prep_compact_r0<DK>();
-    constexpr int VC = DK < DV ? DK : DV;  // V columns per chunk
-    constexpr int NCH = DV / VC;
-    constexpr int LDVC = VC + PAD;
-    static_assert(DK % 64 == 0 && DV % 64 == 0, "head dims must be multiples of 64");
-    static_assert(DV % VC == 0, "V chunks must tile dv");
-    static_assert(C * LDVC * 2 <= C * LDK * 2 && C * LDA * 4 <= R0, "regions too small");
-    static_assert(NT == 2 * C, "prep: one thread per q row and per k row");
-    extern __shared__ __align__(16) unsigned char smem[];
-    T* sQ = reinterpret_cast<T*>(smem);
-    float* sA = reinterpret_cast<float*>(smem);
-    T* sK = reinterpret_cast<T*>(smem + R0);
-    float* sG = reinterpret_cast<float*>(smem + R0 + C * LDK * 2);
-    float* sB = sG + C;
-    float* sInv = sB + C;  // [2][C]: 1/|q_i|, 1/|k_j| (1 without l2norm)
-    auto vregion = [&](int ch) { return reinterpret_cast<T*>(ch % 2 == 0 ? smem : smem + R0); };
-
-    // Grid (num_slots, Hv) walked with the value head fastest: the Hv / Hqk CTAs that
-    // read one chunk of q and k run back to back (L2 hits), and neighbouring CTAs
-    // read neighbouring v columns and write neighbouring workspace rows.
-    const int Hv = p.num_v_heads;
-    const int lin = blockIdx.y * gridDim.x + blockIdx.x;
-    const int slot = lin / Hv, h = lin % Hv;
-    int c;
-    const int n = seq_of_slot(p.batch, slot, &c);
-    if (n < 0) return;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int t0 = p.batch.cu_seqlens[n] + c * C;
-    const int len = min(C, p.batch.cu_seqlens[n + 1] - t0);
-    const int hq = h / (Hv / p.num_qk_heads);
-    const T* gv = reinterpret_cast<const T*>(p.v) + (i64)t0 * p.v_stride_t + (i64)h * p.v_stride_h;
-
-    load_rows_async<T, C, DK, NT>(sQ, LDK, reinterpret_cast<const T*>(p.q) + (i64)t0 * p.q_stride_t + (i64)hq * p.q_stride_h, p.q_stride_t, len);
-    load_rows_async<T, C, DK, NT>(sK, LDK, reinterpret_cast<const T*>(p.k) + (i64)t0 * p.k_stride_t + (i64)hq * p.k_stride_h, p.k_stride_t, len);
-    cp_async_commit();
-    if (tid < C) {
-        const bool ok = tid < len;
-        sG[tid] = ok ? p.g[(i64)(t0 + tid) * p.g_stride_t + h] : 0.f;  // pads: g = 0 keeps G flat
-        sB[tid] = ok ? load_beta<T>(p.beta, p.beta_f32, (i64)(t0 + tid) * p.beta_stride_t + h) : 0.f;
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-
-    if (p.l2norm) {
-        T* row = (tid < C ? sQ + tid * LDK : sK + (tid - C) * LDK);
-        float ss[4] = {0.f, 0.f, 0.f, 0.f};  // four chains: DK / 4 dependent FMAs, not DK
-#pragma unroll
-        for (int cc = 0; cc < DK; cc += 8) {
-            float x[8];
-            unpack8<T>(*reinterpret_cast<const vec8*>(row + cc), x);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) ss[e % 4] = fmaf(x[e], x[e], ss[e % 4]);
-        }
-        const float inv = rsqrtf(((ss[0] + ss[1]) + (ss[2] + ss[3])) + 1e-6f);
-        sInv[tid] = inv;
-#pragma unroll
-        for (int cc = 0; cc < DK; cc += 8) {
-            vec8 v = *reinterpret_cast<const vec8*>(row + cc);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) v.w[e] = pack2<T>(lo_f32<T>(v.w[e]) * inv, hi_f32<T>(v.w[e]) * inv);
-            *reinterpret_cast<vec8*>(row + cc) = v;
-        }
-    } else {
-        sInv[tid] = 1.f;
-    }
-    const i64 wrow = (i64)slot * Hv + h;
-    if (warp == 0) {  // inclusive cumsum of g, two tokens per lane
-        const float a = sG[2 * lane], b = sG[2 * lane + 1];
-        float s = a + b;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const float y = __shfl_up_sync(0xffffffffu, s, o);
-            if (lane >= o) s += y;
-        }
-        const float excl = s - (a + b);
-        sG[2 * lane] = excl + a;
-        sG[2 * lane + 1] = excl + a + b;
-    }
-    __syncthreads();
-    if (tid < C) {  // row factors of the scan: F = [fq | fk | G]
-        const float gi = sG[tid], gl = sG[C - 1];
-        float* f = p.ws_g + wrow * (3 * C);
-        f[tid] = p.scale * __expf(gi) * sInv[tid];
-        f[C + tid] = __expf(gl - gi) * sInv[C + tid];
-        f[2 * C + tid] = gi;
-    }
-
-    const int m0 = warp * 16, g = lane / 4, tq = lane % 4;
-    // Pass 1: P = scale (Q K^T o decay) for this warp's 16 rows, straight to global.
-    {
-        float qk[8][4];
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) qk[i][e] = 0.f;
-#pragma unroll 2
-        for (int k0 = 0; k0 < DK; k0 += 16) {
-            u32 aq[4];
-            frag_a(aq, sQ, LDK * 2, m0, k0 * 2);
-#pragma unroll
-            for (int nt = 0; nt < 8; nt += 2) {
-                if (nt / 2 <= warp) {
-                    u32 b[4];
-                    frag_b2_nk(b, sK, LDK * 2, nt * 8, k0 * 2);
-                    mma_16816<T>(qk[nt], aq, b);
-                    mma_16816<T>(qk[nt + 1], aq, b + 2);
-                }
-            }
-        }
-        T* wsP = reinterpret_cast<T*>(p.ws_p) + wrow * C * C;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const int i = m0 + g + hf * 8, j = nt * 8 + tq * 2;
-                u32 w = 0u;  // upper tiles: P is zero there
-                if (nt / 2 <= warp) {
-                    const float gi = sG[i];
-                    const float d0 = j <= i ? __expf(gi - sG[j]) : 0.f;
-                    const float d1 = j + 1 <= i ? __expf(gi - sG[j + 1]) : 0.f;
-                    w = pack2<T>(p.scale * d0 * qk[nt][hf * 2], p.scale * d1 * qk[nt][hf * 2 + 1]);
-                }
-                *reinterpret_cast<u32*>(wsP + i * C + j) = w;
-            }
-        }
-    }
-    // Pass 2: A = strictly_lower(beta_i e^{G_i - G_j} K K^T) into R0 (over Q).
-    {
-        float kk[8][4];
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) kk[i][e] = 0.f;
-#pragma unroll 2
-        for (int k0 = 0; k0 < DK; k0 += 16) {
-            u32 ak[4];
-            frag_a(ak, sK, LDK * 2, m0, k0 * 2);
-#pragma unroll
-            for (int nt = 0; nt < 8; nt += 2) {
-                if (nt / 2 <= warp) {
-                    u32 b[4];
-                    frag_b2_nk(b, sK, LDK * 2, nt * 8, k0 * 2);
-                    mma_16816<T>(kk[nt], ak, b);
-                    mma_16816<T>(kk[nt + 1], ak, b + 2);
-                }
-            }
-        }
-        __syncthreads();  // every warp has read its Q rows before A overwrites them
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-            if (nt / 2 > warp) continue;  // A is never read above the diagonal blocks
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const int i = m0 + g + hf * 8, j = nt * 8 + tq * 2;
-                const float gi = sG[i], bi = sB[i];
-                const float a0 = j < i ? bi * __expf(gi - sG[j]) * kk[nt][hf * 2] : 0.f;
-                const float a1 = j + 1 < i ? bi * __expf(gi - sG[j + 1]) * kk[nt][hf * 2 + 1] : 0.f;
-                *reinterpret_cast<float2*>(sA + i * LDA + j) = make_float2(a0, a1);
-            }
-        }
-    }
-    __syncthreads();
-
-    // Level 0: thread tid < 64 solves column m of the inverse of diagonal block tid / 16.
-    {
-        const int m = tid % 16, o = (tid / 16) * 16;
-        float t[16];
-        if (tid < C) {
-#pragma unroll
-            for (int i = 0; i < 16; ++i) {
-                float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-                for (int j = 0; j < i; j += 4) {
-                    const float4 a = *reinterpret_cast<const float4*>(sA + (o + i) * LDA + o + j);
-                    s0 = fmaf(a.x, t[j], s0);
-                    if (j + 1 < i) s1 = fmaf(a.y, t[j + 1], s1);
-                    if (j + 2 < i) s0 = fmaf(a.z, t[j + 2], s0);
-                    if (j + 3 < i) s1 = fmaf(a.w, t[j + 3], s1);
-                }
-                t[i] = i == m ? 1.f : -(s0 + s1);
-            }
-        }
-        __syncthreads();  // the diagonal blocks of A are read
-        if (tid < C) {
-#pragma unroll
-            for (int i = 0; i < 16; ++i) sA[(o + i) * LDA + o + m] = t[i];
-        }
-    }
-    __syncthreads();  // diagonal inverses D0..D3 in sA
-    if (warp < 2) {
-        // Level 1: T[o+16.., o..] = -(D_hi A[o+16.., o..]) D_lo, o = 32 warp.
-        const int o = warp * 32;
-        float y[2][4];
-        strip_lmr<2, 2, LDA>(y, sA, 1, o + 16, o + 16, o + 16, o, 0, o, o);
-        __syncwarp();  // all lanes have read A[o+16.., o..]
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const int r = o + 16 + g + hf * 8, cc = o + nt * 8 + tq * 2;
-                *reinterpret_cast<float2*>(sA + r * LDA + cc) = make_float2(y[nt][hf * 2], y[nt][hf * 2 + 1]);
-            }
-    }
-    __syncthreads();  // T[0:32, 0:32] and T[32:64, 32:64] complete in sA
-    {
-        // Level 2: T[32:64, 0:32] = -(T[32:64, 32:64] A[32:64, 0:32]) T[0:32, 0:32];
-        // warp: 16-row strip s, 16-column half hc. Written over A once all have read it.
-        const int s = warp & 1, hc = warp >> 1;
-        float y[2][4];
-        strip_lmr<4, 2, LDA>(y, sA, s + 1, 32 + 16 * s, 32, 32, 0, hc, 0, 16 * hc);
-        __syncthreads();
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-                const int r = 32 + 16 * s + g + hf * 8, cc = 16 * hc + nt * 8 + tq * 2;
-                *reinterpret_cast<float2*>(sA + r * LDA + cc) = make_float2(y[nt][hf * 2], y[nt][hf * 2 + 1]);
-            }
-    }
-    __syncthreads();  // T complete (f32, lower block triangle) in sA
-
-    // This warp's 16 rows of T as bf16 A fragments: tw = T diag(beta e^G), tu = T diag(beta).
-    u32 tw[4][4], tu[4][4];
-#pragma unroll
-    for (int kb = 0; kb < 4; ++kb) {
-        if (kb <= warp) {
-            const int c0 = 16 * kb + 2 * tq;
-            const float* p0 = sA + (m0 + g) * LDA + c0;
-            const float* p1 = p0 + 8 * LDA;
-            const float2 x0 = *reinterpret_cast<const float2*>(p0), x1 = *reinterpret_cast<const float2*>(p1);
-            const float2 x2 = *reinterpret_cast<const float2*>(p0 + 8), x3 = *reinterpret_cast<const float2*>(p1 + 8);
-            const float b0 = sB[c0], b1 = sB[c0 + 1], b8 = sB[c0 + 8], b9 = sB[c0 + 9];
-            const float e0 = b0 * __expf(sG[c0]), e1 = b1 * __expf(sG[c0 + 1]);
-            const float e8 = b8 * __expf(sG[c0 + 8]), e9 = b9 * __expf(sG[c0 + 9]);
-            tw[kb][0] = pack2<T>(x0.x * e0, x0.y * e1);
-            tw[kb][1] = pack2<T>(x1.x * e0, x1.y * e1);
-            tw[kb][2] = pack2<T>(x2.x * e8, x2.y * e9);
-            tw[kb][3] = pack2<T>(x3.x * e8, x3.y * e9);
-            tu[kb][0] = pack2<T>(x0.x * b0, x0.y * b1);
-            tu[kb][1] = pack2<T>(x1.x * b0, x1.y * b1);
-            tu[kb][2] = pack2<T>(x2.x * b8, x2.y * b9);
-            tu[kb][3] = pack2<T>(x3.x * b8, x3.y * b9);
-        } else {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) tw[kb][e] = tu[kb][e] = 0u;
-        }
-    }
-    __syncthreads();  // R0 is free: V chunk 0 overlaps W
-    load_rows_async<T, C, VC, NT>(vregion(0), LDVC, gv, p.v_stride_t, len);
-    cp_async_commit();
-
-    // W = T diag(beta e^G) K (K in R1).
-    prep_tx_store<T, DK>(tw, warp, sK, LDK, 0, reinterpret_cast<T*>(p.ws_w) + wrow * C * DK, DK, m0);
-
-    // U = T diag(beta) V, VC columns at a time through R0 / R1.
-    T* wsU = reinterpret_cast<T*>(p.ws_u) + wrow * C * DV;
-#pragma unroll
-    for (int ch = 0; ch < NCH; ++ch) {
-        if (ch + 1 < NCH) {
-            __syncthreads();  // region (ch + 1) % 2 is read (W or chunk ch - 1)
-            load_rows_async<T, C, VC, NT>(vregion(ch + 1), LDVC, gv + (ch + 1) * VC, p.v_stride_t, len);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();  // chunk ch visible
-        prep_tx_store<T, VC>(tu, warp, vregion(ch), LDVC, 0, wsU + ch * VC, DV, m0);
-    }
 }
 
 // ---------------------------------------------------------------- prep_grouped
 //
-// GROUPED prep (PrepKernel::Grouped): one CTA per (chunk slot, q/k head) that serves
-// the G = Hv / Hqk value heads of that q/k head (GVA) one after the other. Same
-// workspace and the same inverse (Compact's blocked split-bf16 solve, T as scaled
-// bf16 fragments) per value head; what is done once per q/k head:
+// GROUPED prep: one CTA per (chunk slot, q/k head) that serves the G = Hv / Hqk value
+// heads of that q/k head (GVA) one after the other. Per value head the blocked
+// split-bf16 inverse, T kept as bf16 mma A fragments in registers scaled by
+// diag(beta e^G / |k|) (for W) and diag(beta) (for U), blocks above the diagonal
+// skipped, W, U and P stored from the accumulators; what is done once per q/k head:
 //   - q and k are loaded once and never rescaled in smem: the L2 norms come from
 //     the diagonals of Q Q^T and K K^T (two extra mma per k-step on the A fragments
 //     already in registers) and are folded into the f32 factors of P, A and the
 //     W fragments (W = T diag(beta e^G / |k|) K_raw);
 //   - Q K^T is computed once; P of every value head is written from those
 //     accumulators (per head only the decay e^{G_i - G_j} differs).
-// Per value head: K K^T (K stays in smem for W), A, T, W, U. Smem as Compact:
+// Per value head: K K^T (K stays in smem for W), A, T, W, U. Two smem regions:
 //   R0: Q -> (per head) A / T (f32) -> V column chunks;  R1: K (all heads).
+// (A compact prep of one CTA per (chunk slot, value head) was removed: slower at every
+// measured shape, bench/NOTES.md.)
 // Gates: per head, warp 0 writes G (log2 units), beta and beta e^G to smem one
 // head ahead (loads issued a head earlier), so no barrier waits on global loads.
 template <int DK, int DV>
 constexpr int prep_grouped_smem_bytes() {
-    return prep_compact_r0<DK>() + C * (DK + PAD) * 2 + 5 * C * 4;
+    return prep_r0<DK>() + C * (DK + PAD) * 2 + 5 * C * 4;
 }
 template <int DK, int DV>
 constexpr int prep_grouped_min_ctas() {
@@ -504,7 +178,8 @@ __device__ __forceinline__ void load_rows_async_fresh(T* smem, int ld, const T* 
 }
 
 // Lane-parameterised copies of the fragment helpers (frag_a, frag_b2_nk, frag_b2_kn,
-// frag_a_f32, frag_b_f32, strip_lmr, prep_tx_store) for the value-head loop: with
+// frag_a_f32, frag_b_f32, strip_lmr) and a T X product stored to global rows
+// (gprep_tx_store) for the value-head loop: with
 // the lane read afresh each iteration (prep_fresh_tid) their per-thread smem offsets
 // are recomputed in the loop instead of hoisted out of it and kept live (spills).
 __device__ __forceinline__ int prep_fresh_tid() {
@@ -634,7 +309,7 @@ template <typename T, int DK, int DV, bool FUSED_WS = false>
 __device__ void prep_grouped(const NatslGdnPrefillParams& p) {
     constexpr int NT = PREP_THREADS, NW = NT / 32;
     constexpr int LDK = DK + PAD, LDA = C + 4;
-    constexpr int R0 = prep_compact_r0<DK>();
+    constexpr int R0 = prep_r0<DK>();
     constexpr int VC = DK < DV ? DK : DV;  // V columns per chunk (through R0)
     constexpr int NCH = DV / VC;
     constexpr int LDVC = VC + PAD;

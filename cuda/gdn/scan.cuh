@@ -317,9 +317,9 @@ __device__ void scan_split(const NatslGdnPrefillParams& p) {
 //   warp (cg, ks): value columns vc0 = 16 cg .. +15 of the tile, dk rows 64 ks .. +63;
 //   S^T slice 16 x 64 (f32, 32 regs): rows = value columns, cols = dk.
 //   aw^T = S^T W^T, ao^T = S^T Q^T  (A = S^T packed from registers, B = W, Q from smem)
-//   at dk = 128 (KS = 2) the two dk halves of a column group add their partial aw / ao
+//   the two dk halves of a column group (KS = 2 warps) add their partial aw / ao
 //   through 6 KB of smem per warp and one 64-thread named barrier (the only sync inside
-//   the chain); at dk = 64 (KS = 1) there is none.
+//   the chain).
 //   v_new^T = U^T - aw^T (U^T by ldmatrix.trans: directly the accumulator layout),
 //   S'^T = e^{G_L} S^T + (v_new^T diag(fk)) K      (A = v_new^T packed from registers)
 //   o^T  = diag(fq)-scaled ao^T + v_new^T P^T       (off the state chain; each dk half
@@ -327,12 +327,11 @@ __device__ void scan_split(const NatslGdnPrefillParams& p) {
 //   o stored through movmatrix.trans (16-byte row pieces like the other scans).
 // One __syncthreads per chunk (chunk c's operands landed, chunk c - 1's stage free:
 // chunk c + 1 is then issued into it and lands under chunk c's math).
-// Tiles (BV columns, NW warps; KS = NW * 16 / BV warps per 16 columns, DKW = DK / KS):
-//   n32w4 / n64w8 at dk 128: KS = 2 (dk halves, pair exchange); n64w4 / n128w8 at dk
-//   128: KS = 1, a warp holds all 128 dk rows (64 state regs): LATE_O, Q S per output
-//   block after the state update from the old state's bf16 A fragments, kept in the
-//   thread's own smem slots (registers: 64 state + 32 aw + fragments); dk 64: n64w4.
-// Per warp and chunk, dk = 128, KS = 2: 64 mma (aw, ao) + 32 (state) + 10 (P v_new),
+// Tile (BV columns, NW warps; KS = NW * 16 / BV = 2 warps per 16 columns, DKW = DK / 2
+// = 64 dk rows each): n32w4 at dk 128, the one src/ops/gdn.rs launches. (Tiles whose
+// warps held all 128 dk rows (n64w4, n128w8), n64w8 and dk 64's n64w4 were removed: see
+// bench/NOTES.md, cleanup.)
+// Per warp and chunk, dk = 128: 64 mma (aw, ao) + 32 (state) + 10 (P v_new),
 // ~57 ldmatrix, ~500 instructions (the split scan: ~1.3k per warp, 3 CTA barriers, the
 // state copy and v_new through smem). The chain from one chunk's operands to the next
 // chunk's first mma: 4 k-steps of aw (16 independent accumulators: issue bound,
@@ -340,8 +339,8 @@ __device__ void scan_split(const NatslGdnPrefillParams& p) {
 // v_new packing (~60) + 4 k-steps of the state update (8 accumulators, ~32 x 8) +
 // the off-chain o part (~10 mma + stores) + 1 CTA barrier: ~1.2-1.5k cycles per chunk
 // at one warp per scheduler (narrow launches, P4 / P9), against ~4.6k measured for
-// the split scan's narrow tile. Then the L2 -> SM operand traffic bounds it (n32:
-// ~60 KB per CTA and chunk; n128 reads Q, K, W, P once per head).
+// the split scan's 32-column tile. Then the L2 -> SM operand traffic bounds it (n32:
+// ~60 KB per CTA and chunk).
 // Context parallelism: same body with the scan_cp geometry (MODE), see scan_cp.
 template <int V> struct IntC { static constexpr int value = V; };
 
@@ -383,41 +382,31 @@ __device__ __forceinline__ void load_tile_async(T* s, int ld, const T* src, i64 
 }
 
 // Dynamic smem of scan_reg (mirrored by src/ops/gdn.rs reg_scan_smem_bytes): two
-// operand stages (Q, K, W, P, U, F) + the dk-half exchange (KS = 2: 12 float4 per thread)
-// or the old state's and v_new^T diag(fk)'s A fragments (a warp holds 128 dk rows:
-// 8 + 4 uint4 per thread).
+// operand stages (Q, K, W, P, U, F) + the dk-half exchange (12 float4 per thread).
 template <int DK, int BV, int NW>
 constexpr int scan_reg_smem_bytes() {
-    return 2 * (3 * C * (DK + PAD) + C * (C + PAD) + C * (BV + PAD) + 6 * C) * 2 + (NW * 16 / BV == 2 || DK == 128 ? NW * 12 * 32 * 16 : 0);
+    return 2 * (3 * C * (DK + PAD) + C * (C + PAD) + C * (BV + PAD) + 6 * C) * 2 + NW * 12 * 32 * 16;
 }
 
 template <typename T, int DK, int DV, int BV, int NW, int MODE>
 __device__ void scan_reg(const NatslGdnPrefillParams& p) {
-    // KS warps (1 or 2) share 16 value columns, each holding DKW = DK / KS dk rows.
+    // KS = 2 warps share 16 value columns, each holding DKW = DK / 2 = 64 dk rows.
     constexpr int NCG = BV / 16, KS = NW / NCG, DKW = DK / KS, NJ = DKW / 8, NT = NW * 32;
-    static_assert(BV % 16 == 0 && NW % NCG == 0 && (KS == 1 || KS == 2) && DK % KS == 0 && DKW % 16 == 0 && DKW <= 128 && DV % BV == 0, "scan_reg tile");
+    static_assert(BV % 16 == 0 && NW % NCG == 0 && KS == 2 && DKW == 64 && DV % BV == 0, "scan_reg tile");
     static_assert(NT >= 3 * C / 4, "scan_reg: F copy needs 48 threads");
     constexpr int LDK = DK + PAD, LDB = BV + PAD, LDP = C + PAD;
     constexpr int ST_Q = 0, ST_K = C * LDK, ST_W = 2 * C * LDK, ST_P = 3 * C * LDK, ST_U = ST_P + C * LDP, ST_F = ST_U + C * LDB;
     constexpr int STAGE = ST_F + 6 * C;  // elements of T (F: 3 x C f32)
     constexpr int NOWN = 4 / KS;         // 16-token output blocks each warp finishes
-    // LATE_O (a warp holds 128 dk rows): Q S is computed per 16-token output block after
-    // the state update, from the bf16 packing of the old state (32 regs instead of 32 f32
-    // accumulators live across the whole chunk: the register budget of 64 state regs).
-    constexpr bool LATE_O = NJ == 16;
 
     extern __shared__ __align__(16) unsigned char smem[];
     T* st0 = reinterpret_cast<T*>(smem);
-    float4* xb = reinterpret_cast<float4*>(st0 + 2 * STAGE);  // [NW][12][32] (KS = 2)
+    float4* xb = reinterpret_cast<float4*>(st0 + 2 * STAGE);  // [NW][12][32]
 
     const int h = blockIdx.y, n = blockIdx.z;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
     const int cg = warp / KS, ks = warp % KS;
     const int vc0 = cg * 16, dk0 = ks * DKW;
-    // LATE_O: the old state's bf16 A fragments, [NW][NJ / 2][32] uint4 (same region as xb).
-    uint4* sA = reinterpret_cast<uint4*>(st0 + 2 * STAGE) + warp * (NJ / 2) * 32 + lane;
-    // LATE_O: v_new^T diag(fk) A fragments, [NW][4][32] uint4 after sA.
-    uint4* sVkp = reinterpret_cast<uint4*>(st0 + 2 * STAGE) + NW * (NJ / 2) * 32 + warp * 4 * 32 + lane;
     const int Hv = p.num_v_heads;
     const int hq = h / (Hv / p.num_qk_heads);
     int bos = p.batch.cu_seqlens[n];
@@ -451,7 +440,7 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
         nch = c_end - c_begin;
     }
     // The segment geometry is re-read from smem at each use (as in scan_cp): the issue
-    // path's loop-invariant values otherwise take registers from the state (LATE_O).
+    // path's loop-invariant values otherwise take registers from the state.
     __shared__ int s_geo[4];
     if (tid == 0) {
         s_geo[0] = bos;
@@ -553,29 +542,6 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
         for (int i = 0; i < 8; ++i)
 #pragma unroll
             for (int e = 0; e < 4; ++e) aw[i][e] = ao[i][e] = 0.f;
-        if constexpr (LATE_O) {
-            // The old state's A fragments go to this thread's own smem slots (no sync:
-            // the thread reads back only what it wrote), so the k loop can stay rolled
-            // (x2): fully unrolled, ptxas hoists all 32 W fragments next to the 64 state
-            // registers and spills.
-#pragma unroll
-            for (int kk = 0; kk < NJ / 2; ++kk)
-                sA[kk * 32] = make_uint4(pack2<T>(SS[2 * kk][0], SS[2 * kk][1]), pack2<T>(SS[2 * kk][2], SS[2 * kk][3]),
-                                         pack2<T>(SS[2 * kk + 1][0], SS[2 * kk + 1][1]), pack2<T>(SS[2 * kk + 1][2], SS[2 * kk + 1][3]));
-#pragma unroll 2
-            for (int kk = 0; kk < NJ / 2; ++kk) {
-                const uint4 a4 = sA[kk * 32];
-                const u32 a[4] = {a4.x, a4.y, a4.z, a4.w};
-                const int kb = (dk0 + kk * 16 + l_nk_col) * 2;
-#pragma unroll
-                for (int np = 0; np < 4; ++np) {
-                    u32 b[4];
-                    ldmatrix_x4(b, reinterpret_cast<const char*>(st + ST_W) + (np * 16 + l_nk_row) * LDK * 2 + kb);
-                    mma_16816<T>(aw[2 * np], a, b);
-                    mma_16816<T>(aw[2 * np + 1], a, b + 2);
-                }
-            }
-        } else {
 #pragma unroll
         for (int kk = 0; kk < NJ / 2; ++kk) {
             u32 a[4];
@@ -601,23 +567,13 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
                 }
             }
         }
-        }
 
         // The dk halves add their partials: aw in full, ao for the blocks each finishes.
         // Block ownership (16 tokens each): ks 0 -> {0, 3}, ks 1 -> {1, 2} (P's triangle
         // costs 1 + 4 = 2 + 3 k-steps each).
         float oo[2 * NOWN][4];
         int own[NOWN];
-        if constexpr (KS == 1) {
-            if constexpr (!LATE_O) {
-#pragma unroll
-                for (int i = 0; i < 8; ++i)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) oo[i][e] = ao[i][e];
-            }
-#pragma unroll
-            for (int s = 0; s < NOWN; ++s) own[s] = s;
-        } else {
+        {
             auto xchg = [&](auto KSC) {
                 constexpr int kso = decltype(KSC)::value;
                 constexpr int o0 = kso == 0 ? 0 : 1, o1 = kso == 0 ? 3 : 2;  // mine
@@ -682,24 +638,6 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) SS[j][e] *= eg;
         if (label != NATSL_LABEL_ATTN) {
-            if constexpr (LATE_O) {
-                // Rolled over the 4 token k-steps (v_new^T diag(fk) through the thread's
-                // own smem slots): fully unrolled, ptxas hoists all 32 K fragments.
-#pragma unroll
-                for (int kb = 0; kb < 4; ++kb) sVkp[kb * 32] = make_uint4(vka[kb][0], vka[kb][1], vka[kb][2], vka[kb][3]);
-#pragma unroll 1
-                for (int kb = 0; kb < 4; ++kb) {
-                    const uint4 a4 = sVkp[kb * 32];
-                    const u32 a[4] = {a4.x, a4.y, a4.z, a4.w};
-#pragma unroll
-                    for (int jp = 0; jp < NJ / 2; ++jp) {
-                        u32 b[4];
-                        ldmatrix_x4_trans(b, reinterpret_cast<const char*>(st + ST_K) + (kb * 16 + l_kn_row) * LDK * 2 + (dk0 + jp * 16 + l_kn_col) * 2);
-                        mma_16816<T>(SS[2 * jp], a, b);
-                        mma_16816<T>(SS[2 * jp + 1], a, b + 2);
-                    }
-                }
-            } else {
 #pragma unroll
             for (int kb = 0; kb < 4; ++kb)
 #pragma unroll
@@ -709,7 +647,6 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
                     mma_16816<T>(SS[2 * jp], vka[kb], b);
                     mma_16816<T>(SS[2 * jp + 1], vka[kb], b + 2);
                 }
-            }
         }
 
         // Outputs (off the state chain): o^T = diag(fq) ao^T + v_new^T P^T on the owned blocks.
@@ -718,19 +655,6 @@ __device__ void scan_reg(const NatslGdnPrefillParams& p) {
 #pragma unroll
             for (int s = 0; s < NOWN; ++s) {
                 const int ip = own[s];
-                if constexpr (LATE_O) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) oo[2 * s][e] = oo[2 * s + 1][e] = 0.f;
-#pragma unroll 2
-                    for (int kk = 0; kk < NJ / 2; ++kk) {
-                        const uint4 a4 = sA[kk * 32];
-                        const u32 a[4] = {a4.x, a4.y, a4.z, a4.w};
-                        u32 b[4];
-                        ldmatrix_x4(b, reinterpret_cast<const char*>(st + ST_Q) + (ip * 16 + l_nk_row) * LDK * 2 + (dk0 + kk * 16 + l_nk_col) * 2);
-                        mma_16816<T>(oo[2 * s], a, b);
-                        mma_16816<T>(oo[2 * s + 1], a, b + 2);
-                    }
-                }
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
                     const float2 fq = *reinterpret_cast<const float2*>(sF + 16 * ip + 8 * hh + 2 * t4);
@@ -1106,13 +1030,9 @@ __device__ void scan_cp_split(const NatslGdnPrefillParams& p) {
 }
 
 // Entries scan_cp_a / scan_cp_c: scan_reg for the register-state tile (stages = 3).
-// The LATE_O register tiles (a warp holds 128 dk rows: n64w4 / n128w8 at dk 128) run
-// the plain scan only (their cp passes sit at the 255-register limit and spill;
-// src/ops/gdn.rs never launches these entries for them): a trap stub.
 template <typename T, int DK, int DV, int BV, int NW, int STAGES, int MODE>
 __device__ void scan_cp(const NatslGdnPrefillParams& p) {
-    if constexpr (STAGES == 3 && DK / (NW / (BV / 16)) == 128) __trap();
-    else if constexpr (STAGES == 3) scan_reg<T, DK, DV, BV, NW, MODE>(p);
+    if constexpr (STAGES == 3) scan_reg<T, DK, DV, BV, NW, MODE>(p);
     else scan_cp_split<T, DK, DV, BV, NW, STAGES, MODE>(p);
 }
 

@@ -10,7 +10,7 @@ namespace natsl {
 // (dvs 64 -> 8, 128 -> 16, 256 -> 32, 384 -> 16 with 3 vectors each).
 constexpr int merge_lanes(int nv) { return (nv % 32 == 0) ? 32 : (nv % 16 == 0) ? 16 : (nv % 8 == 0) ? 8 : (nv % 4 == 0) ? 4 : (nv % 2 == 0) ? 2 : 1; }
 
-// Read-once rows: evict-first in L2 (the router's load, cuda/router/tile.cuh).
+// Read-once rows: evict-first in L2 (the router's load, cuda/router/router.cuh).
 __device__ __forceinline__ vec8 merge_ld_stream(const void* p) {
     vec8 v;
     asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3]) : "l"(p));

@@ -1,13 +1,20 @@
-// router.cuh: the router of SPEC.md section 3 (blocked pool), two launches.
+// router.cuh: the router of SPEC.md section 3, two launches (pool + score, then select).
 //
-// Score: grid (num_slots, d_split). Each CTA mean-pools one chunk over a slice of D
-// (16-byte loads, f32 sums), rounds m_c like the model, and writes the slice's
-// partial logits for every routing head. Splitting D keeps the GPU full when
-// there are few chunks; partials (not atomics) keep the sums deterministic.
-// Select: one warp per (sequence, routing head) sums the partials in a fixed order,
-// labels the chunks (argmax, or top-k by an MSB-first radix select over the
-// margins) and writes the compact ATTN list. (A fused launch in which the last CTA
-// of a sequence selected was removed with the tiled one: see src/ops/router.rs.)
+// Pool + score. One CTA of TILE_THREADS = 128 per (chunk slot, 256-column slice of
+// D): lane l owns 8 columns, warp w rows w, w + 4, ... of the chunk, and every
+// thread issues its 16 row loads (16 B each, evict-first) before the first add,
+// so a CTA has its whole 32 KB tile in flight and then finishes fast: one barrier,
+// a fixed-order sum of the four warps' partials, the rounding of m_c, and the
+// slice's partial logits (warp w scores rows w, w + 4, ... of W_score, four rows
+// per batch of loads). Partials go to partial_logits [slices, slots, 2 Hr]
+// (p.d_split = slices); partials, not atomics, keep the sums deterministic.
+//
+// Select. One CTA per (sequence, head), its own launch after the pool, selects with
+// all its threads: logits and margins for NT x 4 chunks at a time, a block-wide
+// MSB-first radix select for top-k, and block-wide scans for the labels and the
+// compact list. (Removed, see bench/NOTES.md: a fused launch, whose last pool CTAs
+// spin-waited on a per-sequence counter; the blocked pool of one CTA per (chunk, D
+// split) with a warp-per-head select, slower at every measured shape.)
 #pragma once
 #include "common/dtype.cuh"
 #include "common/varlen.cuh"
@@ -26,69 +33,118 @@ __device__ __forceinline__ u32 lanemask_lt() {
     return m;
 }
 
-template <typename T, int THREADS>
-__device__ __forceinline__ void router_pool_score(const NatslRouterParams& p, int slot, int n, int c, float* smem_f) {
-    const int split = blockIdx.y;
+constexpr int TILE_THREADS = 128;
+constexpr int TILE_COLS = NATSL_ROUTER_TILE_COLS;  // 32 lanes x 8 columns
+constexpr int TILE_ROWS_PER_THREAD = NATSL_CHUNK / (TILE_THREADS / 32);
+static_assert(TILE_COLS == 256, "one warp spans a slice");
+
+// 16-byte load that asks L2 to evict the line first (x is read exactly once).
+__device__ __forceinline__ vec8 ld_stream16(const void* p) {
+    vec8 v;
+    asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3]) : "l"(p));
+    return v;
+}
+
+// Exclusive block-wide prefix count of `flag` over NT threads, and the total.
+// `warp_tot` is NT / 32 ints of shared memory; the call has two barriers.
+template <int NT>
+__device__ __forceinline__ int block_excl_count(bool flag, int* warp_tot, int* total) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const u32 b = __ballot_sync(0xffffffffu, flag);
+    if (lane == 0) warp_tot[warp] = __popc(b);
+    __syncthreads();
+    int before = __popc(b & lanemask_lt()), all = 0;
+#pragma unroll
+    for (int w = 0; w < NT / 32; ++w) {
+        const int t = warp_tot[w];
+        if (w < warp) before += t;
+        all += t;
+    }
+    __syncthreads();  // warp_tot is reused by the next call
+    *total = all;
+    return before;
+}
+
+template <typename T>
+__device__ __forceinline__ void tile_pool_score(const NatslRouterParams& p, int slot, int n, int c, int slice, float* red, float* m) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int t0 = p.batch.cu_seqlens[n] + c * NATSL_CHUNK;
     const int rows = min(NATSL_CHUNK, p.batch.cu_seqlens[n + 1] - t0);
-    const int col0 = split * p.d_per_split;
-    const int cols = min(p.d_per_split, p.d_model - col0);  // multiple of 8
-    const int groups = cols / 8;                            // 16-byte column groups, <= THREADS (host)
-    const int row_par = THREADS / groups;                   // token rows pooled in parallel
+    const int col0 = slice * TILE_COLS;
+    const int cols = min(TILE_COLS, p.d_model - col0);  // a multiple of 8
+    const bool active = lane * 8 < cols;
 
-    // Pool: thread (r0, g) sums rows r0, r0 + row_par, ... of column group g.
-    const T* x = reinterpret_cast<const T*>(p.x);
-    const int g = threadIdx.x % groups, r0 = threadIdx.x / groups;
-    float* m = smem_f + THREADS * 8;  // m_c slice [cols]
-    if (r0 < row_par) {
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        const T* base = x + (i64)t0 * p.x_stride_t + col0 + g * 8;
-#pragma unroll 8
-        for (int r = r0; r < rows; r += row_par) {
-            vec8 v = *reinterpret_cast<const vec8*>(base + (i64)r * p.x_stride_t);
-            float f[8];
-            unpack8<T>(v, f);
+    // All 16 loads first, then the adds.
+    const T* base = reinterpret_cast<const T*>(p.x) + (i64)t0 * p.x_stride_t + col0 + lane * 8;
+    vec8 v[TILE_ROWS_PER_THREAD];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) acc[i] += f[i];
-        }
-#pragma unroll
-        for (int i = 0; i < 8; ++i) smem_f[threadIdx.x * 8 + i] = acc[i];
+    for (int i = 0; i < TILE_ROWS_PER_THREAD; ++i) {
+        const int r = warp + i * (TILE_THREADS / 32);
+        if (active && r < rows) v[i] = ld_stream16(base + (i64)r * p.x_stride_t);
+        else v[i].w[0] = v[i].w[1] = v[i].w[2] = v[i].w[3] = 0u;  // +0 in bf16 and f16
     }
+    // Every load is issued before any add: without this the compiler interleaves
+    // the adds (seen for f16) and keeps fewer loads in flight.
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS_PER_THREAD; ++i)
+        asm volatile("" : "+r"(v[i].w[0]), "+r"(v[i].w[1]), "+r"(v[i].w[2]), "+r"(v[i].w[3]));
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < TILE_ROWS_PER_THREAD; ++i) {
+        float f[8];
+        unpack8<T>(v[i], f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] += f[e];
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) red[warp * TILE_COLS + lane * 8 + e] = acc[e];
     __syncthreads();
-    // Reduce the row_par partials in a fixed order, then round like the model.
-    for (int e = threadIdx.x; e < cols; e += THREADS) {
-        const int gg = e / 8, i = e % 8;
+    // m_c over the slice: the four warps' partials in a fixed order, rounded like the model.
+    for (int e = threadIdx.x; e < TILE_COLS; e += TILE_THREADS) {
         float s = 0.f;
-        for (int r = 0; r < row_par; ++r) s += smem_f[(r * groups + gg) * 8 + i];
+#pragma unroll
+        for (int w = 0; w < TILE_THREADS / 32; ++w) s += red[w * TILE_COLS + e];
         float mean = s / (float)rows;
         if (p.round_mean) mean = round_to<T>(mean);
         m[e] = mean;
     }
     __syncthreads();
 
-    // Score: warp w computes rows w, w + warps, ... of W_score over this D slice.
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const T* w = reinterpret_cast<const T*>(p.w_score);
-    const int nrows = 2 * p.num_heads;
-    for (int j = warp; j < nrows; j += THREADS / 32) {
-        const T* wr = w + (i64)j * p.d_model + col0;
-        float s = 0.f;
-        for (int gg = lane; gg < groups; gg += 32) {
-            vec8 v = *reinterpret_cast<const vec8*>(wr + gg * 8);
-            float f[8];
-            unpack8<T>(v, f);
+    // Partial logits of the slice: warp w scores rows w, w + 4, ... four at a time.
+    float mv[8];
 #pragma unroll
-            for (int i = 0; i < 8; ++i) s += f[i] * m[gg * 8 + i];
+    for (int e = 0; e < 8; ++e) mv[e] = m[lane * 8 + e];
+    const T* w = reinterpret_cast<const T*>(p.w_score) + col0 + lane * 8;
+    const int nrows = 2 * p.num_heads;
+    constexpr int STEP = TILE_THREADS / 32;
+    for (int j0 = warp; j0 < nrows; j0 += 4 * STEP) {
+        vec8 wv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int j = j0 + u * STEP;
+            if (active && j < nrows) wv[u] = *reinterpret_cast<const vec8*>(w + (i64)j * p.d_model);
+            else wv[u].w[0] = wv[u].w[1] = wv[u].w[2] = wv[u].w[3] = 0u;
         }
-        s = warp_sum(s);
-        if (lane == 0) p.partial_logits[((i64)split * p.batch.num_slots + slot) * nrows + j] = s;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int j = j0 + u * STEP;
+            float f[8];
+            unpack8<T>(wv[u], f);
+            float s = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s += f[e] * mv[e];
+            s = warp_sum(s);
+            if (lane == 0 && j < nrows) p.partial_logits[((i64)slice * p.batch.num_slots + slot) * nrows + j] = s;
+        }
     }
 }
 
-// One warp labels every chunk of sequence n for routing head r and writes its list.
-template <int COMPILE_K>
-__device__ void router_select_head(const NatslRouterParams& p, int n, int r, u32* hist) {
-    const int lane = threadIdx.x % 32;
+// Labels, margins, logits and the compact ATTN list of head r of sequence n, by
+// the whole CTA (NT threads). `scratch` holds NT / 32 + 2 ints.
+template <int COMPILE_K, int NT>
+__device__ void tile_select_head(const NatslRouterParams& p, int n, int r, u32* hist, int* scratch) {
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int len = p.batch.cu_seqlens[n + 1] - p.batch.cu_seqlens[n];
     const int nch = (len + NATSL_CHUNK - 1) / NATSL_CHUNK;
     const int ncomplete = len / NATSL_CHUNK;
@@ -103,14 +159,13 @@ __device__ void router_select_head(const NatslRouterParams& p, int n, int r, u32
     else k = -1;  // argmax
     if (k > ncomplete) k = ncomplete;
 
-    // Pass 1: logits from the partials (fixed split order), margins. Loads for
-    // four chunks are issued before any store, so a lane has 4 L2 round trips in flight.
+    // Pass 1: logits (partials summed in slice order) and margins, 4 chunks per thread in flight.
     const float* __restrict__ partial = p.partial_logits;
-    for (int c0 = lane; c0 < nch; c0 += 32 * 4) {
+    for (int c0 = tid; c0 < nch; c0 += NT * 4) {
         float l0[4], l1[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            const int c = c0 + 32 * u;
+            const int c = c0 + NT * u;
             l0[u] = 0.f;
             l1[u] = 0.f;
             if (c < nch) {
@@ -123,7 +178,7 @@ __device__ void router_select_head(const NatslRouterParams& p, int n, int r, u32
         }
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            const int c = c0 + 32 * u;
+            const int c = c0 + NT * u;
             if (c < nch) {
                 if (p.logits) {
                     p.logits[((i64)(base + c) * H + r) * 2] = l0[u];
@@ -133,7 +188,7 @@ __device__ void router_select_head(const NatslRouterParams& p, int n, int r, u32
             }
         }
     }
-    __syncwarp();
+    __syncthreads();  // margins visible to the whole CTA
 
     // Top-k: the k-th largest key by an MSB-first radix select, 8 bits a pass.
     u32 kth = 0;
@@ -142,97 +197,99 @@ __device__ void router_select_head(const NatslRouterParams& p, int n, int r, u32
         u32 prefix = 0, mask = 0;
         int remaining = k;
         for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int b = lane; b < 256; b += 32) hist[b] = 0;
-            __syncwarp();
-            for (int c = lane; c < ncomplete; c += 32) {
+            for (int b = tid; b < 256; b += NT) hist[b] = 0;
+            __syncthreads();
+            for (int c = tid; c < ncomplete; c += NT) {
                 const u32 key = margin_key(margin[c]);
                 if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
             }
-            __syncwarp();
-            // Lane l owns bins 255 - 8l - 7 .. 255 - 8l (descending); scan their counts.
-            u32 cnt[8];
-            u32 own = 0;
+            __syncthreads();
+            if (warp == 0) {
+                // Lane l owns bins 255 - 8l - 7 .. 255 - 8l (descending); scan their counts.
+                u32 cnt[8];
+                u32 own = 0;
 #pragma unroll
-            for (int i = 0; i < 8; ++i) { cnt[i] = hist[255 - 8 * lane - i]; own += cnt[i]; }
-            u32 incl = own;
+                for (int i = 0; i < 8; ++i) { cnt[i] = hist[255 - 8 * lane - i]; own += cnt[i]; }
+                u32 incl = own;
 #pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
-                if (lane >= o) incl += y;
-            }
-            const u32 excl = incl - own;
-            const bool mine = excl < (u32)remaining && (u32)remaining <= incl;
-            const int owner = __ffs(__ballot_sync(0xffffffffu, mine)) - 1;  // uniform
-            if (owner < 0) break;  // unreachable: remaining <= keys under the prefix
-            int bin = 0, before = 0;
-            if (lane == owner) {
-                u32 acc = excl;
-                bool found = false;
+                for (int o = 1; o < 32; o <<= 1) {
+                    const u32 y = __shfl_up_sync(0xffffffffu, incl, o);
+                    if (lane >= o) incl += y;
+                }
+                const u32 excl = incl - own;
+                const bool mine = excl < (u32)remaining && (u32)remaining <= incl;
+                const int owner = __ffs(__ballot_sync(0xffffffffu, mine)) - 1;  // >= 0: remaining <= keys under the prefix
+                if (lane == owner) {
+                    u32 acc = excl;
+                    bool found = false;
 #pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    if (!found) {
-                        if (acc + cnt[i] >= (u32)remaining) { found = true; bin = 255 - 8 * lane - i; before = (int)acc; }
-                        else acc += cnt[i];
+                    for (int i = 0; i < 8; ++i) {
+                        if (!found) {
+                            if (acc + cnt[i] >= (u32)remaining) { found = true; scratch[NT / 32] = 255 - 8 * lane - i; scratch[NT / 32 + 1] = (int)acc; }
+                            else acc += cnt[i];
+                        }
                     }
                 }
             }
-            bin = __shfl_sync(0xffffffffu, bin, owner);
-            before = __shfl_sync(0xffffffffu, before, owner);
+            __syncthreads();
+            const int bin = scratch[NT / 32], before = scratch[NT / 32 + 1];
+            __syncthreads();  // scratch[4..5] rewritten by the next pass
             remaining -= before;
             prefix |= (u32)bin << shift;
             mask |= 255u << shift;
-            __syncwarp();
         }
         kth = prefix;
         take_equal = remaining;
     }
 
-    // Pass 2: labels and the compact list, in chunk order.
+    // Pass 2: labels and the compact list, in chunk order, NT chunks a step.
     int running = 0, equal_seen = 0;
-    for (int c0 = 0; c0 < nch; c0 += 32) {
-        const int c = c0 + lane;
-        int label = NATSL_LABEL_GDN;
+    for (int c0 = 0; c0 < nch; c0 += NT) {
+        const int c = c0 + tid;
         bool attn = false, equal = false;
         if (c < ncomplete) {
-            const float m = margin[c];
-            if (k < 0) attn = m >= 0.f;
+            const float mg = margin[c];
+            if (k < 0) attn = mg >= 0.f;
             else if (k > 0) {
-                const u32 key = margin_key(m);
+                const u32 key = margin_key(mg);
                 attn = key > kth;
                 equal = key == kth;
             }
         }
-        const u32 eq_ballot = __ballot_sync(0xffffffffu, equal);
-        if (equal) attn = equal_seen + __popc(eq_ballot & lanemask_lt()) < take_equal;
-        equal_seen += __popc(eq_ballot);
-        if (c < ncomplete) label = attn ? NATSL_LABEL_ATTN : NATSL_LABEL_GDN;
-        else if (c < nch) label = NATSL_LABEL_PARTIAL;
-        if (c < nch) p.labels[(i64)(base + c) * H + r] = (u8)label;
-        const u32 ballot = __ballot_sync(0xffffffffu, attn);
-        if (attn) p.attn_list[(i64)r * ns + base + running + __popc(ballot & lanemask_lt())] = c;
-        running += __popc(ballot);
+        int eq_total;
+        const int eq_before = block_excl_count<NT>(equal, scratch, &eq_total);
+        if (equal) attn = equal_seen + eq_before < take_equal;
+        equal_seen += eq_total;
+        int attn_total;
+        const int attn_before = block_excl_count<NT>(attn, scratch, &attn_total);
+        if (c < nch) p.labels[(i64)(base + c) * H + r] = (u8)(c < ncomplete ? (attn ? NATSL_LABEL_ATTN : NATSL_LABEL_GDN) : NATSL_LABEL_PARTIAL);
+        if (attn) p.attn_list[(i64)r * ns + base + running + attn_before] = c;
+        running += attn_total;
     }
-    if (lane == 0) p.attn_count[n * H + r] = running;
+    if (tid == 0) p.attn_count[n * H + r] = running;
 }
 
-// Pool + score: the select kernel runs next on the stream.
-template <typename T, int THREADS>
-__device__ void router_score(const NatslRouterParams& p) {
-    extern __shared__ float smem_f[];
-    const int slot = blockIdx.x;
+// Pool + score of one (slot, slice).
+template <typename T>
+__device__ void router_tile(const NatslRouterParams& p) {
+    __shared__ float red[(TILE_THREADS / 32) * TILE_COLS];
+    __shared__ float m[TILE_COLS];
+    const int slices = p.d_split;
+    const int slot = blockIdx.x / slices, slice = blockIdx.x % slices;
     int c;
     const int n = seq_of_slot(p.batch, slot, &c);
-    if (n < 0) return;
-    router_pool_score<T, THREADS>(p, slot, n, c, smem_f);
+    if (n < 0) return;  // a slot in the gap between sequences
+    tile_pool_score<T>(p, slot, n, c, slice, red, m);
 }
 
-// Select: grid (num_seqs, ceil(num_heads / warps)), one warp per head.
-template <int THREADS, int COMPILE_K>
-__device__ void router_select(const NatslRouterParams& p) {
-    __shared__ u32 hist[THREADS / 32][256];
-    const int warp = threadIdx.x / 32;
-    const int r = blockIdx.y * (THREADS / 32) + warp;
-    if (r < p.num_heads) router_select_head<COMPILE_K>(p, blockIdx.x, r, hist[warp]);
+// Select: grid (num_seqs, num_heads), TILE_SELECT_THREADS each:
+// at 2048 chunks a pass is 4 steps instead of 16.
+constexpr int TILE_SELECT_THREADS = 512;
+template <int COMPILE_K>
+__device__ void router_tile_select(const NatslRouterParams& p) {
+    __shared__ u32 hist[256];
+    __shared__ int scratch[TILE_SELECT_THREADS / 32 + 2];
+    tile_select_head<COMPILE_K, TILE_SELECT_THREADS>(p, blockIdx.x, blockIdx.y, hist, scratch);
 }
 
 } // namespace natsl

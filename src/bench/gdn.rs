@@ -111,27 +111,22 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         return recs;
     }
     if split {
-        for (part, prep, tag) in [
-            (PrefillPart::Scan, PrepKernel::Compact, "scan"),
-            (PrefillPart::Prep, PrepKernel::Compact, "prep compact"),
-            (PrefillPart::Prep, PrepKernel::Grouped, "prep grouped"),
-            // (The removed substitution / blocked preps and Staged / Full scan tiles: runs d, f.)
-            // (bench/NOTES.md), slower everywhere; their rows are gone.
-            // Experimental: state in registers only (ScanTile::Reg, scan_reg): its own
-            // tile choice (dk 128: n32w4 for <= 1 default CTA per SM, else n128w8), and
-            // the two alternatives at dk 128 (n64w8: dk-half pairs, 64 columns; n32w4).
-            (PrefillPart::Scan, PrepKernel::Compact, "scan reg"),
-            (PrefillPart::Scan, PrepKernel::Compact, "scan reg n64w8"),
-            (PrefillPart::Scan, PrepKernel::Compact, "scan reg n32w4"),
+        for (part, tag) in [
+            (PrefillPart::Scan, "scan"),
+            (PrefillPart::Prep, "prep grouped"),
+            // (The removed substitution / blocked / compact preps and Staged / Full scan
+            // tiles, runs d, f, i (bench/NOTES.md), were slower everywhere; their rows are gone.)
+            // The register-state scan (ScanTile::Reg, scan_reg n32w4, dk 128 only). (Its
+            // n128w8 / n64w8 tiles, rows `scan reg` at many CTAs and `scan reg n64w8`, were
+            // removed after run i; `scan reg n32w4` is now `scan reg`.)
+            (PrefillPart::Scan, "scan reg"),
         ] {
-            let tile = match tag {
-                "scan reg" => ScanTile::Reg,
-                "scan reg n64w8" => ScanTile::RegWith { block_n: 64, warps: 8 },
-                "scan reg n32w4" => ScanTile::RegWith { block_n: 32, warps: 4 },
-                _ => ScanTile::Auto,
-            };
+            if tag == "scan reg" && dk != 128 {
+                continue;
+            }
+            let tile = if tag == "scan reg" { ScanTile::Reg } else { ScanTile::Auto };
             let tm = time_it(rt, 3, 10, |_| {
-                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, part: Some(part), ..Default::default() })
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { tile, part: Some(part), ..Default::default() })
             })
             .unwrap();
             recs.push(Record::new(
@@ -149,30 +144,31 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
     // sm_90a prefill (ScanTile::Fused: fused_prep, then the fused kernel; Auto's pick where
     // it has a kernel) with its own context-parallel choice (Auto) and without (off).
     let fused = fused_supported(dk, dv, rt.arch());
-    let mut cands = vec![(PrepKernel::Grouped, ScanTile::Auto, ScanParallel::Auto, "grouped"), (PrepKernel::Compact, ScanTile::Reg, ScanParallel::Auto, "compact+reg"), (PrepKernel::Grouped, ScanTile::Reg, ScanParallel::Auto, "grouped+reg")];
+    let mut cands = vec![(ScanTile::Auto, ScanParallel::Auto, "grouped")];
+    if dk == 128 {
+        cands.push((ScanTile::Reg, ScanParallel::Auto, "grouped+reg"));
+    }
     if fused_only {
         cands.clear();
     }
     if fused {
-        cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Auto, "fused"));
-        cands.push((PrepKernel::Grouped, ScanTile::Fused, ScanParallel::Off, "fused cp off"));
+        cands.push((ScanTile::Fused, ScanParallel::Auto, "fused"));
+        cands.push((ScanTile::Fused, ScanParallel::Off, "fused cp off"));
     }
-    let cands: Vec<(PrepKernel, ScanTile, ScanParallel, String)> = cands.into_iter().map(|(p, t, c, n)| (p, t, c, n.to_string())).collect();
-    for (prep, tile, cp, tag) in cands {
-        let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, tile, cp, ..Default::default() })).unwrap();
+    for (tile, cp, tag) in cands {
+        let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { tile, cp, ..Default::default() })).unwrap();
         recs.push(Record::new(rt, "gdn_prefill", s.name.clone(), format!("{variant} {tag}"), &tm, flops, bytes));
     }
     // The fused prefill's halves (cp off): fused_prep alone, the fused kernel alone
     // (reading the records the rows above left).
     if fused {
         for (part, tag) in [(PrefillPart::Prep, "fused prep only"), (PrefillPart::Scan, "fused scan only")] {
-            let v = PrefillVariant { tile: ScanTile::Fused, cp: ScanParallel::Off, part: Some(part), ..Default::default() };
+            let v = PrefillVariant { tile: ScanTile::Fused, cp: ScanParallel::Off, part: Some(part) };
             let tm = time_it(rt, 3, 10, |_| gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, v)).unwrap();
             recs.push(Record::new(rt, "gdn_prefill", s.name.clone(), format!("{variant} {tag}"), &tm, flops, bytes));
         }
     }
     if cp {
-        let prep = PrepKernel::default();
         let mut rows = vec![
             (ScanParallel::Auto, "cp auto".to_string(), ScanTile::Auto),
             (ScanParallel::Segments(4), "cp4".into(), ScanTile::Auto),
@@ -186,6 +182,9 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         if fused_only {
             rows.clear();
         }
+        if dk != 128 {
+            rows.retain(|r| r.2 != ScanTile::Reg);
+        }
         if fused {
             // The fused prefill's three cp passes ("scan only": without fused_prep).
             for k in [2, 4, 8, 16] {
@@ -194,7 +193,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
         }
         for (sp, tag, tile) in rows {
             let full = time_it(rt, 3, 10, |_| {
-                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, cp: sp, tile, ..Default::default() })
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { cp: sp, tile, ..Default::default() })
             })
             .unwrap();
             recs.push(Record::new(
@@ -207,7 +206,7 @@ fn bench_prefill(rt: &Runtime, s: &Prefill, split: bool, cp: bool) -> Vec<Record
                 bytes,
             ));
             let scan = time_it(rt, 3, 10, |_| {
-                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { prep, cp: sp, tile, part: Some(PrefillPart::Scan), ..Default::default() })
+                gdn_prefill_variant(rt, &batch, &inp, &mut out, &opts, &mut ws, PrefillVariant { cp: sp, tile, part: Some(PrefillPart::Scan) })
             })
             .unwrap();
             recs.push(Record::new(

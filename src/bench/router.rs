@@ -3,7 +3,7 @@
 
 use super::{time_it, Record};
 use crate::error::Result;
-use crate::ops::router::{route_into, PoolKernel, RouterOptions, RouterOutput, RouterPolicy};
+use crate::ops::router::{route_into, RouterOptions, RouterOutput, RouterPolicy};
 use crate::{testing, Batch, Runtime, TensorRef};
 use half::bf16;
 
@@ -25,20 +25,10 @@ pub fn run(rt: &Runtime, shapes: &[(usize, usize, usize)]) -> Result<Vec<Record>
         let w = testing::upload::<bf16>(rt, &testing::rand_vec(&mut rng, 2 * hr * d, 0.05))?;
         let batch = Batch::new(rt, &[0, t as i32])?;
         let mut o = RouterOutput::alloc(rt, &batch, hr, d, false)?;
-        for (policy, pool, name) in [
-            (RouterPolicy::Argmax, PoolKernel::Blocked, "argmax split"),
-            (RouterPolicy::KeepFraction(0.25), PoolKernel::Blocked, "keep.25 split"),
-            // The tiled pool (whole 32 KB tile of loads in flight per CTA, select per (sequence, head)).
-            (RouterPolicy::Argmax, PoolKernel::Tile, "argmax split tile"),
-            (RouterPolicy::KeepFraction(0.25), PoolKernel::Tile, "keep.25 split tile"),
-        ] {
-            let opts = RouterOptions { policy, pool, ..Default::default() };
+        // (Row names as before the blocked pool's removal, so records compare across runs.)
+        for (policy, name) in [(RouterPolicy::Argmax, "argmax split tile"), (RouterPolicy::KeepFraction(0.25), "keep.25 split tile")] {
+            let opts = RouterOptions { policy, ..Default::default() };
             bench_one(rt, &mut out, t, d, hr, &xs, &w, &batch, &mut o, opts, name.to_string())?;
-        }
-        // Tuning sweep of the D split (argmax, split launch).
-        for ds in [1usize, 2, 4, 8] {
-            let opts = RouterOptions { d_split: Some(ds), ..Default::default() };
-            bench_one(rt, &mut out, t, d, hr, &xs, &w, &batch, &mut o, opts, format!("split d/{ds}"))?;
         }
     }
     Ok(out)

@@ -83,10 +83,10 @@ fn help_of(cmd: &str) -> String {
     }
 }
 
-const TUNE_HELP: &str = "usage: natsl tune [--model 340m|760m|all] [--family gdn|sparse|router|all] [--quick] [--force] [--file PATH] [--show]
+const TUNE_HELP: &str = "usage: natsl tune [--model 340m|760m|all] [--family gdn|sparse|all] [--quick] [--force] [--file PATH] [--show]
 
 Times every candidate configuration of the families with kernel choices (GDN prefill: scan tile, context-parallel
-segments, prep kernel, the fused prefill; sparse prefill: kernel; router: pool kernel and D split) on device 0, at one
+segments, the fused prefill; sparse prefill: kernel; the router has one kernel) on device 0, at one
 shape per bucket of the models' dims (1 x 4k..64k tokens, 4 x 4k and 16k, 8 x 8k; --quick: 1 x 8k, 1 x 32k, 4 x 16k),
 and keeps the fastest per bucket in a cache keyed by GPU name, SM count, compute capability, driver, code path, NVRTC
 version, natsl version and kernel source hash. A candidate must agree with the default's output and beat it by 2%.
@@ -531,7 +531,7 @@ fn tune_cmd(args: &[String]) -> Res {
                 let v = val()?;
                 a.families = run::Family::ALL.iter().copied().filter(|f| v == "all" || f.name() == v).collect();
                 if a.families.is_empty() {
-                    return Err(format!("unknown family `{v}` (gdn, sparse, router, all)").into());
+                    return Err(format!("unknown family `{v}` (gdn, sparse, all)").into());
                 }
             }
             "--quick" => a.shapes = run::QUICK_SHAPES.to_vec(),

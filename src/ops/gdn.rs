@@ -406,19 +406,13 @@ pub fn validate_prefill_in(
     })
 }
 
-/// Dynamic shared memory of the default prep kernel.
-pub fn prep_smem_bytes(dk: usize, dv: usize) -> usize {
-    prep_kernel_smem_bytes(dk, dv, PrepKernel::default())
-}
-
-/// Dynamic shared memory of a prep kernel (mirror of `prep_compact_smem_bytes` /
-/// `prep_grouped_smem_bytes`): R0 = max(Q, A f32), R1 = K, then 4 (5) x 64 f32.
-#[doc(hidden)]
-pub fn prep_kernel_smem_bytes(dk: usize, _dv: usize, kernel: PrepKernel) -> usize {
+/// Dynamic shared memory of the prep kernel (`prep_grouped`, and `fused_prep`; mirror
+/// of `prep_grouped_smem_bytes`): R0 = max(Q, A f32), R1 = K, then 5 x 64 f32.
+/// Saturates at `usize::MAX`.
+pub fn prep_smem_bytes(dk: usize, _dv: usize) -> usize {
     let dk = Sat(dk);
     let r0 = (CHUNK * (dk + PAD) * 2).max(Sat(CHUNK * (CHUNK + 4) * 4));
-    let rows = if kernel == PrepKernel::Grouped { 5 } else { 4 };
-    (r0 + CHUNK * (dk + PAD) * 2 + rows * CHUNK * 4).0
+    (r0 + CHUNK * (dk + PAD) * 2 + 5 * CHUNK * 4).0
 }
 
 /// Dynamic shared memory of the scan kernel (mirror of `scan_smem_bytes`).
@@ -432,15 +426,11 @@ pub fn scan_smem_bytes(dk: usize, bv: usize, stages: usize) -> usize {
 
 /// Dynamic shared memory of the register-state scan (`ScanTile::Reg`, tile stages = 3;
 /// mirror of `scan_reg_smem_bytes`): two operand stages with F, plus the dk-half
-/// exchange where two warps share 16 value columns (12 float4 per thread), or where a
-/// warp holds 128 dk rows the A fragments of the old state and of v_new^T diag(fk)
-/// (8 + 4 uint4 per thread).
+/// exchange of the two warps sharing 16 value columns (12 float4 per thread).
 #[doc(hidden)]
 pub fn reg_scan_smem_bytes(dk: usize, bv: usize, warps: usize) -> usize {
-    let ks = (Sat(warps) * 16).0 / bv.max(1);
-    let xchg = if ks == 2 || dk / ks.max(1) == 128 { Sat(warps) * (12 * 32 * 16) } else { Sat(0) };
     let (dk, bv) = (Sat(dk), Sat(bv));
-    (2 * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD) + 6 * CHUNK) * 2 + xchg).0
+    (2 * (3 * CHUNK * (dk + PAD) + CHUNK * (CHUNK + PAD) + CHUNK * (bv + PAD) + 6 * CHUNK) * 2 + Sat(warps) * (12 * 32 * 16)).0
 }
 
 /// Dynamic shared memory of a scan tile (stages 1 / 2: `scan_smem_bytes`; 3: the
@@ -498,7 +488,6 @@ pub fn gdn_prefill(
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrefillVariant {
     pub tile: ScanTile,
-    pub prep: PrepKernel,
     pub cp: ScanParallel,
     /// Queue only one of the two launches (`None`: both).
     pub part: Option<PrefillPart>,
@@ -518,74 +507,28 @@ pub fn gdn_prefill_variant(
     prefill_launch(rt, batch, inp, out, opts, ws, v)
 }
 
-/// Which prep kernel writes the workspace (tests and benches force each; [`gdn_prefill`]
-/// uses the default). Both write the same workspace. (The per-column substitution and
-/// the first blocked kernel, runs d-f: P1 1.335 / 1.047 ms, were removed.)
-#[doc(hidden)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PrepKernel {
-    /// Entry `prep_compact`: the blocked inverse with two smem regions
-    /// (Q -> A/T -> V chunks, K -> V chunks), T kept as scaled bf16 mma fragments in
-    /// registers, W, U and P stored from the accumulators: 35 KB at dk = dv = 128
-    /// (6 CTAs/SM). H200: P1 0.653 ms, P3 2.51, P9 1.25, natsl-760M 0.259 (blocked 0.432).
-    Compact,
-    /// Entry `prep_grouped`: one CTA per (chunk slot, q/k head) serving its Hv / Hqk
-    /// value heads in turn (grid (slots, Hqk)). q, k are loaded and Q K^T computed once
-    /// per group (P of every value head from the same accumulators); the L2 norms come
-    /// from the diagonals of Q Q^T and K K^T and are folded into the f32 factors
-    /// (q, k are never rescaled in smem). Per value head: K K^T, A, Compact's blocked
-    /// inverse, W, U. Smem as Compact (+256 B); 128 registers: 4 CTAs/SM.
-    /// The default: faster than Compact at every measured shape (H200 run i, prep only:
-    /// P1 0.639 vs 0.717 ms, P3 2.19 vs 2.64, P4 0.559 vs 0.639, P9 1.08 vs 1.25,
-    /// natsl-760M 0.232 vs 0.264).
-    #[default]
-    Grouped,
-}
-
-impl PrepKernel {
-    fn entry(self) -> &'static str {
-        match self {
-            PrepKernel::Compact => "prep_compact",
-            PrepKernel::Grouped => "prep_grouped",
-        }
-    }
-}
-
 /// Scan tile choice (tests force each path; [`gdn_prefill`] uses `Auto`).
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScanTile {
     /// The fused prefill (`Fused`) wherever it has a kernel and TMA maps describe q, k, v;
     /// elsewhere, where the default tile would give at most one CTA per SM (and no context
-    /// parallelism): the register-state scan at dk = 128, else the narrow tile; else the
-    /// default tile.
+    /// parallelism), the register-state scan at dk = 128; else the catalog's default tile.
     #[default]
     Auto,
     /// The catalog's default tile.
     Wide,
-    /// The narrow tile where the catalog has one (else the default).
-    Narrow,
-    /// Experimental (JIT on first use; tile stages = 3 marks it): `scan_reg` in
-    /// cuda/gdn/scan.cuh. The state stays in f32 registers only, transposed (value
-    /// columns x dk) in the accumulator layout whose bf16 packing is the A operand of
-    /// the next chunk's W S / Q S, so no smem state copy and no CTA-wide v_new
-    /// exchange: per chunk one __syncthreads (two operand stages) and, where two warps
-    /// hold the dk halves of 16 value columns, one 64-thread named barrier between
-    /// them. dk = 128: 32 columns / 4 warps (dk halves) where the default tile gives
-    /// at most one CTA per SM (P4, P9), else 128 columns / 8 warps (a warp per 16
-    /// columns x all 128 dk rows; 204 KB smem, one CTA per SM; Q, K, W, P read once per
-    /// head: the L2 -> SM traffic that bounds P1-P3; plain scan only, the launches it
-    /// serves never split); dk = 64: 64 columns / 4 warps; other dk: the default tile.
-    /// Context parallelism supported on the n32w4 / n64w8 / dk-64 tiles.
+    /// The register-state scan (JIT on first use; tile stages = 3 marks it): `scan_reg`
+    /// in cuda/gdn/scan.cuh, dk = 128 only, 32 value columns / 4 warps (Auto's pick where
+    /// the default tile gives at most one CTA per SM). The state stays in f32 registers
+    /// only, transposed (value columns x dk) in the accumulator layout whose bf16 packing
+    /// is the A operand of the next chunk's W S / Q S, so no smem state copy and no
+    /// CTA-wide v_new exchange: per chunk one __syncthreads (two operand stages) and one
+    /// 64-thread named barrier between the two warps holding the dk halves of 16 value
+    /// columns. Context parallelism as for the other tiles. Another dk is an error
+    /// (`InvalidArgument` naming `variant`). (Its other tiles, n128w8 / n64w4 / n64w8 at
+    /// dk 128 and n64w4 at dk 64, were removed: bench/NOTES.md, cleanup.)
     Reg,
-    /// `Reg` with a forced tile: `block_n` value columns (a multiple of 16) and `warps`,
-    /// with warps * 16 / block_n (1 or 2) warps per 16 columns, each holding dk / that
-    /// many dk rows (64 or 128). E.g. at dk = 128: n32w4 and n64w8 (dk halves, pair
-    /// exchange), n64w4 and n128w8 (a warp holds all 128 dk rows: no exchange; n128w8
-    /// reads Q, K, W, P once per 128 columns: half the L2 -> SM traffic of n64; these
-    /// two run the plain scan only, no context parallelism).
-    /// An invalid tile for the launch's dims falls back to `Reg`'s choice.
-    RegWith { block_n: u32, warps: u32 },
     /// The fused, warp-specialised sm_90a prefill in cuda/gdn/fused.cuh (tile stages = 4
     /// marks it; what `Auto` runs wherever it has a kernel): `fused_prep` (prep_grouped's
     /// math, fully parallel over (slot, q/k head), 5 CTAs per SM) writes per (slot, value
@@ -599,7 +542,7 @@ pub enum ScanTile {
     /// describes. Context parallelism as for the other tiles (`fused_split_cp_a`,
     /// `cp_combine`, `fused_split_cp_c`, all reading the same records; `ScanParallel::Auto`
     /// has its own threshold here, see `cp_auto_segments_fused`); the prep kernel choice is
-    /// ignored, `PrefillPart::Prep` queues `fused_prep` alone and `PrefillPart::Scan` the
+    /// `PrefillPart::Prep` queues `fused_prep` alone and `PrefillPart::Scan` the
     /// fused launches alone. (The inline variant, whose prep warpgroup computed those
     /// products on chip, was removed after H200 run o: it tied at P1 and lost everywhere
     /// else, bench/NOTES.md session 10.)
@@ -611,37 +554,15 @@ pub enum ScanTile {
     FusedSplitProfile,
 }
 
-/// Register-state tiles whose warps hold 128 dk rows (n64w4 / n128w8 at dk = 128: the
-/// LATE_O path of `scan_reg`) run the plain scan only: their context-parallel entries
-/// are trap stubs.
-fn reg_plain_only(dk: usize, t: natsl_codegen::spec::Tile) -> bool {
-    t.stages == 3 && t.block_n >= 16 && dk / (t.warps as usize / (t.block_n as usize / 16)).max(1) == 128
-}
+/// The tile of the register-state scan (`ScanTile::Reg`): 32 value columns, 4 warps
+/// (two per 16 columns, each holding 64 of the 128 dk rows); stages = 3 marks it.
+pub const REG_SCAN_TILE: natsl_codegen::spec::Tile = natsl_codegen::spec::Tile::new(64, 32, 4, 3);
 
-/// Whether `(bv, warps)` is a valid register-state scan tile at (dk, dv).
-fn reg_tile_ok(dk: usize, dv: usize, bv: usize, warps: usize) -> bool {
-    // >= 2 warps (the F copy needs 48 threads), <= 15 column groups (named barriers 1..15).
-    if bv == 0 || bv % 16 != 0 || bv / 16 > 15 || dv % bv != 0 || !(2..=16).contains(&warps) || warps % (bv / 16) != 0 {
-        return false;
-    }
-    let ks = warps / (bv / 16);
-    (ks == 1 || ks == 2) && dk % ks == 0 && (dk / ks) % 16 == 0 && dk / ks <= 128 && reg_scan_smem_bytes(dk, bv, warps) <= 227 * 1024
-}
-
-/// The `ScanTile::Reg` spec (see there): `few` = the default tile gives at most one
-/// CTA per SM; `force`: a `RegWith` tile (used where valid at these dims).
+/// The `ScanTile::Reg` spec for the prefill spec `wide` (see there); `None` where its dk
+/// is not 128.
 #[doc(hidden)]
-pub fn reg_scan_spec(wide: natsl_codegen::spec::KernelSpec, dk: usize, few: bool, force: Option<(u32, u32)>) -> natsl_codegen::spec::KernelSpec {
-    use natsl_codegen::spec::Tile;
-    let dv = wide.dims.dv as usize;
-    let tile = match (force, dk, few) {
-        (Some((bv, w)), _, _) if reg_tile_ok(dk, dv, bv as usize, w as usize) => Tile::new(64, bv, w, 3),
-        (_, 128, true) => Tile::new(64, 32, 4, 3),
-        (_, 128, false) => Tile::new(64, 128, 8, 3),
-        (_, 64, _) => Tile::new(64, 64, 4, 3),
-        _ => return wide,
-    };
-    natsl_codegen::spec::KernelSpec { tile, ..wide }
+pub fn reg_scan_spec(wide: natsl_codegen::spec::KernelSpec) -> Option<natsl_codegen::spec::KernelSpec> {
+    (wide.dims.dk == 128).then_some(natsl_codegen::spec::KernelSpec { tile: REG_SCAN_TILE, ..wide })
 }
 
 /// Tile of the fused prefill (`ScanTile::Fused`): see [`catalog::GDN_FUSED_TILE`].
@@ -705,15 +626,12 @@ pub fn fused_workspace_bytes(num_slots: usize, hv: usize) -> usize {
     (Sat(b.0.div_ceil(256)) * 256).0
 }
 
-/// Every spec a default [`gdn_prefill`] can pick at (dk, dv), by shape: the wide
-/// tile, the narrow tile, and at dk = 128 the register-state n32w4 tile.
+/// Every spec a default [`gdn_prefill`] can pick at (dk, dv), by shape, besides the
+/// fused prefill: the wide tile, and at dk = 128 the register-state n32w4 tile.
 pub fn prefill_specs(dtype: natsl_codegen::DType, dk: u32, dv: u32, arch: natsl_codegen::Arch) -> Vec<natsl_codegen::spec::KernelSpec> {
     let wide = catalog::gdn_prefill_spec(dtype, dk, dv, arch);
     let mut v = vec![wide];
-    v.extend(catalog::gdn_prefill_narrow_spec(dtype, dk, dv, arch));
-    if dk == 128 {
-        v.push(reg_scan_spec(wide, 128, true, None));
-    }
+    v.extend(reg_scan_spec(wide));
     v
 }
 
@@ -899,14 +817,13 @@ fn has_host_index(inp: &GdnPrefillInputs, out: &GdnPrefillOutputs) -> bool {
 
 #[allow(clippy::too_many_arguments)]
 fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seqlens: &[i32], inp: &GdnPrefillInputs, out: &GdnPrefillOutputs, opts: &GdnOptions, v: PrefillVariant) -> Result<Plan> {
-    let PrefillVariant { tile, prep, cp, .. } = v;
+    let PrefillVariant { tile, cp, .. } = v;
     let d = validate_prefill_in(ctx, cu_seqlens, inp, out, opts)?;
     let scale = resolve_scale(opts, d.dk)?;
     let wide = catalog::gdn_prefill_spec(d.dtype, d.dk as u32, d.dv as u32, arch);
     // The scan runs one CTA per (sequence, value head, dv tile), sequentially over the
-    // chunks: with at most one wide CTA per SM (e.g. one long sequence), halving the
-    // tile doubles the CTAs (each re-reads Q, K, W, P: more L2 traffic, same HBM).
-    let narrow = catalog::gdn_prefill_narrow_spec(d.dtype, d.dk as u32, d.dv as u32, arch);
+    // chunks: with at most one wide CTA per SM (e.g. one long sequence), a narrower tile
+    // gives more CTAs (each re-reads Q, K, W, P: more L2 traffic, same HBM).
     let wide_ctas = d.seqs * d.hv * (d.dv / wide.tile.block_n as usize);
     let sm = sm_count as usize;
     let nchs: Vec<usize> = cu_seqlens.windows(2).map(|w| ((w[1] - w[0]) as usize).div_ceil(CHUNK)).collect();
@@ -923,39 +840,24 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
             format!("the fused prefill (ScanTile::Fused) runs dk 128 with dv 128 or 256 on sm_90a, not dk {} / dv {} on {arch:?}", d.dk, d.dv),
         ));
     }
-    let spec = match (tile, narrow) {
-        (ScanTile::Fused | ScanTile::FusedSplitProfile, _) => natsl_codegen::spec::KernelSpec {
+    let spec = match tile {
+        ScanTile::Fused | ScanTile::FusedSplitProfile => natsl_codegen::spec::KernelSpec {
             tile: fused_tile_v.expect("fused"),
             ..fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("checked above")
         },
-        (ScanTile::Narrow, Some(s)) => s,
-        (ScanTile::Reg, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, None),
-        (ScanTile::RegWith { block_n, warps }, _) => reg_scan_spec(wide, d.dk, wide_ctas <= sm, Some((block_n, warps))),
+        ScanTile::Reg => reg_scan_spec(wide).ok_or_else(|| Error::invalid("variant", format!("the register-state scan (ScanTile::Reg) runs dk 128, not dk {}", d.dk)))?,
         // The fused prefill wherever it has a kernel (and TMA maps of q, k, v): it ties or
         // wins on every measured shape (H200 run o, `fused_auto`), with its own cp choice.
-        (ScanTile::Auto, _) if fused_auto(arch, &d, inp) => fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("fused_auto checked it"),
-        // Few CTAs and no context parallelism: at dk = 128 the register-state scan
-        // (n32w4), else the narrow tile. H200 run i, scan only: P4 1.13 vs 1.21 ms,
-        // P7 0.288 vs 0.389, P8 0.075 vs 0.081, P9 2.25 vs 2.38. (With many CTAs the
-        // wide tile stays ahead: P1 0.649 vs reg n128w8 0.691, P3 2.55 vs 2.72.)
-        (ScanTile::Auto, Some(s)) if wide_ctas <= sm && cp_wide <= 1 => {
-            if d.dk == 128 {
-                reg_scan_spec(wide, d.dk, true, None)
-            } else {
-                s
-            }
-        }
-        _ => wide,
+        ScanTile::Auto if fused_auto(arch, &d, inp) => fused_spec(d.dtype, d.dk as u32, d.dv as u32, arch).expect("fused_auto checked it"),
+        // Few CTAs and no context parallelism, dk = 128: the register-state scan (n32w4).
+        // H200 run i, scan only, vs the 32-column split-scan tile (since removed): P4 1.13
+        // vs 1.21 ms, P7 0.288 vs 0.389, P8 0.075 vs 0.081, P9 2.25 vs 2.38; but P6 0.567
+        // vs 0.448 (bench/NOTES.md, cleanup). (With many CTAs the wide tile stays ahead:
+        // P1 0.649 vs reg n128w8 0.691, P3 2.55 vs 2.72.)
+        ScanTile::Auto if d.dk == 128 && wide_ctas <= sm && cp_wide <= 1 => reg_scan_spec(wide).expect("dk 128"),
+        ScanTile::Auto | ScanTile::Wide => wide,
     };
-    // The register-state tiles where a warp holds 128 dk rows run the plain scan only
-    // (`reg_plain_only`).
-    let segments = if reg_plain_only(d.dk, spec.tile) {
-        1
-    } else if spec == wide {
-        cp_wide
-    } else {
-        cp_of(spec.tile)
-    };
+    let segments = if spec == wide { cp_wide } else { cp_of(spec.tile) };
     let ns = crate::batch::num_slots(d.tokens, d.seqs);
     // The fused prefill: its records instead of W, U, P, F.
     let fused = is_fused_tile(spec.tile);
@@ -963,7 +865,7 @@ fn plan(ctx: Option<ContextId>, arch: natsl_codegen::Arch, sm_count: u32, cu_seq
     let cp_off = idx_off + if has_host_index(inp, out) { align(3 * d.seqs * 4) } else { 0 };
     let ws_bytes = cp_off + if segments > 1 { cp_workspace_bytes(d.seqs, segments, d.hv, d.dk, d.dv) } else { 0 };
     // fused_prep is prep_grouped's code (same smem).
-    let prep_smem = prep_kernel_smem_bytes(d.dk, d.dv, if fused { PrepKernel::Grouped } else { prep }) as u32;
+    let prep_smem = prep_smem_bytes(d.dk, d.dv) as u32;
     let scan_smem = tile_smem_bytes(d.dk, spec.tile) as u32;
     Ok(Plan { d, scale, spec, fused, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes })
 }
@@ -1018,7 +920,7 @@ fn prefill_launch(
     let Plan { d, scale, spec, fused, segments, prep_smem, scan_smem, idx_off, cp_off, ws_bytes } = plan(Some(ctx), rt.arch(), rt.sm_count(), batch.cu_seqlens(), inp, out, opts, v)?;
     let tile = spec.tile;
     // The fused prefill: fused_prep (records) then fused_split*.
-    let f_prep = rt.function(&spec, if fused { "fused_prep" } else { v.prep.entry() }, prep_smem)?;
+    let f_prep = rt.function(&spec, if fused { "fused_prep" } else { "prep_grouped" }, prep_smem)?;
     let (e_scan, e_cp_a, e_cp_c) = if fused { ("fused_split", "fused_split_cp_a", "fused_split_cp_c") } else { ("scan", "scan_cp_a", "scan_cp_c") };
     let s = rt.stream();
     // Context parallelism: (scan_cp_a, cp_combine, scan_cp_c) instead of scan.
@@ -1167,10 +1069,9 @@ fn prefill_launch(
     // value and stay inside those bounds.
     unsafe {
         if run_prep {
-            // Grouped (and fused_prep): one CTA per (slot, q/k head); Compact per (slot, value head).
-            let prep_heads = if v.prep == PrepKernel::Grouped || fused { d.hqk } else { d.hv };
+            // prep_grouped (and fused_prep): one CTA per (slot, q/k head).
             s.launch_builder(&f_prep).arg(&p).launch(LaunchConfig {
-                grid_dim: (ns as u32, prep_heads as u32, 1),
+                grid_dim: (ns as u32, d.hqk as u32, 1),
                 block_dim: (PREP_THREADS, 1, 1),
                 shared_mem_bytes: prep_smem,
             })?;

@@ -19,8 +19,6 @@ pub const MAX_HEADS: usize = 64;
 /// Largest compile-time k (larger k use the run-time path).
 pub const MAX_COMPILE_K: usize = 1024;
 
-const THREADS: u32 = catalog::ROUTER_TILE.warps * 32;
-
 /// How chunks are labelled.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RouterPolicy {
@@ -40,30 +38,11 @@ pub struct RouterOptions {
     pub round_mean: bool,
     /// With `TopK(k)`, use an image specialised for this k (codegen) instead of the run-time k.
     pub compile_time_k: bool,
-    /// Tuning knob: CTAs per chunk along D (`None` = chosen to fill the GPU).
-    /// Each CTA pools at most 2048 columns, so at least ceil(D / 2048).
-    /// Ignored by `PoolKernel::Tile` (one CTA per 256-column slice).
-    pub d_split: Option<usize>,
-    /// Which pooling kernel runs (both feed the same select paths).
-    pub pool: PoolKernel,
-}
-
-/// The pool + score kernel. Both give the same outputs up to f32 summation order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum PoolKernel {
-    /// One CTA per (chunk, D split): load, reduce, score.
-    Blocked,
-    /// One 128-thread CTA per (chunk, 256-column slice) issuing its whole 32 KB
-    /// tile of loads at once; the select runs on one CTA per (sequence, head)
-    /// (see cuda/router/tile.cuh). The default: H200 2026-11-28, argmax, D 1024,
-    /// 6 heads: 16k tokens 15.7 us (blocked 21.4), 131k 82.0 us = 3.28 TB/s (blocked 113).
-    #[default]
-    Tile,
 }
 
 impl Default for RouterOptions {
     fn default() -> Self {
-        RouterOptions { policy: RouterPolicy::Argmax, round_mean: true, compile_time_k: false, d_split: None, pool: PoolKernel::Tile }
+        RouterOptions { policy: RouterPolicy::Argmax, round_mean: true, compile_time_k: false }
     }
 }
 
@@ -98,9 +77,9 @@ impl RouterOutput {
         super::launch_context(rt, Some(batch))?;
         let s = rt.stream();
         let ns = batch.num_slots();
-        // Enough partial logits for either pool kernel (no allocation inside a capture).
-        let d_split = d_split(rt.sm_count(), ns, d_model.max(8), None).0.max(d_model.max(8).div_ceil(TILE_COLS));
-        // ns < 2^26 (i32 tokens), heads <= 64, d_split <= 1024: no product overflows.
+        // The partial logits of every slice (no allocation inside a capture).
+        let d_split = d_model.max(8).div_ceil(TILE_COLS);
+        // ns < 2^26 (i32 tokens), heads <= 64, d_split <= 32: no product overflows.
         Ok(RouterOutput {
             labels: s.alloc_zeros(ns * num_heads)?,
             attn_list: s.alloc_zeros(ns * num_heads)?,
@@ -115,19 +94,11 @@ impl RouterOutput {
     }
 }
 
-/// Split D so that (chunks x splits) fills the GPU, with at most 8 * THREADS
-/// columns per CTA (one 16-byte group per thread) and at least 256.
-fn d_split(sm_count: u32, num_slots: usize, d_model: usize, forced: Option<usize>) -> (usize, usize) {
-    let max_cols = 8 * THREADS as usize;
-    let min_split = d_model.div_ceil(max_cols);
-    let want = (4 * sm_count as usize).div_ceil(num_slots.max(1));
-    let split = forced.unwrap_or(want).clamp(min_split, (d_model / 8).max(min_split));
-    let split = if forced.is_some() { split } else { split.min((d_model / 256).max(min_split)) };
-    let per = d_model.div_ceil(split).div_ceil(8) * 8;
-    (d_model.div_ceil(per), per)
-}
-
-/// Columns per CTA of the tiled pool, and its CTA size (cuda/router/tile.cuh).
+/// Columns per pool CTA, and the CTA sizes of the two launches (cuda/router/router.cuh).
+/// One 128-thread CTA per (chunk, 256-column slice) issues its whole 32 KB tile of
+/// loads at once; the select runs one CTA per (sequence, head). (The blocked pool, one
+/// CTA per (chunk, D split) with a warp-per-head select, was removed: slower at every
+/// measured shape, H200 2026-12-03 run f: 16k x 1024 21.5 vs 15.2 us, 131k 128.2 vs 73.8.)
 const TILE_COLS: usize = NATSL_ROUTER_TILE_COLS as usize;
 const TILE_THREADS: u32 = 128;
 const TILE_SELECT_THREADS: u32 = 512;
@@ -220,20 +191,6 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
         }
         ops.check(Some(ctx))?;
     }
-    // Under the default pool options, `natsl tune`'s choice for this shape bucket on this
-    // GPU where the outputs' workspace holds it (no allocation in a capture).
-    let mut eff = opts.clone();
-    if opts.pool == PoolKernel::Tile && opts.d_split.is_none() {
-        if let Some(dtype) = x.dtype().activation() {
-            if let Some((pool, d_split)) = crate::tune::router(rt, dtype, d, hr, batch.cu_seqlens()) {
-                let cand = RouterOptions { pool, d_split, ..opts.clone() };
-                if out.workspace.len() >= partials_len(rt.sm_count(), batch.num_slots(), d, hr, &cand) {
-                    eff = cand;
-                }
-            }
-        }
-    }
-    let opts = &eff;
     let split = split_for(rt.sm_count(), batch.num_slots(), d, opts).0;
     if out.workspace.len() < split * batch.num_slots() * hr * 2 {
         out.workspace = rt.stream().alloc_zeros(split * batch.num_slots() * hr * 2)?;
@@ -257,14 +214,9 @@ pub fn route_into(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score: &TensorRe
     Ok(())
 }
 
-/// (CTAs along D, columns per CTA) of the pool kernel `opts.pool` on a device of
-/// `sm_count` SMs.
-fn split_for(sm_count: u32, num_slots: usize, d_model: usize, opts: &RouterOptions) -> (usize, usize) {
-    if opts.pool == PoolKernel::Tile {
-        (d_model.div_ceil(TILE_COLS), TILE_COLS)
-    } else {
-        d_split(sm_count, num_slots, d_model, opts.d_split)
-    }
+/// (CTAs along D, columns per CTA) of the pool: one CTA per 256-column slice.
+fn split_for(_sm_count: u32, _num_slots: usize, d_model: usize, _opts: &RouterOptions) -> (usize, usize) {
+    (d_model.div_ceil(TILE_COLS), TILE_COLS)
 }
 
 /// f32 partial logits a launch of `opts` needs (`RouterTargets::partial_logits`).
@@ -297,15 +249,13 @@ pub(crate) unsafe fn launch(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score:
     let RouterPlan { d_model: d, num_heads: hr, top_k, keep_fraction, sparsity } = *plan;
     let dtype = x.dtype().activation().ok_or_else(|| Error::invalid("x", "not an activation dtype"))?;
     let spec = catalog::router_spec(dtype, sparsity, rt.arch());
-    let tile = opts.pool == PoolKernel::Tile;
     let (split, per) = split_for(rt.sm_count(), batch.num_slots(), d, opts);
     // ---- launch ----
     // Two launches (pool + score, then select). A fused launch, whose last CTAs of a
     // sequence selected, was removed: the tiled one spin-waited on a counter (a hang
     // where its CTAs are not all resident, e.g. under MIG or MPS), and the split
-    // launch was faster at every measured shape of the default tiled pool (H200 run e:
+    // launch was faster at every measured shape of the tiled pool (H200 run e:
     // 16k 15.7 vs 17.1 us, 131k 82.0 vs 95.3 us, 16k x 4096 x 32 heads 56.1 vs 75.8 us).
-    let score_smem = THREADS * 8 * 4 + per as u32 * 4;
     let s = rt.stream();
     let p = NatslRouterParams {
         batch: batch.raw(),
@@ -330,20 +280,12 @@ pub(crate) unsafe fn launch(rt: &Runtime, batch: &Batch, x: &TensorRef, w_score:
     // SAFETY: x and w_score were validated (shapes, bounds, alignment); the targets are
     // the caller's promise (see above); the kernel reads `p` by value.
     unsafe {
-        if tile {
-            let grid = (num_slots * split as u32, 1, 1);
-            let cfg = LaunchConfig { grid_dim: grid, block_dim: (TILE_THREADS, 1, 1), shared_mem_bytes: 0 };
-            let f_score = rt.function(&spec, "tile_score", 0)?;
-            let f_select = rt.function(&spec, "tile_select", 0)?;
-            s.launch_builder(&f_score).arg(&p).launch(cfg)?;
-            s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (batch.num_seqs() as u32, hr as u32, 1), block_dim: (TILE_SELECT_THREADS, 1, 1), shared_mem_bytes: 0 })?;
-        } else {
-            let f_score = rt.function(&spec, "score", score_smem)?;
-            let f_select = rt.function(&spec, "select", 0)?;
-            let warps = THREADS / 32;
-            s.launch_builder(&f_score).arg(&p).launch(LaunchConfig { grid_dim: (num_slots, split as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: score_smem })?;
-            s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (batch.num_seqs() as u32, (hr as u32).div_ceil(warps), 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })?;
-        }
+        let grid = (num_slots * split as u32, 1, 1);
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (TILE_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let f_score = rt.function(&spec, "tile_score", 0)?;
+        let f_select = rt.function(&spec, "tile_select", 0)?;
+        s.launch_builder(&f_score).arg(&p).launch(cfg)?;
+        s.launch_builder(&f_select).arg(&p).launch(LaunchConfig { grid_dim: (batch.num_seqs() as u32, hr as u32, 1), block_dim: (TILE_SELECT_THREADS, 1, 1), shared_mem_bytes: 0 })?;
     }
     Ok(())
 }

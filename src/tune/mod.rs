@@ -21,8 +21,7 @@ pub mod store;
 pub mod run;
 
 use crate::error::Result;
-use crate::ops::gdn::{GdnOptions, GdnPrefillInputs, GdnPrefillOutputs, PrefillVariant, PrepKernel, ScanParallel, ScanTile};
-use crate::ops::router::PoolKernel;
+use crate::ops::gdn::{GdnOptions, GdnPrefillInputs, GdnPrefillOutputs, PrefillVariant, ScanParallel, ScanTile};
 use crate::ops::sparse::PrefillKernel;
 use crate::runtime::Runtime;
 use natsl_codegen::Arch;
@@ -119,13 +118,10 @@ pub fn source_hash() -> &'static str {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "family", rename_all = "snake_case")]
 pub enum Choice {
-    /// `PrefillVariant`: tile (`auto`, `wide`, `narrow`, `reg`, `reg n64w8`, `fused`,
-    /// `fused inline`), prep (`grouped`, `compact`), cp (`auto`, `off`, `cp8`).
-    GdnPrefill { tile: String, prep: String, cp: String },
+    /// `PrefillVariant`: tile (`auto`, `wide`, `reg`, `fused`), cp (`auto`, `off`, `cp8`).
+    GdnPrefill { tile: String, cp: String },
     /// `PrefillKernel`: `mma_sync`, `wgmma`, `warp_specialized`.
     SparsePrefill { kernel: String },
-    /// `PoolKernel` (`tile`, `blocked`) and the blocked pool's D split (`None`: auto).
-    Router { pool: String, d_split: Option<usize> },
 }
 
 impl Choice {
@@ -133,41 +129,26 @@ impl Choice {
         let tile = match v.tile {
             ScanTile::Auto => "auto".into(),
             ScanTile::Wide => "wide".into(),
-            ScanTile::Narrow => "narrow".into(),
             ScanTile::Reg => "reg".into(),
-            ScanTile::RegWith { block_n, warps } => format!("reg n{block_n}w{warps}"),
             ScanTile::Fused => "fused".into(),
             ScanTile::FusedSplitProfile => "profile".into(),
-        };
-        let prep = match v.prep {
-            PrepKernel::Grouped => "grouped",
-            PrepKernel::Compact => "compact",
         };
         let cp = match v.cp {
             ScanParallel::Auto => "auto".into(),
             ScanParallel::Off => "off".into(),
             ScanParallel::Segments(s) => format!("cp{s}"),
         };
-        Choice::GdnPrefill { tile, prep: prep.into(), cp }
+        Choice::GdnPrefill { tile, cp }
     }
 
     /// The variant of a GDN choice (`None`: not one, or a name this build lacks).
     pub fn gdn_variant(&self) -> Option<PrefillVariant> {
-        let Choice::GdnPrefill { tile, prep, cp } = self else { return None };
+        let Choice::GdnPrefill { tile, cp } = self else { return None };
         let tile = match tile.as_str() {
             "auto" => ScanTile::Auto,
             "wide" => ScanTile::Wide,
-            "narrow" => ScanTile::Narrow,
             "reg" => ScanTile::Reg,
             "fused" => ScanTile::Fused,
-            t => {
-                let (n, w) = t.strip_prefix("reg n")?.split_once('w')?;
-                ScanTile::RegWith { block_n: n.parse().ok()?, warps: w.parse().ok()? }
-            }
-        };
-        let prep = match prep.as_str() {
-            "grouped" => PrepKernel::Grouped,
-            "compact" => PrepKernel::Compact,
             _ => return None,
         };
         let cp = match cp.as_str() {
@@ -175,7 +156,7 @@ impl Choice {
             "off" => ScanParallel::Off,
             c => ScanParallel::Segments(c.strip_prefix("cp")?.parse().ok()?),
         };
-        Some(PrefillVariant { tile, prep, cp, part: None })
+        Some(PrefillVariant { tile, cp, part: None })
     }
 
     pub fn sparse(k: PrefillKernel) -> Choice {
@@ -199,39 +180,17 @@ impl Choice {
         })
     }
 
-    pub fn router(pool: PoolKernel, d_split: Option<usize>) -> Choice {
-        let pool = match pool {
-            PoolKernel::Tile => "tile",
-            PoolKernel::Blocked => "blocked",
-        };
-        Choice::Router { pool: pool.into(), d_split }
-    }
-
-    pub fn router_options(&self) -> Option<(PoolKernel, Option<usize>)> {
-        let Choice::Router { pool, d_split } = self else { return None };
-        let pool = match pool.as_str() {
-            "tile" => PoolKernel::Tile,
-            "blocked" => PoolKernel::Blocked,
-            _ => return None,
-        };
-        Some((pool, *d_split))
-    }
-
     /// Whether this build understands the choice.
     pub fn known(&self) -> bool {
-        self.gdn_variant().is_some() || self.sparse_kernel().is_some() || self.router_options().is_some()
+        self.gdn_variant().is_some() || self.sparse_kernel().is_some()
     }
 }
 
 impl std::fmt::Display for Choice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Choice::GdnPrefill { tile, prep, cp } => write!(f, "tile {tile}, prep {prep}, cp {cp}"),
+            Choice::GdnPrefill { tile, cp } => write!(f, "tile {tile}, cp {cp}"),
             Choice::SparsePrefill { kernel } => write!(f, "kernel {kernel}"),
-            Choice::Router { pool, d_split } => match d_split {
-                Some(s) => write!(f, "pool {pool}, d_split {s}"),
-                None => write!(f, "pool {pool}"),
-            },
         }
     }
 }
@@ -341,11 +300,6 @@ pub fn sparse_bucket(dtype: natsl_codegen::DType, dk: usize, dv: usize, hq: usiz
     format!("sparse_prefill {} dk{dk} dv{dv} hq{hq} hkv{hkv} {} n{} t{}", dt(dtype), if routed { "routed" } else { "blocks" }, count_bucket(n), len_bucket(max))
 }
 
-/// Router: dtype, model width, routing heads, and the batch's total tokens.
-pub fn router_bucket(dtype: natsl_codegen::DType, d_model: usize, hr: usize, cu_seqlens: &[i32]) -> String {
-    let (_, _, total) = seq_stats(cu_seqlens);
-    format!("router {} d{d_model} hr{hr} t{}", dt(dtype), len_bucket(total))
-}
 
 // ---- the hook: one table per (device, code path), loaded on first use ----
 
@@ -442,10 +396,6 @@ pub(crate) fn sparse_prefill(rt: &Runtime, plan: &crate::ops::sparse::PrefillPla
     }
 }
 
-/// The hook of the router under its default pool options: the tuned (pool, d_split).
-pub(crate) fn router(rt: &Runtime, dtype: natsl_codegen::DType, d_model: usize, hr: usize, cu_seqlens: &[i32]) -> Option<(PoolKernel, Option<usize>)> {
-    lookup(rt, || router_bucket(dtype, d_model, hr, cu_seqlens)).and_then(|c| c.router_options())
-}
 
 #[cfg(test)]
 mod tests;

@@ -10,8 +10,7 @@
 use super::{store, Choice, Entry, TuneKey};
 use crate::bench::{fill, time_it};
 use crate::error::Result;
-use crate::ops::gdn::{self, GdnOptions, GdnPrefillInputs, GdnPrefillOutputs, GdnWorkspace, PoolIn, PoolOut, PrefillVariant, PrepKernel, ScanParallel, ScanTile};
-use crate::ops::router::{route_into, PoolKernel, RouterOptions, RouterOutput};
+use crate::ops::gdn::{self, GdnOptions, GdnPrefillInputs, GdnPrefillOutputs, GdnWorkspace, PoolIn, PoolOut, PrefillVariant, ScanParallel, ScanTile};
 use crate::ops::sparse::{self, BlockMask, PrefillKernel, SparseOptions};
 use crate::reference as r;
 use crate::{testing, Batch, Runtime, TensorMut, TensorRef};
@@ -55,16 +54,14 @@ pub const QUICK_SHAPES: &[(usize, usize)] = &[(1, 8192), (1, 32768), (4, 16384)]
 pub enum Family {
     Gdn,
     Sparse,
-    Router,
 }
 
 impl Family {
-    pub const ALL: [Family; 3] = [Family::Gdn, Family::Sparse, Family::Router];
+    pub const ALL: [Family; 2] = [Family::Gdn, Family::Sparse];
     pub fn name(self) -> &'static str {
         match self {
             Family::Gdn => "gdn",
             Family::Sparse => "sparse",
-            Family::Router => "router",
         }
     }
 }
@@ -114,13 +111,10 @@ fn specs(arch: Arch, models: &[Model], families: &[Family]) -> Vec<KernelSpec> {
                     let (dk, dv) = (m.dk as u32, m.dv as u32);
                     let wide = catalog::gdn_prefill_spec(DType::Bf16, dk, dv, arch);
                     v.extend(gdn::prefill_specs(DType::Bf16, dk, dv, arch));
-                    for (few, force) in [(false, None), (true, Some((64, 8))), (true, Some((128, 8))), (true, Some((64, 4)))] {
-                        v.push(gdn::reg_scan_spec(wide, m.dk, few, force));
-                    }
+                    v.extend(gdn::reg_scan_spec(wide));
                     v.extend(gdn::fused_spec(DType::Bf16, dk, dv, arch));
                 }
                 Family::Sparse => v.push(catalog::sparse_prefill_spec(DType::Bf16, HeadDims { dk: m.dks as u32, dv: m.dvs as u32 }, arch)),
-                Family::Router => v.push(catalog::router_spec(DType::Bf16, natsl_codegen::Sparsity::Dense, arch)),
             }
         }
     }
@@ -181,7 +175,6 @@ pub fn tune(rt: &Runtime, args: &Args) -> Result<(usize, usize)> {
             let bucket = match fam {
                 Family::Gdn => super::gdn_bucket(DType::Bf16, m.dk, m.dv, m.h, m.h, &cu),
                 Family::Sparse => super::sparse_bucket(DType::Bf16, m.dks, m.dvs, m.ha, m.ha, true, &cu),
-                Family::Router => super::router_bucket(DType::Bf16, m.d_model, m.h, &cu),
             };
             let shape = format!("{} {n}x{len}", m.name);
             let head = format!("[{}/{}] {bucket} ({shape})", i + 1, jobs.len());
@@ -196,7 +189,6 @@ pub fn tune(rt: &Runtime, args: &Args) -> Result<(usize, usize)> {
             let out = match fam {
                 Family::Gdn => tune_gdn(rt, &m, &cu)?,
                 Family::Sparse => tune_sparse(rt, &m, &cu)?,
-                Family::Router => tune_router(rt, &m, &cu)?,
             };
             println!(
                 "{head}: {} {:.4} ms, default {:.4} ms ({:.2}x), {} ran{}, {:.1} s",
@@ -228,31 +220,25 @@ fn rel_err_or_inf(a: &[f64], b: &[f64]) -> f64 {
     r::rel_err(a, b)
 }
 
-/// GDN prefill candidates: tiles x context parallelism x prep.
+/// GDN prefill candidates: tiles x context parallelism.
 fn gdn_candidates(m: &Model, arch: Arch) -> Vec<PrefillVariant> {
-    let v = |tile, cp, prep| PrefillVariant { tile, cp, prep, part: None };
-    let g = PrepKernel::Grouped;
+    let v = |tile, cp| PrefillVariant { tile, cp, part: None };
     let mut c = Vec::new();
     for cp in [ScanParallel::Off, ScanParallel::Segments(4), ScanParallel::Segments(8), ScanParallel::Segments(16)] {
-        c.push(v(ScanTile::Auto, cp, g));
+        c.push(v(ScanTile::Auto, cp));
     }
-    c.push(v(ScanTile::Auto, ScanParallel::Auto, PrepKernel::Compact));
     for cp in [ScanParallel::Auto, ScanParallel::Off, ScanParallel::Segments(8)] {
-        c.push(v(ScanTile::Wide, cp, g));
+        c.push(v(ScanTile::Wide, cp));
     }
-    c.push(v(ScanTile::Narrow, ScanParallel::Off, g));
-    for cp in [ScanParallel::Auto, ScanParallel::Off, ScanParallel::Segments(8), ScanParallel::Segments(16)] {
-        c.push(v(ScanTile::Reg, cp, g));
+    if m.dk == 128 {
+        for cp in [ScanParallel::Auto, ScanParallel::Off, ScanParallel::Segments(8), ScanParallel::Segments(16)] {
+            c.push(v(ScanTile::Reg, cp));
+        }
     }
-    c.push(v(ScanTile::RegWith { block_n: 128, warps: 8 }, ScanParallel::Off, g));
-    c.push(v(ScanTile::RegWith { block_n: 64, warps: 4 }, ScanParallel::Off, g));
-    for cp in [ScanParallel::Off, ScanParallel::Segments(8)] {
-        c.push(v(ScanTile::RegWith { block_n: 64, warps: 8 }, cp, g));
-    }
-    // The fused prefill (split: fused_prep, then the fused scan) at several cp counts.
+    // The fused prefill (fused_prep, then the fused scan) at several cp counts.
     if gdn::fused_supported(m.dk, m.dv, arch) {
         for cp in [ScanParallel::Auto, ScanParallel::Off, ScanParallel::Segments(4), ScanParallel::Segments(16)] {
-            c.push(v(ScanTile::Fused, cp, g));
+            c.push(v(ScanTile::Fused, cp));
         }
     }
     c
@@ -367,44 +353,3 @@ fn tune_sparse(rt: &Runtime, m: &Model, cu: &[i32]) -> Result<Outcome> {
     Ok(pick(default_ms, Choice::sparse(PrefillKernel::Auto), timed, dropped))
 }
 
-fn tune_router(rt: &Runtime, m: &Model, cu: &[i32]) -> Result<Outcome> {
-    let t = *cu.last().unwrap() as usize;
-    let (d, hr) = (m.d_model, m.h);
-    let batch = Batch::new(rt, cu)?;
-    // Enough input buffers to rotate past the L2 (as the router bench does).
-    let nbuf = ((200e6 / (t * d * 2) as f64).ceil() as usize).clamp(1, 16);
-    let xs: Vec<_> = (0..nbuf).map(|i| fill::<bf16>(rt, t * d, -1.0, 1.0, 20 + i as u64)).collect();
-    let w = fill::<bf16>(rt, 2 * hr * d, -0.05, 0.05, 19);
-    let mut o = RouterOutput::alloc(rt, &batch, hr, d, false)?;
-    let wv = TensorRef::new(&w, &[2 * hr, d]);
-    let run = |opts: RouterOptions, o: &mut RouterOutput| -> Result<(f64, Vec<u8>)> {
-        route_into(rt, &batch, &TensorRef::new(&xs[0], &[t, d]), &wv, &opts, o)?;
-        let labels: Vec<u8> = rt.stream().clone_dtoh(&o.labels)?;
-        let tm = time_it(rt, 3, 15, |i| route_into(rt, &batch, &TensorRef::new(&xs[i % nbuf], &[t, d]), &wv, &opts, o))?;
-        Ok((tm.median_ms, labels))
-    };
-    let (default_ms, reference) = run(RouterOptions::default(), &mut o)?;
-    let (mut timed, mut dropped) = (Vec::new(), Vec::new());
-    // Only D splits the default allocation holds (no allocation inside a capture).
-    for (pool, split) in [(PoolKernel::Blocked, None), (PoolKernel::Blocked, Some(1)), (PoolKernel::Blocked, Some(2)), (PoolKernel::Blocked, Some(4))] {
-        if split.is_some_and(|s: usize| s > d.div_ceil(crate::params::NATSL_ROUTER_TILE_COLS as usize)) {
-            continue;
-        }
-        let opts = RouterOptions { pool, d_split: split, ..Default::default() };
-        let name = Choice::router(pool, split).to_string();
-        match run(opts, &mut o) {
-            Ok((ms, labels)) => {
-                // Pool kernels sum in another order: near-tie labels may flip, no more.
-                let flips = labels.iter().zip(&reference).filter(|(a, b)| a != b).count();
-                if flips * 100 <= labels.len() {
-                    timed.push(Timed { choice: Choice::router(pool, split), ms });
-                } else {
-                    dropped.push(format!("{name} ({flips} labels differ)"));
-                }
-            }
-            Err(e) if is_plan_error(&e) => {}
-            Err(e) => dropped.push(format!("{name} ({e})")),
-        }
-    }
-    Ok(pick(default_ms, Choice::router(PoolKernel::Tile, None), timed, dropped))
-}

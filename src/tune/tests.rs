@@ -24,16 +24,16 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn fused_choice() -> Choice {
-    Choice::gdn(PrefillVariant { tile: ScanTile::Fused, prep: PrepKernel::Grouped, cp: ScanParallel::Segments(4), part: None })
+    Choice::gdn(PrefillVariant { tile: ScanTile::Fused, cp: ScanParallel::Segments(4), part: None })
 }
 
 #[test]
 fn choices_round_trip_through_their_names() {
     let variants = [
         PrefillVariant::default(),
-        PrefillVariant { tile: ScanTile::RegWith { block_n: 64, warps: 8 }, prep: PrepKernel::Compact, cp: ScanParallel::Off, part: None },
+        PrefillVariant { tile: ScanTile::Reg, cp: ScanParallel::Off, part: None },
         PrefillVariant { tile: ScanTile::Fused, cp: ScanParallel::Segments(16), ..Default::default() },
-        PrefillVariant { tile: ScanTile::Narrow, ..Default::default() },
+        PrefillVariant { tile: ScanTile::Wide, cp: ScanParallel::Segments(8), part: None },
     ];
     for v in variants {
         assert_eq!(Choice::gdn(v).gdn_variant(), Some(v), "{v:?}");
@@ -41,13 +41,14 @@ fn choices_round_trip_through_their_names() {
     for k in [PrefillKernel::MmaSync, PrefillKernel::Wgmma, PrefillKernel::WarpSpecialized] {
         assert_eq!(Choice::sparse(k).sparse_kernel(), Some(k));
     }
-    assert_eq!(Choice::router(PoolKernel::Blocked, Some(2)).router_options(), Some((PoolKernel::Blocked, Some(2))));
     // A choice of one family is no choice of another.
     assert_eq!(Choice::sparse(PrefillKernel::Wgmma).gdn_variant(), None);
     // A name this build lacks is unknown (an entry of a newer build), never guessed.
-    let future = Choice::GdnPrefill { tile: "quantum".into(), prep: "grouped".into(), cp: "auto".into() };
+    let future = Choice::GdnPrefill { tile: "quantum".into(), cp: "auto".into() };
     assert!(!future.known());
-    assert!(!Choice::GdnPrefill { tile: "reg nXw8".into(), prep: "grouped".into(), cp: "auto".into() }.known());
+    // Tiles of older builds (removed, bench/NOTES.md cleanup) are unknown too.
+    assert!(!Choice::GdnPrefill { tile: "narrow".into(), cp: "auto".into() }.known());
+    assert!(!Choice::GdnPrefill { tile: "wide".into(), cp: "cpX".into() }.known());
 }
 
 #[test]
@@ -155,8 +156,8 @@ fn damaged_files_are_reported_and_rebuilt() {
 #[test]
 fn unknown_choices_of_this_key_are_ignored() {
     let k = key("NVIDIA H200");
-    let odd = Choice::Router { pool: "hyper".into(), d_split: None };
-    let t = Table::for_key(&k, &[entry(&k, "router bf16 d1024 hr6 t32768", odd)]);
+    let odd = Choice::SparsePrefill { kernel: "hyper".into() };
+    let t = Table::for_key(&k, &[entry(&k, "sparse_prefill bf16 dk64 dv128 hq12 hkv12 routed n1 t32768", odd)]);
     assert!(t.is_empty());
     assert_eq!(t.unknown, 1);
 }
@@ -176,7 +177,6 @@ fn buckets_round_shapes_up() {
     assert_eq!(gdn_bucket(Bf16, 128, 256, 6, 6, &[0, 3000, 7000, 8000]), "gdn_prefill bf16 dk128 dv256 hqk6 hv6 n4 t4096");
     assert_ne!(gdn_bucket(Bf16, 192, 384, 6, 6, &[0, 32768]), one);
     assert_eq!(sparse_bucket(Bf16, 64, 128, 12, 12, true, &[0, 8192, 16384]), "sparse_prefill bf16 dk64 dv128 hq12 hkv12 routed n2 t8192");
-    assert_eq!(router_bucket(Bf16, 1024, 6, &[0, 8192, 16384]), "router bf16 d1024 hr6 t16384");
 }
 
 #[test]

@@ -2,9 +2,8 @@
 #ifndef NATSL_PARAMS_ROUTER_H
 #define NATSL_PARAMS_ROUTER_H
 
-/* Tiled pool kernel (RouterOptions.pool = Tile): one CTA per (chunk slot,
- * NATSL_ROUTER_TILE_COLS-column slice of D); d_split = the number of slices and
- * d_per_split = NATSL_ROUTER_TILE_COLS. */
+/* Pool kernel: one CTA per (chunk slot, NATSL_ROUTER_TILE_COLS-column slice of D);
+ * d_split = the number of slices. */
 #define NATSL_ROUTER_TILE_COLS 256
 #define NATSL_ROUTER_MAX_HEADS 64
 
@@ -15,8 +14,8 @@ typedef struct NatslRouterParams {
     const void* w_score;    /* [2 * num_heads, d_model] activation dtype, contiguous */
     int d_model;            /* D, a multiple of 8, <= 8192 */
     int num_heads;          /* Hr, routing heads, <= 64 */
-    int d_split;            /* CTAs per chunk along D (partial logits summed by select) */
-    int d_per_split;        /* D columns per split, a multiple of 8 */
+    int d_split;            /* slices of D: ceil(d_model / NATSL_ROUTER_TILE_COLS) CTAs per chunk (partial logits summed by select) */
+    int d_per_split;        /* NATSL_ROUTER_TILE_COLS; read by no kernel since the blocked pool was removed (kept: same layout, same SASS) */
     int round_mean;         /* 1: round m_c to the activation dtype before scoring (the model's rule) */
     int top_k;              /* policy: 0 = argmax; > 0 = keep the top_k complete chunks */
     float keep_fraction;    /* policy when top_k < 0: k = ceil(keep_fraction * complete chunks) */
