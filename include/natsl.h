@@ -235,9 +235,9 @@ NatslStatus natsl_runtime_destroy(NatslRuntime *rt);
 NatslStatus natsl_runtime_info(const NatslRuntime *rt, int32_t *arch, int32_t *sm_count);
 
 // The device fault bits (`NATSL_FAULT_*`) the kernels recorded since the last call:
-// device-resident indices, labels or page data out of range, each treated as its bit
-// documents. Reads and clears the device's word; waits for the runtime's stream (not for
-// use inside graph capture).
+// device-resident indices, labels or page data out of range, sparse-prefill list entries
+// repeated or out of order, each treated as its bit documents. Reads and clears the
+// device's word; waits for the runtime's stream (not for use inside graph capture).
 //
 // # Safety
 // `rt` is a live runtime handle and `faults` a writable `uint32_t`.

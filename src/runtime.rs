@@ -62,9 +62,16 @@ struct Device {
     modules: Mutex<HashMap<KernelSpec, ModuleSlot>>,
     functions: Mutex<HashMap<(KernelSpec, String), (CudaFunction, u32)>>,
     /// Tile-scheduler counters of persistent kernels: `TILE_COUNTER_SLOTS` pairs of i32,
-    /// zeroed once at creation (each launch rewinds its pair), and the slot of each
-    /// stream (keyed by its `CUstream`): launches on one stream are ordered, so one pair
-    /// per stream is never used by two launches at once.
+    /// and the slot of each stream (keyed by its `CUstream`): launches on one stream are
+    /// ordered, so one pair per stream is never used by two launches at once. A pair is
+    /// zeroed on its stream when the slot is assigned (ordered before the stream's first
+    /// persistent launch), and every launch that completes leaves it at zero (its last
+    /// CTA rewinds it). A launch that does not complete is a kernel fault, which in CUDA
+    /// is a sticky error of the whole context: this buffer, every natsl buffer and the
+    /// context are then unusable, and the engine must drop every runtime of the context,
+    /// reset it and build new ones (whose counters start at zero). A launch that fails
+    /// before it runs (a launch error) never touches the pair. Nothing `Runtime` exposes
+    /// writes the counters.
     tile_counters: (CudaSlice<i32>, Mutex<HashMap<usize, usize>>),
     /// The device fault word (`NATSL_FAULT_*` bits; see [`Runtime::device_faults`]).
     faults: CudaSlice<u32>,
@@ -220,19 +227,25 @@ impl Runtime {
     }
 
     /// The device address of this stream's pair of tile-scheduler counters (see
-    /// `NatslSparsePrefillParams::tile_counter`).
+    /// `NatslSparsePrefillParams::tile_counter` and `Device::tile_counters`). The first
+    /// call on a stream zeroes the pair on that stream (an async memset: inside a graph
+    /// capture it becomes a node of the graph, harmless on every replay).
     pub(crate) fn tile_counter(&self) -> Result<u64> {
         let (buf, map) = &self.dev.tile_counters;
         let key = self.stream.cu_stream() as usize;
         let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.len();
-        let slot = *m.entry(key).or_insert(n);
-        if slot >= TILE_COUNTER_SLOTS {
-            m.remove(&key);
-            return Err(Error::Unsupported(format!("more than {TILE_COUNTER_SLOTS} streams ran persistent kernels on one runtime's device")));
-        }
+        let (slot, fresh) = counter_slot(&mut m, key)?;
         let (base, _guard) = buf.device_ptr(&self.stream);
-        Ok(base + (slot * 2 * std::mem::size_of::<i32>()) as u64)
+        let ptr = base + (slot * 2 * std::mem::size_of::<i32>()) as u64;
+        if fresh {
+            // SAFETY: the pair is 8 live bytes of the counter buffer; queued on the stream
+            // that runs every launch using the pair, so it precedes them all.
+            if let Err(e) = unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, 2 * std::mem::size_of::<i32>(), self.stream.cu_stream()) } {
+                m.remove(&key);
+                return Err(e.into());
+            }
+        }
+        Ok(ptr)
     }
 
     /// The device address of the fault word that kernels set bits of (the params'
@@ -407,6 +420,20 @@ impl Runtime {
     }
 }
 
+/// The counter slot of stream `key` in `map` (`TILE_COUNTER_SLOTS` at most) and whether it
+/// was assigned now (then its pair must be zeroed before use).
+fn counter_slot(map: &mut HashMap<usize, usize>, key: usize) -> Result<(usize, bool)> {
+    if let Some(&slot) = map.get(&key) {
+        return Ok((slot, false));
+    }
+    let slot = map.len();
+    if slot >= TILE_COUNTER_SLOTS {
+        return Err(Error::Unsupported(format!("more than {TILE_COUNTER_SLOTS} streams ran persistent kernels on one runtime's device")));
+    }
+    map.insert(key, slot);
+    Ok((slot, true))
+}
+
 /// The calling thread's current context: (wrapper, the reference to keep forever
 /// when the context is not natsl's to release).
 ///
@@ -465,4 +492,27 @@ unsafe fn check_stream_context(ctx: &CudaContext, stream: sys::CUstream) -> Resu
         return Err(Error::invalid("stream", "belongs to another CUDA context than the runtime"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_slots_are_fresh_once_and_bounded() {
+        let mut m = HashMap::new();
+        assert_eq!(counter_slot(&mut m, 7).unwrap(), (0, true));
+        assert_eq!(counter_slot(&mut m, 7).unwrap(), (0, false), "a stream keeps its pair, zeroed only once");
+        assert_eq!(counter_slot(&mut m, 0).unwrap(), (1, true), "the legacy stream (handle 0) is a stream like others");
+        for key in 100..100 + TILE_COUNTER_SLOTS - 2 {
+            assert!(counter_slot(&mut m, key).unwrap().1);
+        }
+        // Every slot is taken: a new stream is refused and takes none, known ones go on.
+        assert!(matches!(counter_slot(&mut m, 1), Err(Error::Unsupported(_))));
+        assert_eq!(m.len(), TILE_COUNTER_SLOTS);
+        assert_eq!(counter_slot(&mut m, 0).unwrap(), (1, false));
+        let mut slots: Vec<usize> = m.values().copied().collect();
+        slots.sort_unstable();
+        assert_eq!(slots, (0..TILE_COUNTER_SLOTS).collect::<Vec<_>>(), "slots are distinct");
+    }
 }

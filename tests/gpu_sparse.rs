@@ -42,10 +42,57 @@ struct Case {
     /// Q from the second block on (the first prefill_ws at dk = dv = 64) passed the bf16
     /// check with 2.5e-3. A peaked softmax (q_amp 6) makes o depend on every score.
     q_amp: f64,
+    /// What the device lists hold beyond the sorted lists of the mask.
+    lists: Lists,
+}
+
+/// Device list contents: sorted (the mask's own lists), with a -1 padding entry, or with a
+/// repeated and an out-of-order entry. Every prefill kernel skips both (a list entry is
+/// used only if it exceeds every earlier entry), so the reference is the sorted lists' and
+/// only `Unsorted` sets `NATSL_FAULT_LIST_ORDER`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Lists {
+    Sorted,
+    Padded,
+    Unsorted,
 }
 
 fn base(lens: &[usize], dk: usize, dv: usize) -> Case {
-    Case { lens: lens.to_vec(), hq: 4, hkv: 2, hr: 1, dk, dv, mask: Mask::Routed(0.5), strided: false, norm: false, lse: true, dense_check: false, q_amp: 1.0 }
+    Case { lens: lens.to_vec(), hq: 4, hkv: 2, hr: 1, dk, dv, mask: Mask::Routed(0.5), strided: false, norm: false, lse: true, dense_check: false, q_amp: 1.0, lists: Lists::Sorted }
+}
+
+/// The list `l` (strictly ascending) as `c.lists` asks, if it fits in `room` entries and has
+/// an entry below `limit` to repeat (every kernel then reads the inserted entries: those
+/// before the first entry >= limit are walked by the last query block); else `l` itself.
+/// Returns the list and whether it was made unsorted.
+fn perturb_list(l: &[i32], lists: Lists, room: usize, limit: i32, rng: &mut impl Rng) -> (Vec<i32>, bool) {
+    match lists {
+        Lists::Sorted => (l.to_vec(), false),
+        Lists::Padded if l.len() < room => {
+            let mut v = l.to_vec();
+            v.insert(rng.gen_range(0..=l.len()), -1);
+            (v, false)
+        }
+        Lists::Unsorted if l.len() + 2 <= room => {
+            let below = l.iter().take_while(|&&b| b < limit).count();
+            if below == 0 {
+                return (l.to_vec(), false);
+            }
+            let (i, j) = (rng.gen_range(0..below), rng.gen_range(0..below));
+            let mut v = Vec::with_capacity(l.len() + 2);
+            for (k, &b) in l.iter().enumerate() {
+                v.push(b);
+                if k == i {
+                    v.push(b); // a repeat
+                }
+                if k == j {
+                    v.push(rng.gen_range(0..=b)); // not above the running maximum b
+                }
+            }
+            (v, true)
+        }
+        _ => (l.to_vec(), false),
+    }
 }
 
 /// Upload `x` ([rows, h, d] contiguous) into a buffer with row stride `h * d + pad` (pad 0: contiguous).
@@ -113,9 +160,22 @@ fn check_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
 
     // Mask lists (device) and the reference.
     let max_chunks = c.lens.iter().map(|&l| r::n_chunks(l)).max().unwrap();
+    let mut unsorted = false; // some list read by the kernels holds a repeated or out-of-order entry
     let (reference, list_a, list_b, hm_dims): (r::AttnOutput, Vec<i32>, Vec<i32>, (usize, usize, usize)) = match c.mask {
         Mask::Routed(_) => {
-            let (list, count) = r::attn_list_from_labels(&labels, &cu, c.hr);
+            let (mut list, mut count) = r::attn_list_from_labels(&labels, &cu, c.hr);
+            for s in 0..n {
+                let base = r::slot_base(&cu, s);
+                let nch = r::n_chunks(c.lens[s]);
+                for h in 0..c.hr {
+                    // The kernels read min(count, chunks) entries (the list's storage holds that many).
+                    let (o, cnt) = (h * slots + base, count[s * c.hr + h] as usize);
+                    let (l, bad) = perturb_list(&list[o..o + cnt], c.lists, nch, nch as i32 - 1, &mut rng);
+                    list[o..o + l.len()].copy_from_slice(&l);
+                    count[s * c.hr + h] = l.len() as i32;
+                    unsorted |= bad;
+                }
+            }
             (r::sparse_attention(&prob, &labels, c.hr), list, count, (c.hr, 0, 0))
         }
         Mask::BlocksFromLabels(_) => {
@@ -130,6 +190,8 @@ fn check_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
                     for ch in 0..r::n_chunks(c.lens[s]) {
                         let mut l: Vec<i32> = (0..ch).filter(|&b| labels[(base + b) * c.hr + h] == r::LABEL_ATTN).map(|b| b as i32).collect();
                         l.push(ch as i32);
+                        let (l, bad) = perturb_list(&l, c.lists, kb, i32::MAX, &mut rng);
+                        unsorted |= bad;
                         let o = ((s * c.hr + h) * qb + ch) * kb;
                         idx[o..o + l.len()].copy_from_slice(&l);
                         num[(s * c.hr + h) * qb + ch] = l.len() as i32;
@@ -151,9 +213,11 @@ fn check_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
                 for j in 0..hm {
                     for ch in 0..nch {
                         let l: Vec<i32> = (0..nch).filter(|_| rng.gen_bool(0.5)).map(|b| b as i32).collect();
+                        let (dl, bad) = perturb_list(&l, c.lists, kb, i32::MAX, &mut rng);
+                        unsorted |= bad;
                         let o = ((s * hm + j) * qb + ch) * kb;
-                        idx[o..o + l.len()].copy_from_slice(&l);
-                        num[(s * hm + j) * qb + ch] = l.len() as i32;
+                        idx[o..o + dl.len()].copy_from_slice(&dl);
+                        num[(s * hm + j) * qb + ch] = dl.len() as i32;
                         let h = j / (hq / hkv);
                         for i in start + ch * 64..(start + ch * 64 + 64).min(start + c.lens[s]) {
                             let keys: Vec<usize> = l.iter().map(|&b| b as usize).filter(|&b| b <= ch).flat_map(|b| start + b * 64..start + b * 64 + 64).filter(|&kt| kt <= i).collect();
@@ -201,8 +265,10 @@ fn check_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
     // NATSL_TEST_KERNELS=WarpSpecialized,Wgmma (names as printed): only those (sanitizer runs).
     let only = std::env::var("NATSL_TEST_KERNELS").ok();
     let wanted = |k: sparse::PrefillKernel| only.as_ref().is_none_or(|o| o.split(',').any(|n| n == format!("{k:?}")));
+    assert!(c.lists != Lists::Unsorted || unsorted, "{what}: no list had room for the unsorted entries");
     for kernel in sparse::prefill_kernels(rt).into_iter().filter(|&k| (routed || k != sparse::PrefillKernel::WarpSpecialized) && wanted(k)) {
         let what = format!("{what} kernel {kernel:?}");
+        rt.device_faults().unwrap(); // start from a clear fault word
         let opts = SparseOptions { kernel, ..opts0.clone() };
         let mut od = testing::poisoned::<T>(rt, t * (hq * dv + pad)).unwrap();
         let mut lsed = testing::poisoned::<f32>(rt, t * hq).unwrap();
@@ -215,6 +281,9 @@ fn check_prefill<T: TestElem + Element>(rt: &Runtime, c: &Case, seed: u64) {
             sparse::prefill(rt, &batch, &qv, &kv, &vv, &mask, &opts, &mut ov, if c.lse { Some(&mut lv) } else { None }).unwrap();
         }
         rt.synchronize().unwrap();
+        let faults = rt.device_faults().unwrap();
+        let want = if unsorted { natsl::params::NATSL_FAULT_LIST_ORDER } else { 0 };
+        assert_eq!(faults.0, want, "{what}: device faults {faults}");
         let o = gather_rows(&testing::download(rt, &od).unwrap(), t, hq * dv, pad);
         // Pad columns of o must be untouched (poison).
         if pad > 0 {
@@ -383,6 +452,34 @@ fn prefill_block_lists() {
             c.mask = Mask::BlocksRandom;
             c.hr = 1;
             check_prefill::<f16>(rt, &c, 52);
+        }
+    });
+}
+
+#[test]
+fn prefill_unsorted_lists_skip_and_record() {
+    // A repeated and an out-of-order entry in router and block lists: every kernel skips
+    // both (the reference is the sorted lists') and sets NATSL_FAULT_LIST_ORDER; -1
+    // padding entries are skipped and set nothing.
+    both_arches(|rt| {
+        for (dk, dv) in [(64, 128), (128, 128)] {
+            let mut c = base(&[700, 130, 1000, 64, 400], dk, dv);
+            c.lists = Lists::Unsorted;
+            c.q_amp = 6.0;
+            check_prefill::<bf16>(rt, &c, 61);
+            c.hq = 8;
+            c.hr = 2;
+            check_prefill::<f16>(rt, &c, 62);
+            c.lists = Lists::Padded;
+            check_prefill::<bf16>(rt, &c, 63);
+            c.lists = Lists::Unsorted;
+            c.mask = Mask::BlocksFromLabels(0.5);
+            check_prefill::<bf16>(rt, &c, 64);
+            c.mask = Mask::BlocksRandom;
+            c.hr = 1;
+            check_prefill::<f16>(rt, &c, 65);
+            c.lists = Lists::Padded;
+            check_prefill::<bf16>(rt, &c, 66);
         }
     });
 }

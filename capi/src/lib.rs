@@ -518,9 +518,9 @@ pub unsafe extern "C" fn natsl_runtime_info(rt: *const NatslRuntime, arch: *mut 
 }
 
 /// The device fault bits (`NATSL_FAULT_*`) the kernels recorded since the last call:
-/// device-resident indices, labels or page data out of range, each treated as its bit
-/// documents. Reads and clears the device's word; waits for the runtime's stream (not for
-/// use inside graph capture).
+/// device-resident indices, labels or page data out of range, sparse-prefill list entries
+/// repeated or out of order, each treated as its bit documents. Reads and clears the
+/// device's word; waits for the runtime's stream (not for use inside graph capture).
 ///
 /// # Safety
 /// `rt` is a live runtime handle and `faults` a writable `uint32_t`.

@@ -23,7 +23,7 @@
 
 /*
  * Device faults: inputs that live in device memory (state-pool indices, labels, page
- * tables) cannot be checked on the host without a sync. Kernels treat a bad one as stated
+ * tables, block lists) cannot be checked on the host without a sync. Kernels treat a bad one as stated
  * below and set its bit in the runtime's fault word (`faults` in the params, atomicOr, only
  * on the faulting path); Runtime::device_faults() reads and clears it. Index -1 is never a
  * fault: it marks a padded slot (engines pad captured batches with -1) and is skipped.
@@ -32,6 +32,7 @@
 #define NATSL_FAULT_LABEL 2u      /* a label other than 0, 1, 2: read as GDN */
 #define NATSL_FAULT_PAGE_ID 4u    /* a page id outside [-1, num_pages): the page is skipped */
 #define NATSL_FAULT_PAGE_LEN 8u   /* a page_count outside [0, max_pages] or cur_len outside [0, 64]: clamped */
+#define NATSL_FAULT_LIST_ORDER 16u /* a sparse-prefill list entry >= 0 not above every earlier entry of its list: skipped */
 
 /*
  * A packed variable-length batch. Chunk c of sequence n lives at chunk slot

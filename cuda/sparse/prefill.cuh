@@ -78,8 +78,6 @@ __device__ void sparse_prefill(const NatslSparsePrefillParams& p) {
     if (!w.init(p)) return;
     const int j = w.j, c = w.c, seq0 = w.seq0, len = w.len, kvh = w.kvh, q_rows = w.q_rows;
     const int total = w.total;
-    auto block_at = [&](int it) { return w.block_at(it); };
-    auto next_valid = [&](int it) { return w.next_valid(it); };
 
     const T* qg = reinterpret_cast<const T*>(p.q) + (i64)(seq0 + c * 64) * p.q_stride_t + (i64)j * p.q_stride_h;
     const T* kg = reinterpret_cast<const T*>(p.k) + (i64)seq0 * p.k_stride_t + (i64)kvh * p.k_stride_h;
@@ -90,9 +88,10 @@ __device__ void sparse_prefill(const NatslSparsePrefillParams& p) {
     const T* wq = reinterpret_cast<const T*>(p.q_norm_w);
     const T* wk = reinterpret_cast<const T*>(p.k_norm_w);
 
-    int it = next_valid(0);
+    int top = -1, nb = 0;  // the list walk's running maximum, the next block
+    int it = w.next_valid(0, top, nb, p.faults);
     load_tile<T, DK, 64, THREADS>(sq, qg, p.q_stride_t, q_rows, tid);
-    if (it < total) load_k(block_at(it));
+    if (it < total) load_k(nb);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -110,7 +109,7 @@ __device__ void sparse_prefill(const NatslSparsePrefillParams& p) {
     const int row_a = warp * 16 + (lane >> 2);  // the thread's rows: row_a, row_a + 8
 
     while (it < total) {
-        const int b = block_at(it);
+        const int b = nb;
         load_v(b);
         cp_async_commit();
         cp_async_wait<1>();  // K(b) has landed; V(b) may be in flight
@@ -139,9 +138,9 @@ __device__ void sparse_prefill(const NatslSparsePrefillParams& p) {
                 }
             }
             if (sub == NSUB - 1) {
-                nit = next_valid(it + 1);
+                nit = w.next_valid(it + 1, top, nb, p.faults);
                 __syncthreads();  // every warp is done with K(b)
-                if (nit < total) load_k(block_at(nit));
+                if (nit < total) load_k(nb);
                 cp_async_commit();
             }
 #pragma unroll

@@ -110,8 +110,6 @@ __device__ void sparse_prefill_wgmma(const NatslSparsePrefillParams& p) {
     if (!w.init(p)) return;
     const int j = w.j, c = w.c, seq0 = w.seq0, len = w.len, kvh = w.kvh, q_rows = w.q_rows;
     const int total = w.total;
-    auto block_at = [&](int it) { return w.block_at(it); };
-    auto next_valid = [&](int it) { return w.next_valid(it); };
 
     const T* qg = reinterpret_cast<const T*>(p.q) + (i64)(seq0 + c * 64) * p.q_stride_t + (i64)j * p.q_stride_h;
     const T* kg = reinterpret_cast<const T*>(p.k) + (i64)seq0 * p.k_stride_t + (i64)kvh * p.k_stride_h;
@@ -127,14 +125,17 @@ __device__ void sparse_prefill_wgmma(const NatslSparsePrefillParams& p) {
     const T* wk = reinterpret_cast<const T*>(p.k_norm_w);
 
     // Prologue: Q with the first block, then blocks 1 .. STAGES-2 (one cp.async group each).
-    int it = next_valid(0);
-    int ft = it;  // next list position to fetch
+    // Two walks over the list: `it` (computed) follows `ft` (fetched), which reports the
+    // faults of the positions after the first.
+    int itop = -1, ib = 0;
+    int it = w.next_valid(0, itop, ib, p.faults);
+    int ft = it, ftop = itop, fb = ib;  // next list position to fetch
     load_tile_sw128<T, DK, 64, THREADS>(sq, qg, p.q_stride_t, q_rows, tid);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (ft < total) {
-            load_kv(block_at(ft), s);
-            ft = next_valid(ft + 1);
+            load_kv(fb, s);
+            ft = w.next_valid(ft + 1, ftop, fb, p.faults);
         }
         cp_async_commit();
     }
@@ -153,7 +154,7 @@ __device__ void sparse_prefill_wgmma(const NatslSparsePrefillParams& p) {
     int stage = 0;
 #pragma unroll 1
     while (it < total) {
-        const int b = block_at(it);
+        const int b = ib;
         cp_async_wait<STAGES - 2>();  // block `it` (and Q) landed for this thread
         fence_proxy_async();          // ... and is visible to the tensor cores
         __syncthreads();              // for every thread; every thread is done with block it-1
@@ -161,8 +162,8 @@ __device__ void sparse_prefill_wgmma(const NatslSparsePrefillParams& p) {
             // Refill the slot block it-1 used with the block STAGES-1 ahead.
             const int fs = (stage + STAGES - 1) % STAGES;
             if (ft < total) {
-                load_kv(block_at(ft), fs);
-                ft = next_valid(ft + 1);
+                load_kv(fb, fs);
+                ft = w.next_valid(ft + 1, ftop, fb, p.faults);
             }
             cp_async_commit();
         }
@@ -232,7 +233,7 @@ __device__ void sparse_prefill_wgmma(const NatslSparsePrefillParams& p) {
 #pragma unroll
         for (int pn = 0; pn < DV / 64; ++pn) wg_hold(o + pn * 8);
 
-        it = next_valid(it + 1);
+        it = w.next_valid(it + 1, itop, ib, nullptr);
         stage = (stage + 1) % STAGES;
     }
     cp_async_wait<0>();

@@ -3,11 +3,15 @@
 // CTA and the list of 64-key blocks it visits (see NatslSparsePrefillParams).
 #pragma once
 #include "common/varlen.cuh"
+#include "common/faults.cuh"
 
 namespace natsl {
 namespace sparse {
 
-// First position of `list[0..len)` whose entry is >= c (the list is ascending).
+// First position of `list[0..len)` whose entry is >= c (the list is ascending). On any
+// list, every entry that exceeds all earlier ones (a running maximum, the entries the
+// kernels use) and is < c lies below the result: a running maximum below c has only
+// smaller entries before it, and the search ends at a probed entry >= c or at len.
 __device__ __forceinline__ int lower_bound_i32(const int* list, int len, int c) {
     int lo = 0, hi = len;
     while (lo < hi) {
@@ -51,7 +55,9 @@ struct PrefillWork {
         routed = p.mode == NATSL_SPARSE_ROUTED;
         if (routed) {
             list = p.attn_list + (i64)mh * p.batch.num_slots + slot_base(p.batch.cu_seqlens, n);
-            const int cnt = min(max(p.attn_count[n * p.num_mask_heads + mh], 0), c);
+            // At most the sequence's chunk count (what the list's storage holds): the same
+            // list for every chunk, so a skipped entry shifts no later one out of reach.
+            const int cnt = min(max(p.attn_count[n * p.num_mask_heads + mh], 0), (len + 63) >> 6);
             list_len = lower_bound_i32(list, cnt, c);
         } else {
             const i64 qb = ((i64)n * p.num_mask_heads + mh) * p.max_q_blocks + c;
@@ -61,19 +67,27 @@ struct PrefillWork {
         total = list_len + (routed ? 1 : 0);
         return true;
     }
-    // Block of list position `it` (-1: skip it).
-    __device__ __forceinline__ int block_at(int it) const {
-        if (routed) {
-            if (it == 0) return c;
-            const int b = list[it - 1];
-            return (b >= 0 && b < c) ? b : -1;
+    // The walk over the visit positions: the first position >= it with a valid block
+    // (`total` if none), its block in *b. `top` carries the largest list entry examined so
+    // far (-1 before the first): an entry is used only if it exceeds top (and is in range:
+    // < c routed, <= c block lists); an entry >= 0 that does not (a repeat, or out of
+    // order) is skipped and recorded in `faults` (nullable). Walks that examine a
+    // position twice pass null the second time.
+    __device__ __forceinline__ int next_valid(int it, int& top, int& b, unsigned int* faults) const {
+        for (; it < total; ++it) {
+            if (routed && it == 0) {  // the own block, first
+                b = c;
+                return it;
+            }
+            const int x = list[routed ? it - 1 : it];
+            const bool fresh = x > top;  // implies x >= 0
+            if (!fresh && x >= 0) report_fault(faults, NATSL_FAULT_LIST_ORDER);
+            top = max(top, x);
+            if (fresh && x < (routed ? c : c + 1)) {
+                b = x;
+                return it;
+            }
         }
-        const int b = list[it];
-        return (b >= 0 && b <= c) ? b : -1;
-    }
-    // The first position >= it with a valid block (`total` if none).
-    __device__ __forceinline__ int next_valid(int it) const {
-        while (it < total && block_at(it) < 0) ++it;
         return it;
     }
 };

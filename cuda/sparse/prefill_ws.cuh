@@ -27,11 +27,14 @@
 // Both chunks share every K/V byte loaded (the list entries < c0 and block c0).
 //
 // Visit sequence of the pair (ROUTED mode; BLOCKS mode runs prefill_wgmma), mirroring
-// PrefillWork::block_at per chunk:
-//   A: list entries [0, len0)            WG0 if 0 <= b < c0, WG1 if pos < len1, 0 <= b < c1
-//   B: block c0                          WG0 (causal diagonal), WG1 iff list[len0] == c0
-//   C: list entries [startC, len1)       WG1 if 0 <= b < c1 (empty for a sorted list)
+// PrefillWork::next_valid per chunk (top: the largest list entry before the position):
+//   A: list entries [0, len0)            WG0 if top < b < c0, WG1 if pos < len1, top < b < c1
+//   B: block c0                          WG0 (causal diagonal), WG1 iff list[len0] == c0 > top
+//   C: list entries [startC, len1)       WG1 if top < b < c1 (empty for a sorted list)
 //   D: block c1                          WG1 (causal diagonal), only if c1 exists
+// The list positions walked (A, list[len0] when listed, C) rise with the visit position, so
+// the list warp finds each lane's top by a max-scan over its window, carried across
+// windows; an entry >= 0 that is <= top is skipped and recorded (NATSL_FAULT_LIST_ORDER).
 // Positions no consumer wants are not loaded; the loaded ones are packed BN / 64 per
 // stage in order (the last stage may be half empty: its missing half is never read).
 //
@@ -169,33 +172,42 @@ struct WsWork {
     __device__ __forceinline__ void find_bounds(const NatslSparsePrefillParams& p, int lane) {
         const int mh = j / (p.num_q_heads / p.num_mask_heads);
         list = p.attn_list + (i64)mh * p.batch.num_slots + (seq0 / NATSL_CHUNK + n);  // slot_base(cu_seqlens, n)
-        const int cnt = max(p.attn_count[n * p.num_mask_heads + mh], 0);
-        len0 = warp_lower_bound(list, min(cnt, c0), c0, lane);
-        len1 = has1 ? warp_lower_bound(list, min(cnt, c0 + 1), c0 + 1, lane) : 0;
+        // At most the sequence's chunk count, as PrefillWork::init.
+        const int cnt = min(max(p.attn_count[n * p.num_mask_heads + mh], 0), (len + 63) >> 6);
+        len0 = warp_lower_bound(list, cnt, c0, lane);
+        len1 = has1 ? warp_lower_bound(list, cnt, c0 + 1, lane) : 0;
         c0_listed = has1 && len1 > len0 && list[len0] == c0;
         startC = len0 + (c0_listed ? 1 : 0);
         nC = has1 ? max(len1 - startC, 0) : 0;
         npos = len0 + 1 + nC + (has1 ? 1 : 0);
     }
-    // Block at visit position `pos` and which consumers use it (bit w: consumer w; 0: skip).
-    __device__ __forceinline__ int item(int pos, int* b) const {
+    // The list entry at visit position `pos` (-1 at blocks c0, c1 unless c0 is listed).
+    __device__ __forceinline__ int entry(int pos) const {
+        if (pos < len0) return list[pos];
+        pos -= len0;
+        if (pos == 0) return c0_listed ? c0 : -1;
+        pos -= 1;
+        return pos < nC ? list[startC + pos] : -1;
+    }
+    // Block at visit position `pos` and which consumers use it (bit w: consumer w; 0: skip),
+    // given its entry x and top, the largest list entry before it (>= -1).
+    __device__ __forceinline__ int item(int pos, int x, int top, int* b) const {
+        const bool fresh = x > top;  // implies x >= 0
         if (pos < len0) {
-            const int x = list[pos];
             *b = x;
-            const int m0 = (x >= 0 && x < c0) ? 1 : 0;
-            const int m1 = (has1 && pos < len1 && x >= 0 && x < c0 + 1) ? 2 : 0;
+            const int m0 = (fresh && x < c0) ? 1 : 0;
+            const int m1 = (has1 && pos < len1 && fresh && x < c0 + 1) ? 2 : 0;
             return m0 | m1;
         }
         pos -= len0;
         if (pos == 0) {
             *b = c0;
-            return 1 | (c0_listed ? 2 : 0);
+            return 1 | (c0_listed && fresh ? 2 : 0);
         }
         pos -= 1;
         if (pos < nC) {
-            const int x = list[startC + pos];
             *b = x;
-            return (x >= 0 && x < c0 + 1) ? 2 : 0;
+            return (fresh && x < c0 + 1) ? 2 : 0;
         }
         *b = c0 + 1;
         return 2;
@@ -370,6 +382,7 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
                 if (valid) {
                     w.find_bounds(p, plane);  // Q is on its way meanwhile
                     int base = 0, idx = 0, avail = 0;
+                    int carry = -1;  // the largest list entry of the earlier windows
 #pragma unroll 1
                     for (;; ++k) {
                         int b[2] = {0, 0}, m = 0, h = 0;
@@ -377,8 +390,21 @@ __device__ void sparse_prefill_ws(const NatslSparsePrefillParams& p) {
                             if (idx == avail) {
                                 if (base >= w.npos) break;
                                 __syncwarp();  // the window's previous entries are read
+                                const bool in = base + plane < w.npos;
+                                const int e = in ? w.entry(base + plane) : -1;
+                                // top: the largest entry before this lane's (a max-scan).
+                                int run = e;
+#pragma unroll
+                                for (int o = 1; o < 32; o <<= 1) {
+                                    const int y = __shfl_up_sync(0xffffffffu, run, o);
+                                    if (plane >= o) run = max(run, y);
+                                }
+                                const int up = __shfl_up_sync(0xffffffffu, run, 1);
+                                const int top = plane == 0 ? carry : max(up, carry);
+                                carry = max(carry, __shfl_sync(0xffffffffu, run, 31));
+                                if (e >= 0 && e <= top) report_fault(p.faults, NATSL_FAULT_LIST_ORDER);
                                 int x = 0, mk = 0;
-                                if (base + plane < w.npos) mk = w.item(base + plane, &x);
+                                if (in) mk = w.item(base + plane, e, top, &x);
                                 items[plane] = make_int2(x, mk);
                                 __syncwarp();
                                 avail = min(32, w.npos - base);

@@ -38,8 +38,9 @@ def desc(t: Optional[torch.Tensor]) -> C.Tensor:
 
 def device_faults(device: torch.device) -> int:
     """The NATSL_FAULT_* bits natsl's kernels recorded on `device` since the last call
-    (out-of-range state-pool indices 1, labels 2, page ids 4, page lengths 8; index -1 is a
-    padded slot, never a fault), cleared by the read. Waits for natsl's stream: not for use
+    (out-of-range state-pool indices 1, labels 2, page ids 4, page lengths 8; a repeated or
+    out-of-order sparse-prefill list entry 16; index -1 is a padded slot, never a fault),
+    cleared by the read. Waits for natsl's stream: not for use
     inside graph capture."""
     out = ctypes.c_uint32()
     C.check(C.lib().natsl_device_faults(runtime(device), ctypes.byref(out)))

@@ -1150,6 +1150,13 @@ pub struct GdnDecodeState<'a> {
 /// graph capture) or the caller's ([`GdnDecodeWorkspace::from_scratch`], at least
 /// [`decode_workspace_bytes`], zeroed once before the first step: the kernel
 /// leaves the counters at zero).
+///
+/// Every step that completes leaves the counters at zero, whatever its inputs (a padded
+/// or faulting sequence is skipped by all of its CTAs, which then do not arrive either).
+/// A step that does not complete is a kernel fault: CUDA makes it a sticky error of the
+/// context, so the context, this workspace and every other buffer of it are lost. The
+/// engine drops its runtimes and buffers, resets the context and starts over with new
+/// workspaces (a caller's scratch zeroed again); nothing carries over to corrupt a step.
 #[derive(Debug, Default)]
 pub struct GdnDecodeWorkspace {
     pub scratch: Scratch,

@@ -419,6 +419,7 @@ pub fn prefill(rt: &Runtime, batch: &Batch, q: &TensorRef, k: &TensorRef, v: &Te
         tma_k: tma_maps[1],
         tma_v: tma_maps[2],
         tile_counter: if entry == "prefill_ws" { rt.tile_counter()? as *mut i32 } else { std::ptr::null_mut() },
+        faults: rt.fault_word() as *mut u32,
     };
     let cfg = if entry.starts_with("prefill_ws") {
         // validate_prefill bounded max_chunks * N * Hq by i32::MAX; the pair grid is at most that.

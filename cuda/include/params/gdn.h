@@ -120,7 +120,7 @@ typedef struct NatslGdnDecodeParams {
     int committed_pool_rows;    /* P' */
     float* gsum;                /* nullable iff committed_pool is null: [N, Hv] f32 in/out, sum of g over the current chunk */
     int* pos;                   /* nullable iff committed_pool is null: [N] i32 in/out, tokens seen per sequence */
-    unsigned int* counter;      /* [N] u32 workspace, zero before the first launch; the kernel leaves it zero */
+    unsigned int* counter;      /* [N] u32 workspace, zero before the first launch; every launch that completes leaves it zero (one that faults loses the context, and the workspace with it) */
     unsigned int* faults;       /* the runtime's device fault word (NATSL_FAULT_*) */
 } NatslGdnDecodeParams;
 

@@ -20,10 +20,16 @@
  * j / (Hq / Hkv) and mask head j / (Hq / Hm) (= routing head in ROUTED mode).
  *
  * ROUTED: query block c sees, fully, every chunk of attn_list[m] that is < c,
- *   then its own chunk causally. Entries >= c (or < 0) are skipped.
+ *   then its own chunk causally. Entries >= c (or < 0) are skipped. The list of
+ *   sequence n is its first min(attn_count, C_n) entries (C_n = its chunk count,
+ *   which the list's storage always holds).
  * BLOCKS: query block c sees the blocks listed for it: an entry < c fully, an
  *   entry == c causally, an entry > c or < 0 is skipped (causal block-sparse).
- *   Entries must not repeat. A row that sees no key gets o = 0, lse = -inf.
+ *   A row that sees no key gets o = 0, lse = -inf.
+ * Both: lists are strictly ascending. An entry >= 0 that is not greater than every
+ *   earlier entry of its list (a repeat, or out of order) is skipped and recorded as
+ *   NATSL_FAULT_LIST_ORDER; the entries used are then the list's running maxima, the
+ *   same set for every query block. Entries < 0 (padding) are skipped silently.
  */
 typedef struct NatslSparsePrefillParams {
     /* The warp-specialised sm_90a entry (prefill_ws) loads q, k, v by TMA: each viewed
@@ -56,16 +62,17 @@ typedef struct NatslSparsePrefillParams {
     int num_kv_heads;        /* Hkv */
     int num_mask_heads;      /* Hm, divides Hq (ROUTED: Hr, divides Hkv) */
     int mode;                /* NATSL_SPARSE_ROUTED or NATSL_SPARSE_BLOCKS */
-    const int* attn_list;    /* ROUTED: [Hm, num_slots], list of (n, m) at m * num_slots + slot_base(n), ascending */
+    const int* attn_list;    /* ROUTED: [Hm, num_slots], list of (n, m) at m * num_slots + slot_base(n), strictly ascending */
     const int* attn_count;   /* ROUTED: [N, Hm] list lengths */
     const int* kv_num_blocks;/* BLOCKS: [N, Hm, max_q_blocks] list lengths */
-    const int* kv_indices;   /* BLOCKS: [N, Hm, max_q_blocks, max_kv_blocks] ascending block indices */
+    const int* kv_indices;   /* BLOCKS: [N, Hm, max_q_blocks, max_kv_blocks] strictly ascending block indices */
     int max_q_blocks;        /* BLOCKS: >= batch.max_chunks */
     int max_kv_blocks;       /* BLOCKS: capacity of each list */
     /* prefill_ws: the persistent tile scheduler's two counters (next dynamic tile, CTAs
      * done fetching), zero before a launch; the launch's last CTA rewinds them to zero.
      * One pair per stream (launches on one stream are ordered). Unused by other entries. */
     int* tile_counter;
+    unsigned int* faults;    /* the runtime's device fault word (NATSL_FAULT_*) */
 } NatslSparsePrefillParams;
 
 /*
